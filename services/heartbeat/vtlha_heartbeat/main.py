@@ -1,0 +1,89 @@
+"""heartbeat: publishes ``ha.<cluster>.hb.<node>`` every ``heartbeat_interval``.
+
+Each heartbeat carries the node's incarnation (new per process start), a sequence
+number, the latest results of the configured process checks, and the node's own
+storage verdict (summarised from its storage-monitor's reports, as the manual says)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+
+from vtlha.checks import run_check
+from vtlha.messages import CheckResult, Heartbeat, StorageReport, StorageVerdict, decode, encode
+from vtlha.service import Service, service_command
+
+
+class HeartbeatService(Service):
+    name = "heartbeat"
+    http_port_key = "heartbeat"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.incarnation = uuid.uuid4().hex[:16]
+        self.seq = 0
+        self.node_cfg = self.config.node(self.node)
+        self.check_results: dict[str, CheckResult] = {}
+        self.storage_report: StorageReport | None = None
+        self.storage_received: float | None = None
+        self.published = Counter("vtlha_heartbeats_published_total", "Heartbeats published",
+                                 registry=self.registry)
+        self.check_ok = Gauge("vtlha_check_ok", "1 if the process check passed", ["check"],
+                              registry=self.registry)
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.subjects.storage(self.node),
+                                cb=self.subscribe_handler("storage", self._on_storage))
+        if self.node_cfg.checks:
+            await self._run_checks()
+            self.every(self.config.timings.check_interval, self._run_checks, "checks")
+        self.every(self.config.timings.heartbeat_interval, self._beat, "heartbeat")
+
+    async def _on_storage(self, msg: Msg) -> None:
+        report = decode(StorageReport, msg.data)
+        if report.node != self.node:
+            return
+        self.storage_report = report
+        self.storage_received = time.monotonic()
+
+    async def _run_checks(self) -> None:
+        results = await asyncio.gather(*(run_check(c) for c in self.node_cfg.checks))
+        for r in results:
+            prev = self.check_results.get(r.name)
+            if prev is None or prev.ok != r.ok:
+                self.log.info("check changed", extra={"check": r.name, "ok": r.ok,
+                                                      "detail": r.detail})
+            self.check_results[r.name] = r
+            self.check_ok.labels(r.name).set(1 if r.ok else 0)
+
+    def storage_verdict(self) -> StorageVerdict | None:
+        if self.storage_report is None or self.storage_received is None:
+            return None
+        reachable: dict[str, bool] = {}
+        for p in self.storage_report.paths:
+            reachable[p.device] = reachable.get(p.device, False) or p.reachable
+        failed = sorted(d for d, ok in reachable.items() if not ok)
+        return StorageVerdict(ok=not failed, failed_devices=failed,
+                              age=round(time.monotonic() - self.storage_received, 3))
+
+    async def _beat(self) -> None:
+        hb = Heartbeat(cluster=self.config.cluster, node=self.node, incarnation=self.incarnation,
+                       seq=self.seq, interval=self.config.timings.heartbeat_interval,
+                       checks=list(self.check_results.values()), storage=self.storage_verdict())
+        await self.nc.publish(self.subjects.hb(self.node), encode(hb))
+        self.seq += 1
+        self.published.inc()
+
+    def status(self) -> dict[str, Any]:
+        verdict = self.storage_verdict()
+        return {"incarnation": self.incarnation, "seq": self.seq,
+                "checks": [c.model_dump() for c in self.check_results.values()],
+                "storage": verdict.model_dump() if verdict else None}
+
+
+main = service_command(HeartbeatService)

@@ -1,0 +1,50 @@
+"""IP backends: how floating addresses are really held.
+
+``RecordingBackend`` only records what it holds (a JSON file in the node's state
+directory): the non-root loopback mode and unit tests. It says so in its description.
+The netlink backend (network namespaces) comes with the network lab."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+
+class IpBackend(Protocol):
+    description: str
+
+    async def held(self) -> set[str]: ...
+
+    async def add(self, address: str) -> None: ...
+
+    async def remove(self, address: str) -> None: ...
+
+
+class RecordingBackend:
+    description = "recording: addresses are only recorded in a file, not configured"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> set[str]:
+        try:
+            return set(orjson.loads(self.path.read_bytes()))
+        except FileNotFoundError:
+            return set()
+
+    def _write(self, addrs: set[str]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(sorted(addrs)))
+        os.replace(tmp, self.path)
+
+    async def held(self) -> set[str]:
+        return self._read()
+
+    async def add(self, address: str) -> None:
+        self._write(self._read() | {address})
+
+    async def remove(self, address: str) -> None:
+        self._write(self._read() - {address})

@@ -1,0 +1,81 @@
+"""Shared fixtures: a real nats-server per test module, local clusters per test."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vtlha.localcluster import LocalCluster, _port_free, prepare_config
+from vtlha.natsserver import NatsServer, NatsServerSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cluster.yaml"
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IS_ROOT:
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, nftables, loop devices)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+def _free_port() -> int:
+    import random
+
+    for _ in range(500):
+        p = random.randrange(20000, 60000)
+        if _port_free(p):
+            return p
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One real nats-server (JetStream, sync_interval: always) for the whole module;
+    each test uses its own cluster name, hence its own subjects, KV bucket and stream."""
+    d = tmp_path_factory.mktemp("nats")
+    spec = NatsServerSpec(name="test", client_port=_free_port(), monitor_port=_free_port(),
+                          store_dir=d / "jetstream")
+    srv = NatsServer(spec, d / "nats-server.log")
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def cluster_name(request: pytest.FixtureRequest) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")
+    return name[:40].strip("-") or "t"
+
+
+@pytest.fixture
+def local_cluster(request: pytest.FixtureRequest, nats_server: NatsServer,
+                  tmp_path: Path) -> Iterator[LocalCluster]:
+    """A not-yet-started local cluster on the module's nats-server; always stopped."""
+    cfg = prepare_config(EXAMPLE, tmp_path, cluster=cluster_name(request))
+    c = LocalCluster(cfg, tmp_path, nats_urls=[nats_server.spec.url])
+    try:
+        yield c
+    finally:
+        c.stop()
+        if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+            print(f"logs kept in {tmp_path / 'logs'}")
+        else:
+            shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)  # type: ignore[attr-defined]
+    return rep

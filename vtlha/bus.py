@@ -1,0 +1,137 @@
+"""The NATS connection and the JetStream objects every service shares.
+
+Connect with reconnect and backoff (the initial connect is retried with tenacity;
+later reconnects are nats-py's own, to every server of the list, own node's first).
+Every request has a timeout; nothing here waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from vtlha.messages import Ack, Command, Event, decode, encode
+from vtlha.subjects import Subjects
+
+log = logging.getLogger("vtlha.bus")
+
+KV_HISTORY = 16
+
+
+def server_url(nc: NATS) -> str | None:
+    """The URL of the server ``nc`` is connected to, or None."""
+    return nc.connected_url.geturl() if nc.is_connected and nc.connected_url else None
+
+
+async def connect(
+    servers: Sequence[str],
+    name: str,
+    connect_deadline: float = 30.0,
+) -> NATS:
+    """Connect to the first reachable server of ``servers`` (own node's first), retrying
+    with exponential backoff for up to ``connect_deadline`` seconds."""
+
+    async def _disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def _reconnected() -> None:
+        log.info("nats reconnected", extra={"server": server_url(nc)})
+
+    async def _error(exc: Exception) -> None:
+        log.warning("nats error", extra={"error": repr(exc)})
+
+    nc = NATS()
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(connect_deadline),
+        wait=wait_exponential(multiplier=0.05, max=2.0),
+        retry=retry_if_exception_type((OSError, nats.errors.Error, asyncio.TimeoutError)),
+        reraise=True,
+    ):
+        with attempt:
+            await nc.connect(
+                servers=list(servers),
+                name=name,
+                dont_randomize=True,
+                connect_timeout=1,
+                reconnect_time_wait=0.05,  # type: ignore[arg-type]
+                max_reconnect_attempts=-1,
+                ping_interval=2,
+                max_outstanding_pings=2,
+                allow_reconnect=True,
+                disconnected_cb=_disconnected,
+                reconnected_cb=_reconnected,
+                error_cb=_error,
+            )
+    return nc
+
+
+async def ensure_kv(js: JetStreamContext, subjects: Subjects, replicas: int) -> KeyValue:
+    try:
+        return await js.key_value(subjects.kv_bucket)
+    except NotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=subjects.kv_bucket,
+                history=KV_HISTORY,
+                replicas=replicas,
+                storage=StorageType.FILE,
+            )
+        )
+    except BadRequestError:  # created by someone else in between
+        return await js.key_value(subjects.kv_bucket)
+
+
+async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
+                               max_bytes: int, max_age: float) -> None:
+    cfg = StreamConfig(
+        name=subjects.events_stream,
+        subjects=[subjects.events_all],
+        retention=RetentionPolicy.LIMITS,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+    )
+    try:
+        await js.stream_info(subjects.events_stream)
+    except NotFoundError:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.stream_info(subjects.events_stream)
+
+
+async def publish_event(js: JetStreamContext, subjects: Subjects, event: Event,
+                        timeout: float = 2.0) -> int:
+    """Publish an event to the stream; returns its stream sequence (its number)."""
+    ack = await js.publish(subjects.event(event.kind), encode(event), timeout=timeout)
+    return int(ack.seq)
+
+
+async def send_command(nc: NATS, subject: str, cmd: Command, timeout: float) -> Ack:
+    """One request/reply attempt; raises TimeoutError/NoRespondersError/InvalidMessage."""
+    reply = await nc.request(subject, encode(cmd), timeout=timeout)
+    return decode(Ack, reply.data)

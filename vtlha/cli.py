@@ -1,0 +1,163 @@
+"""``vtlha``: the operator's command line.
+
+    vtlha config check FILE      validate a cluster file
+    vtlha status --config FILE   who owns what (from the KV), the active arbiter
+    vtlha events --config FILE   the event stream (--follow to keep watching)
+    vtlha demo                   a local two-node cluster, a node killed, the failover
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vtlha.config import ClusterConfig, load_config
+from vtlha.errors import ConfigError
+
+
+def _load(path: str) -> ClusterConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+@click.group(help="vtl-ha: high availability for pairs of VTL appliances, over NATS.")
+def main() -> None:
+    pass
+
+
+@main.group(help="Cluster file commands.")
+def config() -> None:
+    pass
+
+
+@config.command("check", help="Validate a cluster file; exit 0 when valid, 2 otherwise.")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    cfg = _load(file)
+    t = cfg.timings
+    groups = cfg.groups()
+    click.echo(f"{file}: OK: cluster {cfg.cluster}: {len(cfg.pairs)} pair(s), "
+               f"{len(cfg.nodes)} node(s), {len(groups)} group(s), {len(cfg.devices)} device(s)")
+    click.echo(f"  timings: heartbeat {t.heartbeat_interval} s, dead after {t.dead_after} s, "
+               f"lease {t.lease_ttl} s (margin {t.margin} s), leader {t.leader_ttl} s")
+    click.echo(f"  nats: {', '.join(cfg.nats.servers)} (replicas {cfg.nats.stream_replicas})")
+    for g, (home, kind) in groups.items():
+        click.echo(f"  {g}: home {home}, {kind}, addresses "
+                   f"{', '.join(cfg.group_addresses(g)) or '-'}"
+                   + (f", devices {', '.join(cfg.group_devices(g))}" if kind == "data" else ""))
+
+
+_nats_opt = click.option("--nats", "nats_urls", default=None,
+                         help="Comma-separated NATS URLs (default: from the cluster file).")
+_config_opt = click.option("--config", "config_path", required=True,
+                           type=click.Path(dir_okay=False), help="The cluster file.")
+
+
+async def _connect(cfg: ClusterConfig, nats_urls: str | None) -> Any:
+    from vtlha import bus
+
+    urls = nats_urls.split(",") if nats_urls else cfg.nats_urls()
+    return await bus.connect(urls, name="vtlha-cli", connect_deadline=5.0)
+
+
+@main.command(help="Show who owns each group (from the KV) and the active arbiter.")
+@_config_opt
+@_nats_opt
+def status(config_path: str, nats_urls: str | None) -> None:
+    cfg = _load(config_path)
+    asyncio.run(_status(cfg, nats_urls))
+
+
+async def _status(cfg: ClusterConfig, nats_urls: str | None) -> None:
+    from nats.js.errors import NotFoundError
+
+    from vtlha.messages import LeaderRecord, decode
+    from vtlha.ownership import read_groups
+    from vtlha.subjects import Subjects
+
+    nc = await _connect(cfg, nats_urls)
+    try:
+        subj = Subjects(cfg.cluster)
+        kv = await nc.jetstream().key_value(subj.kv_bucket)
+        try:
+            e = await kv.get(subj.LEADER_KEY)
+            leader = decode(LeaderRecord, e.value)
+            click.echo(f"active arbiter: {leader.node} (term {e.revision})")
+        except NotFoundError:
+            click.echo("active arbiter: none")
+        click.echo(f"{'group':<16} {'home':<10} {'owner':<10} {'epoch':>5}  state")
+        records = await read_groups(nc.jetstream(), subj, cfg.groups())
+        for g, (home, _kind) in cfg.groups().items():
+            if g in records:
+                r = records[g][0]
+                click.echo(f"{g:<16} {home:<10} {r.owner:<10} {r.epoch:>5}  {r.state}")
+            else:
+                click.echo(f"{g:<16} {home:<10} {'-':<10} {'-':>5}  unassigned")
+    finally:
+        await nc.close()
+
+
+@main.command(help="Print the event stream; --follow keeps watching.")
+@_config_opt
+@_nats_opt
+@click.option("--since", default=1, show_default=True, help="First event number.")
+@click.option("--follow", is_flag=True, help="Keep printing new events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def events(config_path: str, nats_urls: str | None, since: int, follow: bool,
+           as_json: bool) -> None:
+    cfg = _load(config_path)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_events(cfg, nats_urls, since, follow, as_json))
+
+
+async def _events(cfg: ClusterConfig, nats_urls: str | None, since: int, follow: bool,
+                  as_json: bool) -> None:
+    from vtlha import eventlog
+    from vtlha.messages import encode
+    from vtlha.subjects import Subjects
+
+    nc = await _connect(cfg, nats_urls)
+    subj = Subjects(cfg.cluster)
+    js = nc.jetstream()
+
+    def show(seq: int, e: Any) -> None:
+        if as_json:
+            click.echo(b'{"seq":%d,' % seq + encode(e)[1:])
+        else:
+            click.echo(eventlog.format_event(seq, e))
+
+    try:
+        if follow:
+            async for seq, e in eventlog.follow(js, subj, since):
+                show(seq, e)
+        else:
+            for seq, e in await eventlog.read(js, subj, since):
+                show(seq, e)
+    finally:
+        await nc.close()
+
+
+@main.command(help="Start a local two-node cluster, kill node-a, show the failover.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Cluster file (default: examples/cluster.yaml).")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Where state and logs go (default: a new temporary directory).")
+@click.option("--keep", is_flag=True, help="Keep the work directory afterwards.")
+def demo(config_path: str | None, work_dir: str | None, keep: bool) -> None:
+    from vtlha.demo import run_demo
+
+    default = Path(__file__).parent.parent / "examples" / "cluster.yaml"
+    src = Path(config_path) if config_path else default
+    sys.exit(run_demo(src, Path(work_dir) if work_dir else None, keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""The cluster file: one YAML file for the whole cluster, validated on load.
+
+Errors name the file, the field (as a dotted path) and the reason. Timing rules
+(STYLE.md) are enforced here so that no service runs with timings that cannot work:
+``dead_after >= 2 * heartbeat_interval``, ``lease_ttl >= dead_after``,
+``margin < lease_ttl``, retry deadlines shorter than the lease.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from vtlha.errors import ConfigError
+
+NAME_RE = r"^[a-z0-9][a-z0-9-]*$"
+Name = Annotated[str, StringConstraints(pattern=NAME_RE, max_length=63)]
+
+SERVICES = ("heartbeat", "storage-monitor", "ip-manager", "arbiter")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timings(_Model):
+    heartbeat_interval: float = Field(0.1, gt=0, le=10)
+    dead_after: float = Field(0.3, gt=0)
+    lease_ttl: float = Field(0.3, gt=0)
+    margin: float = Field(0.03, ge=0)
+    leader_ttl: float = Field(3.0, gt=0)
+    command_timeout: float = Field(0.25, gt=0, description="per-attempt timeout of a command")
+    check_interval: float = Field(0.5, gt=0, description="how often process checks run")
+    probe_interval: float = Field(0.5, gt=0, description="how often storage paths are probed")
+    probe_timeout: float = Field(1.0, gt=0)
+    initial_assign_wait: float = Field(
+        10.0, ge=0, description="a group nobody owns yet waits this long after the arbiter "
+        "starts for its home node before it is given to the companion")
+    rise: int = Field(2, ge=1, description="good results in a row before healthy")
+    fall: int = Field(2, ge=1, description="bad results in a row before failed")
+
+    @model_validator(mode="after")
+    def _timing_rules(self) -> Timings:
+        if self.dead_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"dead_after ({self.dead_after}) must be >= 2 * heartbeat_interval "
+                f"({2 * self.heartbeat_interval}): one late heartbeat must not look like a death"
+            )
+        if self.lease_ttl < self.dead_after:
+            raise ValueError(
+                f"lease_ttl ({self.lease_ttl}) must be >= dead_after ({self.dead_after})"
+            )
+        if self.margin >= self.lease_ttl:
+            raise ValueError(f"margin ({self.margin}) must be < lease_ttl ({self.lease_ttl})")
+        if self.command_timeout >= self.lease_ttl:
+            raise ValueError(
+                f"command_timeout ({self.command_timeout}) must be shorter than "
+                f"lease_ttl ({self.lease_ttl}): a retried command must end within the lease"
+            )
+        return self
+
+
+class Check(_Model):
+    name: Name
+    kind: Literal["pidfile", "tcp", "command"]
+    path: str | None = None  # pidfile
+    host: str = "127.0.0.1"  # tcp
+    port: int | None = Field(None, ge=1, le=65535)  # tcp
+    command: list[str] | None = None  # command
+    timeout: float = Field(1.0, gt=0)
+    fatal: bool = False
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Check:
+        need = {"pidfile": "path", "tcp": "port", "command": "command"}[self.kind]
+        if getattr(self, need) in (None, [], ""):
+            raise ValueError(f"a {self.kind} check needs '{need}'")
+        return self
+
+
+def _check_iface(value: str) -> str:
+    try:
+        ipaddress.IPv4Interface(value)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv4 address with prefix: {value!r}") from exc
+    if "/" not in value:
+        raise ValueError(f"address needs a prefix length, e.g. {value}/32")
+    return value
+
+
+class DataGroup(_Model):
+    addresses: list[str] = Field(default_factory=list)
+    devices: list[Name] = Field(default_factory=list)
+
+    @field_validator("addresses")
+    @classmethod
+    def _addrs(cls, v: list[str]) -> list[str]:
+        return [_check_iface(a) for a in v]
+
+
+class MgmtGroup(_Model):
+    addresses: list[str] = Field(default_factory=list)
+    gateway: str | None = None
+
+    @field_validator("addresses")
+    @classmethod
+    def _addrs(cls, v: list[str]) -> list[str]:
+        return [_check_iface(a) for a in v]
+
+    @field_validator("gateway")
+    @classmethod
+    def _gw(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.IPv4Address(v)
+        return v
+
+
+class Groups(_Model):
+    data: DataGroup = Field(default_factory=DataGroup)
+    mgmt: MgmtGroup = Field(default_factory=MgmtGroup)
+
+
+class Node(_Model):
+    name: Name
+    service_ip: str
+    mgmt_ip: str | None = None
+    groups: Groups = Field(default_factory=Groups)
+    checks: list[Check] = Field(default_factory=list)
+
+    _ip = field_validator("service_ip")(classmethod(lambda cls, v: _check_iface(v)))
+
+    @field_validator("mgmt_ip")
+    @classmethod
+    def _mgmt(cls, v: str | None) -> str | None:
+        return None if v is None else _check_iface(v)
+
+    @property
+    def data_group(self) -> str:
+        return f"{self.name}-data"
+
+    @property
+    def mgmt_group(self) -> str:
+        return f"{self.name}-mgmt"
+
+
+class Pair(_Model):
+    name: Name
+    failback: Literal["manual", "auto"] = "manual"
+    nodes: list[Node] = Field(min_length=2, max_length=2)
+
+
+class Witness(_Model):
+    host: Name = "witness"
+    service_ip: str | None = None
+
+    @field_validator("service_ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        return None if v is None else _check_iface(v)
+
+
+class Nats(_Model):
+    servers: list[Name] = Field(min_length=1)
+    replicas: int | None = Field(None, ge=1, le=5, description="JetStream replicas (default: "
+                                 "one per server, at most 3)")
+    events_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024,
+                                  description="event stream size limit (oldest dropped)")
+    events_max_age: float = Field(30 * 86400.0, gt=0, description="event stream age limit, s")
+
+    @property
+    def stream_replicas(self) -> int:
+        return self.replicas if self.replicas is not None else min(3, len(self.servers))
+
+
+class San(_Model):
+    host: Name = "witness"
+    port: int = Field(3260, ge=1, le=65535)
+
+
+class Device(_Model):
+    backing: str
+    paths: dict[Name, int] = Field(default_factory=dict)
+    block_size: int = Field(4096, ge=512)
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, v: dict[str, int]) -> dict[str, int]:
+        for node, n in v.items():
+            if n < 1:
+                raise ValueError(f"node {node} needs at least one path, got {n}")
+        return v
+
+
+class Ports(_Model):
+    """Base ports; in loopback mode each host adds 100 x its index."""
+
+    nats_client: int = 4222
+    nats_cluster: int = 6222
+    nats_monitor: int = 8222
+    heartbeat: int = 9101
+    storage_monitor: int = 9102
+    ip_manager: int = 9103
+    arbiter: int = 9104
+
+
+class ClusterConfig(_Model):
+    cluster: Name
+    timings: Timings = Field(default_factory=Timings)
+    nats: Nats
+    witness: Witness = Field(default_factory=Witness)
+    pairs: list[Pair] = Field(min_length=1)
+    san: San = Field(default_factory=San)
+    devices: dict[Name, Device] = Field(default_factory=dict)
+    ports: Ports = Field(default_factory=Ports)
+    state_dir: str = "/var/lib/vtlha"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ClusterConfig:
+        # An "after" model validator's error is located at the top level, so each
+        # problem starts with the dotted path of the field it is about.
+        problems = [*_node_problems(self), *_address_problems(self)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- lookups -------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        return [n for p in self.pairs for n in p.nodes]
+
+    @property
+    def hosts(self) -> list[str]:
+        """Every host in index order: nodes in file order, then the witness."""
+        return [n.name for n in self.nodes] + [self.witness.host]
+
+    def host_index(self, host: str) -> int:
+        return self.hosts.index(host)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def has_node(self, name: str) -> bool:
+        return any(n.name == name for n in self.nodes)
+
+    def pair_of(self, node: str) -> Pair:
+        for p in self.pairs:
+            if any(n.name == node for n in p.nodes):
+                return p
+        raise KeyError(node)
+
+    def companion(self, node: str) -> Node:
+        return next(n for n in self.pair_of(node).nodes if n.name != node)
+
+    def groups(self) -> dict[str, tuple[str, str]]:
+        """group name -> (home node, kind) for every group of the cluster."""
+        out: dict[str, tuple[str, str]] = {}
+        for n in self.nodes:
+            out[n.data_group] = (n.name, "data")
+            out[n.mgmt_group] = (n.name, "mgmt")
+        return out
+
+    def group_addresses(self, group: str) -> list[str]:
+        home, kind = self.groups()[group]
+        node = self.node(home)
+        return list(node.groups.data.addresses if kind == "data" else node.groups.mgmt.addresses)
+
+    def group_devices(self, group: str) -> list[str]:
+        home, kind = self.groups()[group]
+        return list(self.node(home).groups.data.devices) if kind == "data" else []
+
+    def port(self, host: str, service: str) -> int:
+        """Loopback-mode port of a host's service (base + 100 x host index)."""
+        base: int = getattr(self.ports, service.replace("-", "_"))
+        return base + 100 * self.host_index(host)
+
+    def nats_urls(self, first: str | None = None, host: str = "127.0.0.1") -> list[str]:
+        """Client URLs of the configured servers in loopback mode, `first`'s own first."""
+        order = sorted(self.nats.servers, key=lambda s: s != first)
+        return [f"nats://{host}:{self.port(s, 'nats_client')}" for s in order]
+
+    def state_path(self, host: str) -> Path:
+        return Path(self.state_dir) / host
+
+
+def _node_places(cfg: ClusterConfig) -> Iterator[tuple[str, Node]]:
+    for i, p in enumerate(cfg.pairs):
+        for j, n in enumerate(p.nodes):
+            yield f"pairs[{i}].nodes[{j}]", n
+
+
+def _node_problems(cfg: ClusterConfig) -> Iterator[str]:
+    first: dict[str, str] = {}
+    for at, n in _node_places(cfg):
+        if n.name in first:
+            yield (f"{at}.name: node names must be unique, {n.name!r} is repeated "
+                   f"(first at {first[n.name]}.name)")
+        first.setdefault(n.name, at)
+    if cfg.witness.host in first:
+        yield f"witness.host: witness host {cfg.witness.host!r} is also a node"
+    for k, s in enumerate(cfg.nats.servers):
+        if s not in first and s != cfg.witness.host:
+            yield f"nats.servers[{k}]: {s!r}, which is neither a node nor the witness"
+    for name, dev in cfg.devices.items():
+        for node in dev.paths:
+            if node not in first:
+                yield f"devices.{name}.paths: device {name} has paths for unknown node {node!r}"
+
+
+def _address_problems(cfg: ClusterConfig) -> Iterator[str]:
+    first: dict[str, str] = {}
+    for at, n in _node_places(cfg):
+        for k, d in enumerate(n.groups.data.devices):
+            if d not in cfg.devices:
+                yield (f"{at}.groups.data.devices[{k}]: node {n.name} data group uses "
+                       f"unknown device {d!r}")
+        for kind, addrs in (("data", n.groups.data.addresses), ("mgmt", n.groups.mgmt.addresses)):
+            for k, a in enumerate(addrs):
+                here = f"{at}.groups.{kind}.addresses[{k}]"
+                ip = str(ipaddress.IPv4Interface(a).ip)
+                if ip in first:
+                    yield (f"{here}: floating addresses must be unique, {ip} is repeated "
+                           f"(first at {first[ip]})")
+                first.setdefault(ip, here)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(data: object, source: str = "<memory>") -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid cluster config ({exc.error_count()} problem(s)):"]
+        for err in exc.errors():
+            lines.append(f"  {_loc(err['loc'])}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read cluster config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: (top level): expected a mapping, got {type(data).__name__}")
+    return parse_config(data, str(p))
+
+
+def is_valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_RE, name) is not None

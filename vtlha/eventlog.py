@@ -1,0 +1,68 @@
+"""Reading the event stream: a finite range by sequence (``read``) or following new
+events as they arrive (``follow``, an ordered consumer from a start sequence)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from vtlha.errors import InvalidMessage
+from vtlha.messages import Event, decode
+from vtlha.subjects import Subjects
+
+
+async def read(js: JetStreamContext, subjects: Subjects, since: int = 1,
+               timeout: float = 2.0) -> list[tuple[int, Event]]:
+    """Every event from sequence ``since`` to the stream's current end."""
+    try:
+        info = await js.stream_info(subjects.events_stream)
+    except NotFoundError:
+        return []
+    last = info.state.last_seq
+    first = max(since, info.state.first_seq)
+    out: list[tuple[int, Event]] = []
+    for seq in range(first, last + 1):
+        try:
+            raw = await asyncio.wait_for(js.get_msg(subjects.events_stream, seq), timeout)
+        except NotFoundError:
+            continue
+        try:
+            out.append((seq, decode(Event, raw.data or b"")))
+        except InvalidMessage:
+            continue
+    return out
+
+
+async def follow(js: JetStreamContext, subjects: Subjects,
+                 since: int = 1) -> AsyncIterator[tuple[int, Event]]:
+    # Ordered consumers from a start *sequence* survive a server's death (PLATFORM.md);
+    # from a start time they do not.
+    cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                         opt_start_seq=max(1, since))
+    sub = await js.subscribe(subjects.events_all, ordered_consumer=True, config=cfg)
+    try:
+        async for msg in sub.messages:
+            try:
+                yield msg.metadata.sequence.stream, decode(Event, msg.data)
+            except InvalidMessage:
+                continue
+    finally:
+        await sub.unsubscribe()
+
+
+def format_event(seq: int, e: Event) -> str:
+    parts = [f"#{seq:<4} {e.kind:<20}"]
+    if e.group:
+        parts.append(f"{e.group:<12}")
+    if e.group and (e.old or e.new):
+        parts.append(f"{e.old or '-'} -> {e.new or '-'}")
+    elif not e.group:
+        parts.append(f"{e.old or e.new or e.node:<12}")
+    if e.epoch is not None:
+        parts.append(f"epoch {e.epoch}")
+    parts.append(f"| {e.reason}")
+    return " ".join(parts)

@@ -1,0 +1,199 @@
+"""A whole cluster as local processes on loopback: nats-server(s), the witness's
+arbiter and every node's services. The demo and the integration tests use it.
+
+Loopback mode: each host's ports are the config's base ports + 100 x host index
+(plus a free offset chosen at start so runs never collide), addresses are only
+recorded by the recording IP backend, and it says so."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import yaml
+
+from vtlha.config import ClusterConfig, load_config
+from vtlha.messages import GroupRecord
+from vtlha.natsserver import NatsServer, NatsServerSpec
+from vtlha.ownership import read_groups
+from vtlha.procs import ProcessGroup
+from vtlha.subjects import Subjects
+
+NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat")
+DEVICE_BYTES = 256 * 1024
+
+
+def service_binary(service: str) -> str:
+    return str(Path(sys.executable).parent / f"vtlha-{service}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def all_ports(cfg: ClusterConfig) -> list[int]:
+    kinds = ("nats_client", "nats_cluster", "nats_monitor", "heartbeat", "storage_monitor",
+             "ip_manager", "arbiter")
+    return [cfg.port(h, k) for h in cfg.hosts for k in kinds]
+
+
+def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
+                   tries: int = 200) -> Path:
+    """Copy the cluster file to ``dst_dir`` with a free port offset, the state root
+    under ``dst_dir`` and optionally another cluster name."""
+    raw: dict[str, Any] = yaml.safe_load(src.read_text())
+    base = load_config(src)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(tries):
+        offset = random.randrange(1, 300) * 100 + random.randrange(0, 50)
+        ports = {k: v + offset for k, v in base.ports.model_dump().items()}
+        raw["ports"] = ports
+        raw["state_dir"] = str(dst_dir / "state")
+        if cluster:
+            raw["cluster"] = cluster
+        dst = dst_dir / "cluster.yaml"
+        dst.write_text(yaml.safe_dump(raw, sort_keys=False))
+        cfg = load_config(dst)
+        if all(_port_free(p) for p in all_ports(cfg)):
+            return dst
+    raise RuntimeError("no free port range found for a local cluster")
+
+
+class LocalCluster:
+    def __init__(self, config_path: Path, work_dir: Path,
+                 nats_urls: list[str] | None = None) -> None:
+        self.config_path = config_path
+        self.cfg = load_config(config_path)
+        self.work_dir = work_dir
+        self.state_root = Path(self.cfg.state_dir)
+        self.procs = ProcessGroup(work_dir / "logs")
+        self.external_nats = nats_urls
+        self.servers: dict[str, NatsServer] = {}
+
+    # ---- set-up ------------------------------------------------------------
+    def create_devices(self) -> None:
+        for dev in self.cfg.devices.values():
+            p = Path(dev.backing)
+            p = p if p.is_absolute() else self.state_root / p
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.exists():
+                p.write_bytes(b"\0" * DEVICE_BYTES)
+
+    def nats_specs(self) -> list[NatsServerSpec]:
+        cluster = len(self.cfg.nats.servers) > 1
+        routes = [f"127.0.0.1:{self.cfg.port(h, 'nats_cluster')}" for h in self.cfg.nats.servers]
+        return [NatsServerSpec(
+            name=h, client_port=self.cfg.port(h, "nats_client"),
+            monitor_port=self.cfg.port(h, "nats_monitor"),
+            store_dir=self.work_dir / "nats" / h / "jetstream",
+            cluster_port=self.cfg.port(h, "nats_cluster") if cluster else None,
+            routes=routes if cluster else [], tags=[f"host:{h}"],
+        ) for h in self.cfg.nats.servers]
+
+    def start_nats(self) -> None:
+        if self.external_nats:
+            return
+        for spec in self.nats_specs():
+            srv = NatsServer(spec, self.work_dir / "logs" / f"{spec.name}-nats-server.log")
+            (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+            srv.start()
+            self.servers[spec.name] = srv
+        for srv in self.servers.values():
+            srv.wait_ready()
+
+    def nats_urls(self, host: str) -> list[str]:
+        return self.external_nats or self.cfg.nats_urls(first=host)
+
+    def start_service(self, host: str, service: str) -> None:
+        argv = [service_binary(service), "--config", str(self.config_path), "--node", host,
+                "--state-dir", str(self.state_root), "--nats", ",".join(self.nats_urls(host))]
+        self.procs.spawn(host, service, argv)
+
+    def start_node(self, host: str) -> None:
+        for svc in NODE_SERVICES:
+            self.start_service(host, svc)
+
+    def start(self) -> None:
+        self.create_devices()
+        self.start_nats()
+        self.start_service(self.cfg.witness.host, "arbiter")
+        for n in self.cfg.nodes:
+            self.start_node(n.name)
+
+    def stop(self) -> None:
+        self.procs.stop_all()
+        for srv in self.servers.values():
+            srv.stop()
+
+    # ---- looking in ----------------------------------------------------------
+    def http_get(self, host: str, service: str, path: str, timeout: float = 1.0) -> Any:
+        port = self.cfg.port(host, service)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return orjson.loads(r.read())
+
+    def status(self, host: str, service: str) -> dict[str, Any] | None:
+        try:
+            out: dict[str, Any] = self.http_get(host, service, "/status")
+            return out
+        except OSError:
+            return None
+
+    def wait_for(self, predicate: Any, timeout: float, interval: float = 0.02,
+                 what: str = "condition") -> Any:
+        """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = predicate()
+            except OSError:
+                value = None
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(interval)
+
+    def kv_groups(self) -> dict[str, tuple[GroupRecord, int]]:
+        """group -> (record, revision) read from the KV now (a fresh connection)."""
+
+        async def _go() -> dict[str, tuple[GroupRecord, int]]:
+            nc = await nats.connect(self.nats_urls(self.cfg.witness.host), connect_timeout=2)
+            try:
+                return await read_groups(nc.jetstream(), Subjects(self.cfg.cluster),
+                                         self.cfg.groups())
+            finally:
+                await nc.close()
+
+        return asyncio.run(_go())
+
+    def held_by(self) -> dict[str, str]:
+        """group -> owner for every group whose KV record is in state ``held``."""
+        return {g: r.owner for g, (r, _) in self.kv_groups().items() if r.state == "held"}
+
+    def owners(self) -> dict[str, str | None]:
+        """group -> owner, as the arbiter reports it (state held only)."""
+        st = self.status(self.cfg.witness.host, "arbiter") or {}
+        groups: dict[str, dict[str, Any]] = st.get("groups", {})
+        return {g: (v["owner"] if v.get("state") == "held" else None)
+                for g, v in groups.items()}
+
+    def recorded_addresses(self, host: str) -> list[str]:
+        p = self.state_root / host / "addresses.json"
+        try:
+            out: list[str] = orjson.loads(p.read_bytes())
+        except FileNotFoundError:
+            return []
+        return out

@@ -1,0 +1,160 @@
+"""Every message on the bus, as typed schemas, encoded with orjson.
+
+Open world (nats.py's ``from_response``): unknown fields are ignored so nodes on
+different versions interoperate during a rolling upgrade; missing or ill-typed
+required fields are rejected. ``decode`` never raises anything but InvalidMessage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from vtlha.errors import InvalidMessage
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+NameStr = str  # validated against the config by receivers (unknown node -> invalid)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False, allow_inf_nan=False)
+
+
+class Envelope(_Open):
+    v: int = Field(SCHEMA_VERSION, ge=1)
+    cluster: str
+    node: str
+    sent_at: float = Field(default_factory=time.time)  # wall clock, for humans only
+
+
+class CheckResult(_Open):
+    name: str
+    ok: StrictBool
+    fatal: StrictBool = False
+    detail: str = ""
+
+
+class StorageVerdict(_Open):
+    """The node's own storage verdict, carried in its heartbeat (the manual)."""
+
+    ok: StrictBool
+    failed_devices: list[str] = Field(default_factory=list)
+    age: float | None = None  # seconds since the storage report it summarises
+
+
+class Heartbeat(Envelope):
+    incarnation: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=0)
+    interval: float = Field(gt=0)
+    checks: list[CheckResult] = Field(default_factory=list)
+    storage: StorageVerdict | None = None
+
+
+class PathHealth(_Open):
+    device: str
+    path: int = Field(ge=0)
+    reachable: StrictBool
+    latency: float | None = None  # seconds, of the last probe
+    error: str | None = None
+
+
+class StorageReport(Envelope):
+    seq: int = Field(ge=0)
+    paths: list[PathHealth] = Field(default_factory=list)
+
+
+class MgmtReport(Envelope):
+    link_up: StrictBool
+    gateway_ok: StrictBool | None = None
+    latency: float | None = None
+    healthy: StrictBool
+
+
+Action = Literal["acquire", "release", "term"]
+
+
+class Command(Envelope):
+    term: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    group: str
+    action: Action
+
+
+class Ack(Envelope):
+    ok: StrictBool
+    reason: str = ""
+    term: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    group: str = ""
+    service: str = ""
+    held: list[str] = Field(default_factory=list)
+
+
+class Event(Envelope):
+    kind: str
+    pair: str | None = None
+    group: str | None = None
+    old: str | None = None
+    new: str | None = None
+    term: int | None = None
+    epoch: int | None = None
+    reason: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- KV values (DESIGN.md "Contracts") ---------------------------------------
+
+GroupState = Literal["acquiring", "held", "releasing"]
+
+
+class GroupRecord(_Open):
+    owner: str
+    term: int = Field(ge=0)
+    epoch: int = Field(ge=1)
+    state: GroupState
+    renewed_by: str | None = None
+    since: float = Field(default_factory=time.time)
+
+
+class LeaderRecord(_Open):
+    node: str
+    since: float = Field(default_factory=time.time)
+
+
+class PairRecord(_Open):
+    maintenance: StrictBool = False
+    hold: list[str] = Field(default_factory=list)
+    failback: Literal["manual", "auto"] = "manual"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(msg: BaseModel) -> bytes:
+    return orjson.dumps(msg.model_dump(mode="json"))
+
+
+def decode(model: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
+    """Parse and validate one message; the only error it raises is InvalidMessage."""
+    if len(data) > max_bytes:
+        raise InvalidMessage(f"{model.__name__}: {len(data)} bytes exceeds the {max_bytes} limit")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"{model.__name__}: not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage(f"{model.__name__}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise InvalidMessage(
+            f"{model.__name__}: {where}: {first['msg']} ({exc.error_count()} problem(s))"
+        ) from None

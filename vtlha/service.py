@@ -1,0 +1,329 @@
+"""The service base every vtl-ha process stands on.
+
+Each service: ``--config``, ``--node``; a NATS connection (reconnect with backoff);
+an aiohttp app with ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and
+``/status`` (JSON); JSON-lines logs; on SIGTERM it stops taking new work, lets work
+in flight finish within a timeout, cancels the rest and closes (aiohttp's
+``cleanup_ctx``: entered in order, exited in reverse).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+from vtlha import bus
+from vtlha.config import ClusterConfig, load_config
+from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
+from vtlha.log import setup_logging
+from vtlha.messages import Event
+from vtlha.subjects import Subjects
+
+SHUTDOWN_GRACE = 3.0  # seconds for work in flight at SIGTERM
+
+
+class Service:
+    """Base class: subclasses set ``name`` and implement ``start``/``status``."""
+
+    name: ClassVar[str] = "service"
+    http_port_key: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node: str,
+        nats_urls: list[str],
+        state_root: Path,
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.subjects = Subjects(config.cluster)
+        self.nats_urls = nats_urls
+        self.state_root = state_root
+        self.state_dir = state_root / node
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = logging.getLogger(f"vtlha.{self.name}")
+        self.registry = CollectorRegistry()
+        self.started_wall = time.time()
+        self.invalid_messages = Counter(
+            "vtlha_invalid_messages_total",
+            "Messages that failed validation and were dropped",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.loop_errors = Counter(
+            "vtlha_loop_errors_total", "Errors caught by a background loop", ["loop"],
+            registry=self.registry,
+        )
+        self.up = Gauge("vtlha_up", "1 while the service runs", registry=self.registry)
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.fatal: BaseException | None = None
+        self.last_tick = time.monotonic()
+
+    # ---- to override -------------------------------------------------------
+    async def start(self) -> None:
+        """Subscribe and start background loops."""
+
+    async def stop(self) -> None:
+        """Stop taking new work (called first at shutdown)."""
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def is_ready(self) -> bool:
+        return True
+
+    # ---- helpers for subclasses --------------------------------------------
+    @property
+    def nc(self) -> NATS:
+        assert self._nc is not None, "not connected"
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self.nc.jetstream(timeout=2.0)
+        return self._js
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str,
+              critical: bool = True) -> asyncio.Task[None]:
+        """Run ``coro`` as a task. A critical task (a loop the service lives by) that
+        fails ends the service; a non-critical one (a single takeover) is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._task_done(t, critical))
+        return task
+
+    def _task_done(self, task: asyncio.Task[None], critical: bool) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None or not critical:
+            self._tasks.remove(task)
+        if exc is None:
+            return
+        self.loop_errors.labels(task.get_name().split("-")[0]).inc()
+        self.log.error("task failed", extra={"task": task.get_name(), "error": repr(exc),
+                                              "critical": critical}, exc_info=exc)
+        if critical:
+            self.fatal = exc
+            self._stopping.set()
+
+    def every(self, interval: float, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``fn`` at a fixed rate on the loop's monotonic clock, subtracting the
+        iteration's own time; an overrun is logged; errors are caught per iteration
+        (fatal ones end the service)."""
+
+        async def _loop() -> None:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            while not self.stopping:
+                try:
+                    await fn()
+                except FatalError:
+                    raise
+                except (VtlhaError, Exception) as exc:
+                    self.loop_errors.labels(name).inc()
+                    self.log.exception("loop iteration failed", extra={"loop": name,
+                                                                         "error": repr(exc)})
+                self.last_tick = time.monotonic()
+                next_at += interval
+                delay = next_at - loop.time()
+                if delay < 0:
+                    if -delay > interval:
+                        self.log.warning("tick overran", extra={"loop": name,
+                                                                "late_s": round(-delay, 4)})
+                    next_at = loop.time()
+                    delay = 0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+
+        self.spawn(_loop(), name)
+
+    def subscribe_handler(
+        self, kind: str, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Wrap a subscription callback: InvalidMessage is counted and logged; any other
+        error is logged; nothing a message does can crash the service."""
+
+        async def _cb(msg: Msg) -> None:
+            if self.stopping:
+                return
+            try:
+                await handler(msg)
+            except InvalidMessage as exc:
+                self.invalid_messages.labels(kind).inc()
+                self.log.warning("invalid message dropped",
+                                 extra={"kind": kind, "subject": msg.subject, "error": str(exc)})
+            except Exception as exc:
+                self.loop_errors.labels(kind).inc()
+                self.log.exception("handler failed", extra={"kind": kind, "error": repr(exc)})
+
+        return _cb
+
+    async def emit(self, kind: str, reason: str, **fields: Any) -> int | None:
+        """Publish an event to the stream and return its number; an event that cannot be
+        published is logged, never fatal."""
+        pair = self.config.pair_of(self.node).name if self.config.has_node(self.node) else None
+        fields.setdefault("pair", pair)
+        event = Event(cluster=self.config.cluster, node=self.node, kind=kind, reason=reason,
+                      **fields)
+        try:
+            seq = await bus.publish_event(self.js, self.subjects, event, timeout=1.0)
+        except Exception as exc:
+            self.log.warning("event not published", extra={"kind": kind, "error": repr(exc)})
+            return None
+        self.log.info(reason, extra={"event": kind, "seq": seq})
+        return seq
+
+    # ---- lifecycle ---------------------------------------------------------
+    async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}")
+        self.log.info("connected to nats", extra={"server": bus.server_url(self._nc)})
+        yield
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._nc.drain(), timeout=1.0)
+        with contextlib.suppress(Exception):
+            await self._nc.close()
+
+    async def _service_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        self.up.set(1)
+        self.log.info("started", extra={"nats": self.nats_urls})
+        yield
+        self.up.set(0)
+        self._stopping.set()
+        await self.stop()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE)
+            for t in still:
+                t.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        self.log.info("stopped")
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.cleanup_ctx.append(self._nats_ctx)
+        app.cleanup_ctx.append(self._service_ctx)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status)
+        return app
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        dead = [t.get_name() for t in self._tasks if t.done() and not t.cancelled()]
+        ok = not dead and self.fatal is None
+        return web.json_response({"ok": ok, "dead_tasks": dead,
+                                  "since_tick_s": round(time.monotonic() - self.last_tick, 3)},
+                                 status=200 if ok else 503)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok = self._nc is not None and self._nc.is_connected and self.is_ready()
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,
+                "nats": bus.server_url(self._nc) if self._nc else None, **self.status()}
+        return web.json_response(body, dumps=_dumps)
+
+    async def run(self, http_host: str, http_port: int) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, http_host, http_port, reuse_address=True)
+        try:
+            await site.start()
+            self.log.info("http listening", extra={"host": http_host, "port": http_port})
+            await self._stopping.wait()
+            self.log.info("shutting down")
+        finally:
+            await runner.cleanup()
+        if self.fatal is not None:
+            return 1
+        return 0
+
+
+def _dumps(obj: Any) -> str:
+    import orjson
+
+    return orjson.dumps(obj, default=str).decode()
+
+
+def service_command(cls: type[Service]) -> Callable[..., None]:
+    """A click command that runs ``cls`` with the common options."""
+
+    @click.command(name=f"vtlha-{cls.name}", help=f"Run the vtl-ha {cls.name} service.")
+    @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                  help="The cluster file (YAML).")
+    @click.option("--node", required=True, help="This host's name in the cluster file.")
+    @click.option("--nats", "nats_urls", default=None,
+                  help="Comma-separated NATS URLs (default: from the cluster file, own first).")
+    @click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+                  help="State root (default: the cluster file's state_dir).")
+    @click.option("--http-host", default="127.0.0.1", show_default=True)
+    @click.option("--http-port", default=None, type=int,
+                  help="HTTP port (default: the cluster file's port for this service and host).")
+    @click.option("--log-level", default="info", show_default=True)
+    def _cmd(config_path: str, node: str, nats_urls: str | None, state_dir: str | None,
+             http_host: str, http_port: int | None, log_level: str) -> None:
+        log = setup_logging(cls.name, node, log_level)
+        try:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(2)
+        if node not in cfg.hosts:
+            click.echo(f"{config_path}: --node {node!r} is not a host of the cluster "
+                       f"(hosts: {', '.join(cfg.hosts)})", err=True)
+            sys.exit(2)
+        urls = nats_urls.split(",") if nats_urls else cfg.nats_urls(first=node)
+        port = http_port if http_port is not None else cfg.port(node, cls.http_port_key)
+        root = Path(state_dir) if state_dir else Path(cfg.state_dir)
+
+        async def _main() -> int:
+            try:
+                svc = cls(cfg, node, urls, root)
+                return await svc.run(http_host, port)
+            except FatalError as exc:
+                log.error("fatal", extra={"error": str(exc)})
+                return 2
+            except Exception as exc:  # a supervisor restarts us; say why in one JSON line
+                log.exception("start failed", extra={"error": repr(exc)})
+                return 1
+
+        sys.exit(asyncio.run(_main()))
+
+    return _cmd

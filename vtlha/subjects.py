@@ -1,0 +1,71 @@
+"""Every NATS subject and KV key of the project is built here, nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtlha.config import is_valid_name
+
+
+@dataclass(frozen=True)
+class Subjects:
+    cluster: str
+
+    def __post_init__(self) -> None:
+        if not is_valid_name(self.cluster):
+            raise ValueError(f"invalid cluster name {self.cluster!r}")
+
+    @property
+    def _p(self) -> str:
+        return f"ha.{self.cluster}"
+
+    def hb(self, node: str = "*") -> str:
+        return f"{self._p}.hb.{node}"
+
+    def storage(self, node: str = "*") -> str:
+        return f"{self._p}.storage.{node}"
+
+    def mgmt(self, node: str = "*") -> str:
+        return f"{self._p}.mgmt.{node}"
+
+    def lease(self, node: str = "*") -> str:
+        return f"{self._p}.lease.{node}"
+
+    def promise(self, node: str = "*") -> str:
+        return f"{self._p}.promise.{node}"
+
+    def cmd(self, node: str, service: str) -> str:
+        return f"{self._p}.cmd.{node}.{service}"
+
+    def admin(self, verb: str) -> str:
+        return f"{self._p}.admin.{verb}"
+
+    def event(self, kind: str) -> str:
+        return f"{self._p}.events.{kind}"
+
+    @property
+    def events_all(self) -> str:
+        return f"{self._p}.events.>"
+
+    def node_of(self, subject: str) -> str:
+        """The node token of a per-node subject (hb, storage, mgmt, lease)."""
+        return subject.split(".")[3]
+
+    # ---- JetStream names ---------------------------------------------------
+    @property
+    def kv_bucket(self) -> str:
+        return f"ha-{self.cluster}"
+
+    @property
+    def events_stream(self) -> str:
+        return f"HA_EVENTS_{self.cluster}"
+
+    @staticmethod
+    def group_key(group: str) -> str:
+        return f"group.{group}"
+
+    @staticmethod
+    def pair_key(pair: str) -> str:
+        return f"pair.{pair}"
+
+    LEADER_KEY = "arbiter.leader"
