@@ -205,6 +205,21 @@ class Device(_Model):
         return v
 
 
+class IpSettings(_Model):
+    """How the ip-manager holds floating addresses."""
+
+    backend: Literal["netlink", "recording"] = Field(
+        "netlink", description="netlink: real addresses in the node's network namespace "
+        "(root); recording: only recorded in a file (loopback mode, says so)")
+    garp_count: int = Field(3, ge=1, le=100, description="gratuitous ARPs sent per address "
+                            "right after it is added")
+    garp_interval: float = Field(0.2, gt=0, le=10, description="seconds between them")
+    data_interface: str | None = Field(None, description="interface for data addresses "
+                                       "(default: the one holding the node's service_ip)")
+    mgmt_interface: str | None = Field(None, description="interface for management addresses "
+                                       "(default: the one holding the node's mgmt_ip)")
+
+
 class Ports(_Model):
     """Base ports; in loopback mode each host adds 100 x its index."""
 
@@ -226,6 +241,7 @@ class ClusterConfig(_Model):
     san: San = Field(default_factory=San)
     devices: dict[Name, Device] = Field(default_factory=dict)
     ports: Ports = Field(default_factory=Ports)
+    ip: IpSettings = Field(default_factory=IpSettings)
     state_dir: str = "/var/lib/vtlha"
 
     @model_validator(mode="after")

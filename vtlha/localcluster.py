@@ -120,6 +120,8 @@ class LocalCluster:
     def start_service(self, host: str, service: str) -> None:
         argv = [service_binary(service), "--config", str(self.config_path), "--node", host,
                 "--state-dir", str(self.state_root), "--nats", ",".join(self.nats_urls(host))]
+        if service == "ip-manager":
+            argv += ["--backend", "recording"]
         self.procs.spawn(host, service, argv)
 
     def start_node(self, host: str) -> None:

@@ -47,6 +47,8 @@ class Service:
 
     name: ClassVar[str] = "service"
     http_port_key: ClassVar[str] = ""
+    #: extra click options of this service; their values reach ``self.options``
+    cli_options: ClassVar[list[click.Option]] = []
 
     def __init__(
         self,
@@ -54,7 +56,9 @@ class Service:
         node: str,
         nats_urls: list[str],
         state_root: Path,
+        options: dict[str, Any] | None = None,
     ) -> None:
+        self.options: dict[str, Any] = options or {}
         self.config = config
         self.node = node
         self.subjects = Subjects(config.cluster)
@@ -298,7 +302,7 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
                   help="HTTP port (default: the cluster file's port for this service and host).")
     @click.option("--log-level", default="info", show_default=True)
     def _cmd(config_path: str, node: str, nats_urls: str | None, state_dir: str | None,
-             http_host: str, http_port: int | None, log_level: str) -> None:
+             http_host: str, http_port: int | None, log_level: str, **options: Any) -> None:
         log = setup_logging(cls.name, node, log_level)
         try:
             cfg = load_config(config_path)
@@ -315,7 +319,7 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
 
         async def _main() -> int:
             try:
-                svc = cls(cfg, node, urls, root)
+                svc = cls(cfg, node, urls, root, options)
                 return await svc.run(http_host, port)
             except FatalError as exc:
                 log.error("fatal", extra={"error": str(exc)})
@@ -326,4 +330,6 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
 
         sys.exit(asyncio.run(_main()))
 
+    for opt in cls.cli_options:
+        _cmd.params.append(opt)
     return _cmd

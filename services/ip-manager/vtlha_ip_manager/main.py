@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import click
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from vtlha import bus
+from vtlha.errors import FatalError
 from vtlha.executor import Executor
 from vtlha.messages import GroupRecord, decode
 from vtlha.service import service_command
@@ -19,9 +21,15 @@ from vtlha_ip_manager.backend import IpBackend, RecordingBackend
 class IpManager(Executor):
     name = "ip-manager"
     http_port_key = "ip_manager"
+    cli_options = [click.Option(["--backend"], type=click.Choice(["netlink", "recording"]),
+                                default=None, help="IP backend (default: the cluster "
+                                "file's ip.backend)")]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        backend = self.options.get("backend") or self.config.ip.backend
+        if backend != "recording":
+            raise FatalError("the netlink backend is not built yet; use --backend recording")
         self.backend: IpBackend = RecordingBackend(self.state_dir / "addresses.json")
         self.held_groups: dict[str, list[str]] = {}
         self.reconciled = False
