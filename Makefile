@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv lint typecheck test unit integration demo bench clean help
+.PHONY: all venv sysdeps lint typecheck test unit integration demo bench clean help
 
 all: test
 
@@ -30,6 +30,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# As root, install the system tools the network lab needs when they are missing
+# (Debian). Without root nothing is installed: the lab tests skip, the demo runs on
+# loopback, and both say so.
+SYS_TOOLS := ip:iproute2 setpriv:util-linux
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for t in $(SYS_TOOLS); do \
+	    command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  fi; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -38,7 +51,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 # pytest exits 5 when no test ran; that is a failure here as any non-zero code is.
-test: lint
+test: lint sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: venv
@@ -47,7 +60,7 @@ unit: venv
 integration: venv
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-demo: venv
+demo: venv sysdeps
 	$(BIN)/vtlha demo --config examples/cluster.yaml
 
 bench: venv

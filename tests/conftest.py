@@ -7,10 +7,15 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+import yaml
 
 from vtlha.localcluster import LocalCluster, _port_free, prepare_config
+
+if TYPE_CHECKING:
+    from vtlha.lab import Lab as LabT
 from vtlha.natsserver import NatsServer, NatsServerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +67,7 @@ def cluster_name(request: pytest.FixtureRequest) -> str:
 def local_cluster(request: pytest.FixtureRequest, nats_server: NatsServer,
                   tmp_path: Path) -> Iterator[LocalCluster]:
     """A not-yet-started local cluster on the module's nats-server; always stopped."""
-    cfg = prepare_config(EXAMPLE, tmp_path, cluster=cluster_name(request))
+    cfg = prepare_config(EXAMPLE, tmp_path, cluster=cluster_name(request), single_server=True)
     c = LocalCluster(cfg, tmp_path, nats_urls=[nats_server.spec.url])
     try:
         yield c
@@ -72,6 +77,37 @@ def local_cluster(request: pytest.FixtureRequest, nats_server: NatsServer,
             print(f"logs kept in {tmp_path / 'logs'}")
         else:
             shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lab_hygiene() -> Iterator[None]:
+    """After the whole suite, no namespace, veth, bridge or uplink of any lab remains."""
+    if not IS_ROOT:
+        yield
+        return
+    from vtlha.lab import leftovers
+
+    before = set(leftovers())
+    yield
+    left = sorted(set(leftovers()) - before)
+    assert not left, f"lab pieces left behind after the test suite: {left}"
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabT]:
+    """A network lab (not yet started) for the example cluster; always torn down."""
+    from vtlha.lab import Lab
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["cluster"] = cluster_name(request)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    the_lab = Lab(cfg, tmp_path)
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import nats
+import orjson
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -21,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from tenacity import (
     AsyncRetrying,
@@ -36,6 +38,31 @@ from vtlha.subjects import Subjects
 log = logging.getLogger("vtlha.bus")
 
 KV_HISTORY = 16
+
+
+T = TypeVar("T")
+
+#: what a JetStream call raises while the cluster has no leader or quorum yet
+JS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError,
+    ServiceUnavailableError, nats.errors.ConnectionClosedError,
+)
+
+
+async def retry_js(what: str, fn: Callable[[], Awaitable[T]], deadline: float = 60.0) -> T:
+    """Run a JetStream set-up call, retried with backoff while the cluster is not ready
+    (no meta leader yet, a restart under way) for up to ``deadline`` seconds."""
+    async for attempt in AsyncRetrying(
+        stop=stop_after_delay(deadline),
+        wait=wait_exponential(multiplier=0.1, max=2.0),
+        retry=retry_if_exception_type(JS_UNAVAILABLE),
+        before_sleep=lambda rs: log.info("jetstream not ready, retrying",
+                                         extra={"what": what, "attempt": rs.attempt_number}),
+        reraise=True,
+    ):
+        with attempt:
+            return await fn()
+    raise AssertionError("unreachable")
 
 
 def server_url(nc: NATS) -> str | None:
@@ -122,6 +149,28 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replica
             await js.add_stream(cfg)
         except BadRequestError:
             await js.stream_info(subjects.events_stream)
+
+
+def kv_stream(subjects: Subjects) -> str:
+    return f"KV_{subjects.kv_bucket}"
+
+
+async def stream_leader(js: JetStreamContext, stream: str) -> str | None:
+    info = await js.stream_info(stream)
+    return info.cluster.leader if info.cluster is not None else None
+
+
+async def prefer_leader(nc: NATS, js: JetStreamContext, stream: str, preferred: str,
+                        timeout: float = 2.0) -> str | None:
+    """Ask the stream's leader to step down towards ``preferred`` (a server name) when
+    the leadership is elsewhere. Returns the leader seen before asking (None when the
+    stream has no cluster info, i.e. one server)."""
+    leader = await stream_leader(js, stream)
+    if leader is None or leader == preferred:
+        return leader
+    body = orjson.dumps({"placement": {"preferred": preferred}})
+    await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, timeout=timeout)
+    return leader
 
 
 async def publish_event(js: JetStreamContext, subjects: Subjects, event: Event,

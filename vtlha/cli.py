@@ -3,7 +3,8 @@
     vtlha config check FILE      validate a cluster file
     vtlha status --config FILE   who owns what (from the KV), the active arbiter
     vtlha events --config FILE   the event stream (--follow to keep watching)
-    vtlha demo                   a local two-node cluster, a node killed, the failover
+    vtlha lab up|status|down     the network lab (namespaces, root)
+    vtlha demo                   a local two-node cluster, a node crashed, the failover
 """
 
 from __future__ import annotations
@@ -145,7 +146,125 @@ async def _events(cfg: ClusterConfig, nats_urls: str | None, since: int, follow:
         await nc.close()
 
 
-@main.command(help="Start a local two-node cluster, kill node-a, show the failover.")
+@main.group(help="The network lab: a cluster in network namespaces (root).")
+def lab() -> None:
+    pass
+
+
+@lab.command("up", help="Build a lab for a cluster file and start every service in it. "
+             "It keeps running after this command returns (use `vtlha lab down`), unless "
+             "--foreground, which waits for Ctrl-C and then removes it.")
+@click.option("--config", "config_path", default="examples/cluster.yaml", show_default=True,
+              type=click.Path(dir_okay=False, exists=True))
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="State, logs and NATS data (default: a new temporary directory).")
+@click.option("--no-services", is_flag=True, help="Build the network only.")
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C removes the lab.")
+def lab_up(config_path: str, work_dir: str | None, no_services: bool, foreground: bool) -> None:
+    import tempfile
+    import time
+
+    import yaml
+
+    from vtlha.errors import FatalError
+    from vtlha.lab import Lab
+
+    _load(config_path)
+    wd = Path(work_dir or tempfile.mkdtemp(prefix="vtlha-lab-"))
+    wd.mkdir(parents=True, exist_ok=True)
+    raw = yaml.safe_load(Path(config_path).read_text())
+    raw["state_dir"] = str(wd / "state")
+    cfg = wd / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        the_lab = Lab(cfg, wd)
+    except FatalError as exc:
+        click.echo(f"vtlha lab up: {exc}", err=True)
+        sys.exit(2)
+    try:
+        if no_services:
+            the_lab.record.save()
+            the_lab.build_network()
+        else:
+            click.echo("building the lab and starting nats-servers and services ...")
+            the_lab.start()
+    except BaseException:
+        the_lab.stop()
+        raise
+    _print_lab(the_lab.record)
+    if foreground:
+        click.echo("running; Ctrl-C removes the lab")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            the_lab.stop()
+            click.echo(f"lab {the_lab.lab_id} removed")
+
+
+def _print_lab(rec: Any) -> None:
+    from vtlha import netns
+
+    click.echo(f"lab {rec.lab_id}   work dir {rec.work_dir}")
+    click.echo(f"  uplink   {rec.uplink_host_if} {rec.uplink_host_ip} (host) <-> "
+               f"{rec.uplink_peer_ip} (witness)")
+    click.echo(f"  NATS     {rec.nats_url}   e.g. vtlha status --config {rec.work_dir}/cluster.yaml"
+               f" --nats {rec.nats_url}")
+    for role, ns in rec.namespaces.items():
+        state = "present" if netns.exists(ns) else "MISSING"
+        click.echo(f"  {role:<8} {ns}  ({state})   ip netns exec {ns} ...")
+
+
+@lab.command("status", help="List the labs on this machine and what each is running.")
+def lab_status() -> None:
+    import os
+
+    from vtlha.lab import registered_labs
+
+    labs = registered_labs()
+    if not labs:
+        click.echo("no lab is up")
+        return
+    for rec in labs:
+        _print_lab(rec)
+        alive = 0
+        for pid in rec.pids:
+            try:
+                os.kill(pid, 0)
+                alive += 1
+            except ProcessLookupError:
+                pass
+        click.echo(f"  processes: {alive} of {len(rec.pids)} running")
+
+
+@lab.command("down", help="Remove a lab (by id), or every lab with --all: processes, "
+             "namespaces (with their veths and bridges) and the uplink.")
+@click.argument("lab_id", required=False)
+@click.option("--all", "all_", is_flag=True, help="Remove every lab on this machine.")
+def lab_down(lab_id: str | None, all_: bool) -> None:
+    from vtlha.lab import registered_labs, teardown
+
+    labs = registered_labs()
+    if lab_id:
+        labs = [r for r in labs if r.lab_id == lab_id]
+        if not labs:
+            click.echo(f"no lab {lab_id!r} (see `vtlha lab status`)", err=True)
+            sys.exit(2)
+    elif not all_ and len(labs) > 1:
+        click.echo(f"{len(labs)} labs are up ({', '.join(r.lab_id for r in labs)}): name one "
+                   "or use --all", err=True)
+        sys.exit(2)
+    for rec in labs:
+        removed = teardown(rec)
+        click.echo(f"lab {rec.lab_id} removed ({len(removed)} namespaces and links)")
+    if not labs:
+        click.echo("no lab is up")
+
+
+@main.command(help="Start a local two-node cluster, crash node-a, show the failover "
+              "(in the network lab as root, on loopback otherwise).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
               help="Cluster file (default: examples/cluster.yaml).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),

@@ -1,7 +1,8 @@
-"""``make demo``: a local two-node cluster, node-a killed, node-b taking over.
+"""``make demo``: a two-node cluster, node-a crashed, node-b taking over.
 
-Loopback mode for now (the network lab, with addresses that really move, comes with
-the lab); it says so. Everything it starts is stopped on exit, Ctrl-C included."""
+As root it runs in the network lab (namespaces, real addresses, a client measuring the
+outage); otherwise on loopback, where addresses are only recorded — and it says which.
+Everything it starts is stopped on exit, Ctrl-C included."""
 
 from __future__ import annotations
 
@@ -10,35 +11,56 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
 
-from vtlha import bus, eventlog
+from vtlha import eventlog
+from vtlha.labtools import outage, read_timeline
 from vtlha.localcluster import LocalCluster, prepare_config
 from vtlha.subjects import Subjects
+
+PORT = 7000
 
 
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def _where(c: LocalCluster, addresses: list[str]) -> str:
+    from vtlha.lab import Lab
+
+    if isinstance(c, Lab):
+        holders = [h for h in c.cfg.hosts[:-1] if set(addresses) & set(c.floating_on(h))]
+        return ", ".join(holders) or "-"
+    holders = [h for h in c.cfg.hosts[:-1] if set(addresses) & set(c.recorded_addresses(h))]
+    return ", ".join(holders) or "-"
+
+
 def _table(c: LocalCluster) -> None:
-    st = c.status(c.cfg.witness.host, "arbiter") or {}
-    groups = st.get("groups", {})
-    _say(f"    {'group':<14} {'home':<8} {'owner':<8} {'epoch':>5}  state     recorded addresses")
+    records = c.kv_groups()
+    col = "configured in" if _is_lab(c) else "recorded by"
+    _say(f"    {'group':<14} {'home':<8} {'owner':<8} {'epoch':>5}  {'state':<9} "
+         f"{'addresses':<20} {col}")
     for g, (home, _k) in c.cfg.groups().items():
-        rec = groups.get(g, {})
-        owner = rec.get("owner", "-")
-        addrs = [a for a in c.cfg.group_addresses(g) if a in c.recorded_addresses(owner)] \
-            if owner != "-" else []
-        _say(f"    {g:<14} {home:<8} {owner:<8} {rec.get('epoch', '-'):>5}  "
-             f"{rec.get('state', '-'):<9} {', '.join(addrs) or '-'}")
+        rec = records.get(g)
+        addrs = c.cfg.group_addresses(g)
+        owner, epoch, state = (rec[0].owner, rec[0].epoch, rec[0].state) if rec else ("-", "-",
+                                                                                      "-")
+        _say(f"    {g:<14} {home:<8} {owner:<8} {epoch:>5}  {state:<9} "
+             f"{', '.join(a.split('/')[0] for a in addrs):<20} {_where(c, addrs)}")
+
+
+def _is_lab(c: LocalCluster) -> bool:
+    from vtlha.lab import Lab
+
+    return isinstance(c, Lab)
 
 
 async def _events(c: LocalCluster) -> list[str]:
-    nc = await bus.connect(c.nats_urls(c.cfg.witness.host), name="vtlha-demo")
+    nc = await c.connect()
     try:
         evs = await eventlog.read(nc.jetstream(), Subjects(c.cfg.cluster))
     finally:
@@ -46,58 +68,109 @@ async def _events(c: LocalCluster) -> list[str]:
     return [eventlog.format_event(seq, e) for seq, e in evs]
 
 
+def _make_cluster(src: Path, tmp: Path) -> LocalCluster:
+    cfg_path = prepare_config(src, tmp)
+    if os.geteuid() == 0 and shutil.which("ip"):
+        from vtlha.lab import Lab
+
+        _say("  mode: NETWORK LAB — running as root: each host in its own network namespace,")
+        _say("        veth links on bridges, floating addresses really configured, a client")
+        _say("        namespace probing node-a's data address every 5 ms.")
+        return Lab(cfg_path, tmp)
+    _say("  mode: LOOPBACK — not root: every host's services on 127.0.0.1 with its own ports;")
+    _say("        floating addresses are only RECORDED by the recording IP backend, not")
+    _say("        configured. Run as root for the network lab.")
+    return LocalCluster(cfg_path, tmp)
+
+
+def _start_client(c: LocalCluster, address: str) -> Path | None:
+    from vtlha.lab import Lab
+
+    if not isinstance(c, Lab):
+        return None
+    for n in c.cfg.nodes:
+        c.spawn_in(n.name, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+                                     "--port", str(PORT), "--name", n.name])
+    timeline = c.work_dir / "client-probe.jsonl"
+    c.spawn_in("client", "probe", [sys.executable, "-m", "vtlha.labtools", "probe",
+                                   "--target", f"{address}:{PORT}", "--out", str(timeline),
+                                   "--interval", "0.005", "--duration", "60"])
+    return timeline
+
+
 def run_demo(src: Path, work_dir: Path | None, keep: bool) -> int:
     tmp = work_dir or Path(tempfile.mkdtemp(prefix="vtlha-demo-"))
-    cfg_path = prepare_config(src, tmp)
 
     def _term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
     logging.getLogger("vtlha").setLevel(logging.ERROR)
-    c = LocalCluster(cfg_path, tmp)
-    root = os.geteuid() == 0
     _say("vtl-ha demo")
-    _say("  mode: LOOPBACK — every host's services on 127.0.0.1 with its own ports; floating")
-    _say("        addresses are only RECORDED by the recording IP backend, not configured.")
-    if root:
-        _say("        (running as root: the network-namespace lab is not built yet, so loopback)")
+    c = _make_cluster(src, tmp)
     _say(f"  work dir: {tmp} (logs in {tmp / 'logs'})")
     try:
-        t0 = time.monotonic()
-        c.start()
-        _say(f"  started nats-server (JetStream, sync_interval: always) on "
-             f"{', '.join(c.nats_urls(c.cfg.witness.host))}, the witness's arbiter, and "
-             f"{', '.join(c.cfg.hosts[:-1])} with heartbeat, ip-manager, storage-monitor each")
-        c.wait_for(lambda: all(c.owners().get(g) == h for g, (h, _) in c.cfg.groups().items()),
-                   30, what="every group held by its home node")
-        _say(f"\n  [{time.monotonic() - t0:5.2f} s] every node serves its home groups:")
-        _table(c)
-        victim = c.cfg.nodes[0].name
-        survivor = c.cfg.companion(victim).name
-        mine = [g for g, (h, _) in c.cfg.groups().items() if h == victim]
-        _say(f"\n  SIGKILL every process of {victim} "
-             f"({', '.join(ch.service for ch in c.procs.of_host(victim))})")
-        t_kill = time.monotonic()
-        c.procs.kill_host(victim)
-        c.wait_for(lambda: all(c.owners().get(g) == survivor for g in mine), 15,
-                   interval=0.005, what=f"{survivor} to hold {', '.join(mine)}")
-        took = time.monotonic() - t_kill
-        _say(f"\n  {survivor} took over {', '.join(mine)} {took * 1000:.0f} ms after the kill "
-             f"(dead_after {c.cfg.timings.dead_after} s, heartbeat "
-             f"{c.cfg.timings.heartbeat_interval} s):")
-        _table(c)
-        _say("\n  events (stream " + Subjects(c.cfg.cluster).events_stream + "):")
-        for line in asyncio.run(_events(c)):
-            _say("    " + line)
-        _say(f"\n  result: failover of {victim} to {survivor} in {took * 1000:.0f} ms "
-             f"(kill to takeover recorded in the KV, seen from the arbiter's status)")
-        return 0
+        return _run(c)
     except KeyboardInterrupt:
         _say("\n  interrupted")
         return 130
     finally:
         c.stop()
-        _say("  stopped every process the demo started")
+        _say("  stopped every process the demo started" +
+             (" and removed the lab's namespaces and uplink" if _is_lab(c) else ""))
         if not keep and work_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(c: LocalCluster) -> int:
+    t0 = time.monotonic()
+    c.start()
+    _say(f"  started a nats-server on each of {', '.join(c.cfg.nats.servers)} (clustered, "
+         "JetStream sync_interval: always), the witness's arbiter, and on each node "
+         "heartbeat, ip-manager, storage-monitor")
+    home = {g: h for g, (h, _) in c.cfg.groups().items()}
+    c.wait_for(lambda: c.held_by() == home, 40, what="every group held by its home node")
+    _say(f"\n  [{time.monotonic() - t0:5.2f} s] every node serves its home groups:")
+    _table(c)
+    victim = c.cfg.nodes[0].name
+    survivor = c.cfg.companion(victim).name
+    mine = [g for g, h in home.items() if h == victim]
+    address = c.cfg.group_addresses(f"{victim}-data")[0].split("/")[0]
+    timeline = _start_client(c, address)
+    if timeline is not None:
+        c.wait_for(lambda: any(e["ok"] and e["who"] == victim
+                               for e in read_timeline(str(timeline))), 10,
+                   what=f"the client reaching {address} on {victim}")
+        _say(f"\n  client -> {address}:{PORT} answered by {victim}")
+    t_kill = time.monotonic()
+    killed = c.crash(victim)
+    how = " and its links set down" if _is_lab(c) else ""
+    _say(f"\n  {victim} crashes: SIGKILL {', '.join(killed)}{how}")
+    c.wait_for(lambda: all(c.held_by().get(g) == survivor for g in mine), 20,
+               interval=0.005, what=f"{survivor} to hold {', '.join(mine)}")
+    took = time.monotonic() - t_kill
+    _say(f"\n  {survivor} took over {', '.join(mine)} {took * 1000:.0f} ms after the crash "
+         f"(heartbeat {c.cfg.timings.heartbeat_interval} s, dead_after "
+         f"{c.cfg.timings.dead_after} s):")
+    _table(c)
+    result = f"failover of {victim} to {survivor}: {took * 1000:.0f} ms crash -> KV record held"
+    if timeline is not None:
+        from vtlha.lab import Lab
+
+        assert isinstance(c, Lab)
+        c.wait_for(lambda: outage(read_timeline(str(timeline)), victim, survivor, t_kill), 10,
+                   what=f"the client reaching {address} on {survivor}")
+        gap = outage(read_timeline(str(timeline)), victim, survivor, t_kill)
+        assert gap is not None
+        mac = c.neighbour("client", address)
+        _say(f"\n  client -> {address}:{PORT} answered by {survivor} again; client-observed "
+             f"outage {gap[2] * 1000:.0f} ms")
+        _say(f"  client's ARP entry for {address}: {mac} = {survivor}'s MAC "
+             f"{c.mac(survivor)} (gratuitous ARP)" if mac == c.mac(survivor) else
+             f"  client's ARP entry for {address}: {mac}")
+        result += f"; client outage {gap[2] * 1000:.0f} ms"
+    _say("\n  events (stream " + Subjects(c.cfg.cluster).events_stream + "):")
+    for line in asyncio.run(_events(c)):
+        _say("    " + line)
+    _say(f"\n  result: {result}")
+    return 0

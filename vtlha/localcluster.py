@@ -19,6 +19,7 @@ from typing import Any
 import nats
 import orjson
 import yaml
+from nats.aio.client import Client as NATS
 
 from vtlha.config import ClusterConfig, load_config
 from vtlha.messages import GroupRecord
@@ -51,9 +52,10 @@ def all_ports(cfg: ClusterConfig) -> list[int]:
 
 
 def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
-                   tries: int = 200) -> Path:
+                   single_server: bool = False, tries: int = 200) -> Path:
     """Copy the cluster file to ``dst_dir`` with a free port offset, the state root
-    under ``dst_dir`` and optionally another cluster name."""
+    under ``dst_dir``, optionally another cluster name, and optionally one NATS server
+    (the witness's: quick tests; not partition-safe)."""
     raw: dict[str, Any] = yaml.safe_load(src.read_text())
     base = load_config(src)
     dst_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,8 @@ def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
         raw["state_dir"] = str(dst_dir / "state")
         if cluster:
             raw["cluster"] = cluster
+        if single_server:
+            raw.setdefault("nats", {})["servers"] = [base.witness.host]
         dst = dst_dir / "cluster.yaml"
         dst.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_config(dst)
@@ -112,10 +116,24 @@ class LocalCluster:
             srv.start()
             self.servers[spec.name] = srv
         for srv in self.servers.values():
-            srv.wait_ready()
+            # Clustered: full /healthz, which waits for the JetStream meta leader too.
+            srv.wait_ready(timeout=30, jetstream=len(self.servers) == 1)
 
     def nats_urls(self, host: str) -> list[str]:
         return self.external_nats or self.cfg.nats_urls(first=host)
+
+    def client_urls(self) -> list[str]:
+        """URLs for a client in this (the host's) namespace: tests, the CLI, the demo."""
+        return self.nats_urls(self.cfg.witness.host)
+
+    async def connect(self) -> NATS:
+        """A short-lived client connection (no reconnects, errors not printed)."""
+
+        async def _quiet(exc: Exception) -> None:
+            pass
+
+        return await nats.connect(self.client_urls(), connect_timeout=2, allow_reconnect=False,
+                                  error_cb=_quiet)
 
     def start_service(self, host: str, service: str) -> None:
         argv = [service_binary(service), "--config", str(self.config_path), "--node", host,
@@ -134,6 +152,16 @@ class LocalCluster:
         self.start_service(self.cfg.witness.host, "arbiter")
         for n in self.cfg.nodes:
             self.start_node(n.name)
+
+    def crash(self, host: str) -> list[str]:
+        """The host dies: SIGKILL every process of it, its nats-server included. Returns
+        what was killed."""
+        killed = [c.service for c in self.procs.kill_host(host)]
+        srv = self.servers.get(host)
+        if srv is not None and srv.proc is not None and srv.proc.poll() is None:
+            srv.kill()
+            killed.append("nats-server")
+        return killed
 
     def stop(self) -> None:
         self.procs.stop_all()
@@ -160,7 +188,7 @@ class LocalCluster:
         while True:
             try:
                 value = predicate()
-            except OSError:
+            except (OSError, nats.errors.Error):  # not reachable yet: try again
                 value = None
             if value:
                 return value
@@ -172,7 +200,7 @@ class LocalCluster:
         """group -> (record, revision) read from the KV now (a fresh connection)."""
 
         async def _go() -> dict[str, tuple[GroupRecord, int]]:
-            nc = await nats.connect(self.nats_urls(self.cfg.witness.host), connect_timeout=2)
+            nc = await self.connect()
             try:
                 return await read_groups(nc.jetstream(), Subjects(self.cfg.cluster),
                                          self.cfg.groups())

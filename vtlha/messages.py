@@ -73,6 +73,9 @@ class MgmtReport(Envelope):
     gateway_ok: StrictBool | None = None
     latency: float | None = None
     healthy: StrictBool
+    #: False when nothing was measured (loopback mode): ``healthy`` is then assumed
+    monitored: StrictBool = True
+    detail: str = ""  # a sentence for humans: what was seen, or why nothing was
 
 
 Action = Literal["acquire", "release", "term"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,10 +89,17 @@ class NatsServer:
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
-    def wait_ready(self, timeout: float = 15.0, jetstream: bool = True) -> None:
-        url = f"http://{self.spec.host}:{self.spec.monitor_port}/healthz"
-        if jetstream:
-            url += "?js-enabled-only=true"
+    def _fetch(self, path: str) -> int:
+        url = f"http://{self.spec.host}:{self.spec.monitor_port}{path}"
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return int(r.status)
+
+    def wait_ready(self, timeout: float = 15.0, jetstream: bool = True,
+                   fetch: Callable[[str], int] | None = None) -> None:
+        """Poll the monitor's /healthz until 200; ``fetch(path) -> status`` lets the
+        lab ask from inside the server's namespace."""
+        path = "/healthz" + ("?js-enabled-only=true" if jetstream else "")
+        get = fetch or self._fetch
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -99,10 +107,9 @@ class NatsServer:
                 raise FatalError(f"nats-server {self.spec.name} exited with {self.proc.returncode};"
                                  f" see {self.log_path}")
             try:
-                with urllib.request.urlopen(url, timeout=0.5) as r:
-                    if r.status == 200:
-                        return
-            except OSError as exc:
+                if get(path) == 200:
+                    return
+            except (OSError, ValueError) as exc:
                 last = repr(exc)
             time.sleep(0.05)
         raise FatalError(f"nats-server {self.spec.name} not ready in {timeout} s ({last}); "

@@ -72,7 +72,8 @@ def test_example_file_loads() -> None:
     assert cfg.timings.dead_after == 0.3
     assert cfg.timings.lease_ttl == 0.3
     assert cfg.timings.margin == 0.03
-    assert cfg.nats.servers == ["witness"]
+    assert cfg.nats.servers == ["node-a", "node-b", "witness"]
+    assert cfg.nats.stream_replicas == 3
     assert set(cfg.devices) == {"vtl-a0", "vtl-a1", "vtl-b0", "vtl-b1"}
     assert cfg.pairs[0].failback == "manual"
 
@@ -568,7 +569,10 @@ def test_nats_urls_own_server_first(cfg: ClusterConfig) -> None:
 
 
 def test_nats_urls_of_the_example() -> None:
-    assert load_config(EXAMPLE).nats_urls("node-a") == ["nats://127.0.0.1:4422"]
+    assert load_config(EXAMPLE).nats_urls("node-a") == [
+        "nats://127.0.0.1:4222", "nats://127.0.0.1:4322", "nats://127.0.0.1:4422"]
+    assert load_config(EXAMPLE).nats_urls("witness") == [
+        "nats://127.0.0.1:4422", "nats://127.0.0.1:4222", "nats://127.0.0.1:4322"]
 
 
 def test_state_path(cfg: ClusterConfig) -> None:

@@ -45,6 +45,7 @@ from vtlha.service import Service, service_command
 
 EXECUTORS = ("ip-manager",)  # storage-monitor becomes an executor with storage takeover
 ACQUIRE_DEADLINE = 10.0  # seconds an acquire is retried before the policy resumes it
+LEADER_CHECK_INTERVAL = 1.0  # seconds between checks that stream leaders sit on the witness
 
 
 @dataclass
@@ -82,19 +83,23 @@ class Arbiter(Service):
             registry=self.registry)
         self.heartbeats = Counter("vtlha_heartbeats_received_total", "Valid heartbeats received",
                                   ["node"], registry=self.registry)
+        self.leader_moves = Counter("vtlha_stream_leader_stepdowns_total",
+                                    "Step-downs asked for to move a stream leader to the witness",
+                                    registry=self.registry)
         self.node_alive = Gauge("vtlha_node_alive", "1 while a node's heartbeats arrive",
                                 ["node"], registry=self.registry)
 
     # ---- start -------------------------------------------------------------
     async def start(self) -> None:
-        replicas = self.config.nats.stream_replicas
-        self.kv = await bus.ensure_kv(self.js, self.subjects, replicas)
         n = self.config.nats
-        await bus.ensure_events_stream(self.js, self.subjects, replicas, n.events_max_bytes,
-                                       n.events_max_age)
-        self.term = await self._take_leader_key()
+        replicas = n.stream_replicas
+        self.kv = await bus.retry_js("kv bucket", lambda: bus.ensure_kv(self.js, self.subjects,
+                                                                        replicas))
+        await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
+            self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
+        self.term = await bus.retry_js("leader key", self._take_leader_key)
         self.log.info("active arbiter", extra={"term": self.term})
-        await self._load_records()
+        await bus.retry_js("group records", self._load_records)
         self.watcher = await self.kv.watch("group.>")
         self.spawn(self._watch(self.watcher), "kv-watch")
         await self.nc.subscribe(self.subjects.hb("*"),
@@ -103,6 +108,24 @@ class Arbiter(Service):
         self.ready = True
         await self._announce_term()
         self.every(self.t.heartbeat_interval / 2, self._tick, "decide")
+        if self.config.witness.host in self.config.nats.servers:
+            self.every(LEADER_CHECK_INTERVAL, self._keep_leaders_on_witness, "leaders")
+
+    async def _keep_leaders_on_witness(self) -> None:
+        """Keep the KV's and the event stream's raft leaders on the witness, so that a
+        node's crash never waits for an election (DESIGN.md, "Raft elections are slow")."""
+        witness = self.config.witness.host
+        for stream in (bus.kv_stream(self.subjects), self.subjects.events_stream):
+            try:
+                was = await bus.prefer_leader(self.nc, self.js, stream, witness)
+            except (nats.errors.Error, TimeoutError) as exc:
+                self.log.info("leader check failed", extra={"stream": stream,
+                                                            "error": repr(exc)})
+                continue
+            if was is not None and was != witness:
+                self.leader_moves.inc()
+                self.log.info("asked the stream leader to step down towards the witness",
+                              extra={"stream": stream, "leader": was, "preferred": witness})
 
     async def _take_leader_key(self) -> int:
         """Write the leader key and return its revision: this arbiter's term."""
@@ -265,9 +288,7 @@ class Arbiter(Service):
                       "term": self.term, "epoch": epoch}
             await self.emit("failover.started", a.status, inputs=inputs,
                             data={"rule": a.rule.value}, **common)
-            released = await self._release_all(a.old, a.group, epoch)
-            if not released:
-                await self._wait_silence(a.old)
+            released = await self._release_or_silence(a.old, a.group, epoch)
             if not await self._acquire_all(a.new, a.group, epoch):
                 self.takeovers.labels("acquire_failed").inc()
                 await self.emit("failover.failed", f"{a.new} did not acknowledge acquiring "
@@ -286,14 +307,35 @@ class Arbiter(Service):
         finally:
             self.in_flight.discard(a.group)
 
-    async def _wait_silence(self, node: str) -> None:
-        """Without a release ack, acquire only once dead_after has passed since the old
-        owner's last heartbeat the arbiter saw."""
+    def _silence_left(self, node: str) -> float:
+        """Seconds until dead_after has passed since ``node``'s last heartbeat (<= 0: it
+        has)."""
         last = self.nodes[node].last_heartbeat
-        if last is not None:
-            delay = last + self.t.dead_after - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        return 0.0 if last is None else last + self.t.dead_after - time.monotonic()
+
+    async def _release_or_silence(self, old: str, group: str, epoch: int) -> bool:
+        """Step 2 and the gate of step 3: tell the old owner's executors to release, and
+        return once every one acknowledged (True) or the old owner has been silent for
+        dead_after and a short grace for the ack has passed (False), whichever comes
+        first. The release request stays in flight after the gate opens, so a live old
+        owner still hears it."""
+        release = asyncio.ensure_future(self._release_all(old, group, epoch))
+        # A live executor acks within milliseconds: give it that long even when the gate
+        # is already open, so a node whose heartbeat alone died releases before we acquire.
+        grace = self.t.heartbeat_interval / 2
+        left = max(self._silence_left(old), grace)
+        done, _ = await asyncio.wait({release}, timeout=left)
+        if release in done and release.result():
+            return True
+        if not release.done():
+            self.spawn(self._finish(release), f"release-{group}", critical=False)
+        delay = self._silence_left(old)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return False
+
+    async def _finish(self, fut: asyncio.Future[bool]) -> None:
+        await fut
 
     async def _assign(self, a: Assign) -> None:
         try:

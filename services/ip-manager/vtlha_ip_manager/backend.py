@@ -2,19 +2,29 @@
 
 ``RecordingBackend`` only records what it holds (a JSON file in the node's state
 directory): the non-root loopback mode and unit tests. It says so in its description.
-The netlink backend (network namespaces) comes with the network lab."""
+``NetlinkBackend`` (``netlink.py``) configures them for real in the network namespace
+the service runs in.
+
+Every backend is idempotent: adding a held address or removing one that is not held
+does nothing (the ip-manager reports such no-ops as events)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 
 
 class IpBackend(Protocol):
     description: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
 
     async def held(self) -> set[str]: ...
 
@@ -39,6 +49,15 @@ class RecordingBackend:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(sorted(addrs)))
         os.replace(tmp, self.path)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"file": str(self.path)}
 
     async def held(self) -> set[str]:
         return self._read()

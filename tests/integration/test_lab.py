@@ -1,0 +1,163 @@
+"""The network lab: addresses that really move between namespaces, gratuitous ARP that
+really updates a client's neighbour table, and a lab that leaves nothing behind."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+
+from vtlha.lab import Lab, leftovers
+from vtlha.labtools import outage, read_timeline
+from vtlha.messages import MgmtReport, decode
+from vtlha.subjects import Subjects
+
+pytestmark = pytest.mark.root
+
+PORT = 7000
+A_DATA = "198.51.100.101"
+A_MGMT = "203.0.113.101"
+
+
+def _home_held(lab: Lab) -> bool:
+    home = {g: h for g, (h, _) in lab.cfg.groups().items()}
+    return lab.held_by() == home
+
+
+def _answers_from(path: Path, who: str, since: float) -> bool:
+    return any(e["ok"] and e["who"] == who and float(e["t"]) >= since  # type: ignore[arg-type]
+               for e in read_timeline(str(path)))
+
+
+def test_cut_links_moves_addresses_and_gratuitous_arp_updates_the_client(lab: Lab) -> None:
+    lab.start()
+    lab.wait_for(lambda: _home_held(lab), 30, what="every group held by its home node")
+    assert f"{A_DATA}/32" in lab.floating_on("node-a")
+    assert f"{A_MGMT}/32" in lab.floating_on("node-a")
+    assert lab.floating_on("node-b") == ["198.51.100.102/32", "203.0.113.102/32"]
+
+    for node in ("node-a", "node-b"):
+        lab.spawn_in(node, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+                                     "--port", str(PORT), "--name", node])
+    timeline = lab.work_dir / "probe.jsonl"
+    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha.labtools", "probe",
+                                     "--target", f"{A_DATA}:{PORT}", "--out", str(timeline),
+                                     "--interval", "0.005", "--duration", "40"])
+    lab.wait_for(lambda: _answers_from(timeline, "node-a", 0), 10,
+                 what="the client reaching node-a's floating address")
+    assert lab.neighbour("client", A_DATA) == lab.mac("node-a")
+
+    t_cut = time.monotonic()
+    lab.set_links("node-a", up=False)
+
+    lab.wait_for(lambda: _answers_from(timeline, "node-b", t_cut), 15,
+                 what="the client reaching node-a's address on node-b")
+    # The client's neighbour entry now holds node-b's MAC: the gratuitous ARP took effect
+    # (neighbour locktime would have blocked an ordinary ARP reply for a while).
+    assert lab.neighbour("client", A_DATA) == lab.mac("node-b")
+    assert f"{A_DATA}/32" in lab.floating_on("node-b")
+    assert f"{A_MGMT}/32" in lab.floating_on("node-b")
+    owners = lab.held_by()
+    assert owners["node-a-data"] == "node-b" and owners["node-a-mgmt"] == "node-b"
+    # The management address moved too, and the client on the management network sees it.
+    lab.wait_for(lambda: lab.neighbour("client", A_MGMT) in (None, lab.mac("node-b", "eth1")),
+                 5, what="the management address's neighbour entry")
+
+    gap = outage(read_timeline(str(timeline)), "node-a", "node-b", t_cut)
+    assert gap is not None
+    print(f"\nclient-observed outage (links of node-a cut -> node-b answers): "
+          f"{gap[2] * 1000:.0f} ms (cut at +0, node-b first answered at "
+          f"+{(gap[1] - t_cut) * 1000:.0f} ms)")
+    # Killing node-a's processes instead would leave its address configured in its
+    # namespace: that is what the fence issue is for, not claimed here.
+    assert f"{A_DATA}/32" in lab.floating_on("node-a")  # cut off, nothing removed it
+
+
+def test_two_labs_coexist_and_leave_nothing(tmp_path: Path) -> None:
+    import yaml
+
+    from tests.conftest import EXAMPLE
+
+    labs = []
+    try:
+        for i in range(2):
+            d = tmp_path / f"lab{i}"
+            d.mkdir()
+            raw = yaml.safe_load(EXAMPLE.read_text())
+            raw["state_dir"] = str(d / "state")
+            (d / "cluster.yaml").write_text(yaml.safe_dump(raw))
+            lab = Lab(d / "cluster.yaml", d)
+            labs.append(lab)
+            lab.record.save()
+            lab.build_network()
+        a, b = labs
+        assert a.lab_id != b.lab_id
+        assert set(a.record.namespaces.values()).isdisjoint(b.record.namespaces.values())
+        assert a.record.uplink_host_ip != b.record.uplink_host_ip
+        for lab in labs:  # each lab's witness answers on its own uplink
+            assert lab.addresses("witness") == sorted([lab.record.uplink_peer_ip,
+                                                       "198.51.100.9/24"])
+    finally:
+        for lab in labs:
+            lab.stop()
+    names = [n for lab in labs for n in lab.record.namespaces.values()]
+    assert not set(names) & set(leftovers())
+
+
+def _mgmt_reports(lab: Lab, node: str, until: object, before: object = None,
+                  timeout: float = 10.0) -> list[MgmtReport]:
+    """Collect node's management reports (over the uplink) until ``until(reports)``."""
+    import asyncio
+
+    async def _go() -> list[MgmtReport]:
+        nc = await lab.connect()
+        got: list[MgmtReport] = []
+        done = asyncio.Event()
+
+        async def cb(msg: Msg) -> None:
+            got.append(decode(MgmtReport, msg.data))
+            if until(got):  # type: ignore[operator]
+                done.set()
+
+        await nc.subscribe(Subjects(lab.cfg.cluster).mgmt(node), cb=cb)
+        await nc.flush()
+        if before is not None:
+            await asyncio.to_thread(before)  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+        finally:
+            await nc.close()
+        return got
+
+    return asyncio.run(_go())
+
+
+def test_management_link_down_is_reported_and_recovers(lab: Lab) -> None:
+    lab.start()
+    lab.wait_for(lambda: _home_held(lab), 30, what="every group held by its home node")
+    fall, rise = lab.cfg.timings.fall, lab.cfg.timings.rise
+    healthy = _mgmt_reports(lab, "node-a", lambda rs: rs[-1].healthy and rs[-1].gateway_ok)
+    assert healthy[-1].monitored and healthy[-1].link_up
+
+    t0 = time.monotonic()
+    reports = _mgmt_reports(lab, "node-a", lambda rs: not rs[-1].healthy,
+                            before=lambda: lab.set_links("node-a", False, ("eth1",)))
+    took = time.monotonic() - t0
+    assert not reports[-1].link_up and reports[-1].monitored
+    # Health fell only after `fall` ticks of the link being down (hysteresis).
+    down = [r for r in reports if not r.link_up]
+    assert len(down) >= fall
+    assert took < 10
+    # The data path is untouched: node-a keeps its groups (moving the management group
+    # alone is the policy issue's rule).
+    assert lab.held_by()["node-a-data"] == "node-a"
+
+    back = _mgmt_reports(lab, "node-a", lambda rs: rs[-1].healthy,
+                         before=lambda: lab.set_links("node-a", True, ("eth1",)))
+    assert back[-1].link_up and back[-1].gateway_ok
+    assert len([r for r in back if r.link_up]) >= rise
+    print(f"\nmanagement link down reported unhealthy after {took * 1000:.0f} ms "
+          f"(fall {fall} x probe_interval {lab.cfg.timings.probe_interval} s)")

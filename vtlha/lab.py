@@ -1,0 +1,419 @@
+"""The network lab: a cluster in Linux network namespaces on one machine (root).
+
+For a cluster file it creates, with names unique to this lab (``vtlha-<id>-…``):
+
+- one namespace per node, one for the witness, one for clients, and one "switch"
+  namespace holding the bridges (``br-data``; ``br-mgmt`` when nodes have management
+  addresses, with each node's management gateway address on it);
+- per host a veth pair: ``eth0`` (data) in the host's namespace, its peer on
+  ``br-data``; nodes with a ``mgmt_ip`` also get ``eth1`` on ``br-mgmt``;
+- each host's fixed addresses (service IP, management IP); the client gets
+  ``.200`` in each network;
+- one **uplink**: a veth whose host end (``vu<id>``) has one documentation-range address
+  (a /30 that overlaps no network the host routes and nothing the lab uses) and whose
+  other end is in the witness's namespace, so the CLI and tests
+  on the host reach the lab's NATS cluster through the witness's server;
+- a nats-server per node and the witness, clustered (routes over the data network),
+  JetStream with ``sync_interval: always``; each host's services inside its namespace.
+
+Everything is removed by ``down()``: processes first, then the namespaces (which takes
+their veths with them), then the uplink. The lab's record (``lab.json`` in its work
+directory and in the registry directory) lets ``vtlha lab down`` clean up a lab started
+by another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pyroute2 import IPRoute, netns
+
+from vtlha import netns as ns_util
+from vtlha.config import ClusterConfig
+from vtlha.errors import FatalError
+from vtlha.localcluster import LocalCluster, service_binary
+from vtlha.natsserver import NatsServer, NatsServerSpec
+
+PREFIX = "vtlha-"
+REGISTRY = Path(os.environ.get("VTLHA_LAB_REGISTRY", "/run/vtlha-labs"))
+CLIENT = "client"
+SWITCH = "sw"
+
+
+@dataclass
+class LabRecord:
+    """Everything needed to find and remove a lab, also from another process."""
+
+    lab_id: str
+    work_dir: str
+    config: str
+    namespaces: dict[str, str]  # role/host -> namespace name
+    uplink_host_if: str
+    uplink_host_ip: str  # with prefix
+    uplink_peer_ip: str  # with prefix (in the witness's namespace)
+    nats_port: int = 4222
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.uplink_peer_ip.split('/')[0]}:{self.nats_port}"
+
+    def save(self) -> None:
+        data = orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2)
+        Path(self.work_dir, "lab.json").write_bytes(data)
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        (REGISTRY / f"{self.lab_id}.json").write_bytes(data)
+
+    @classmethod
+    def load(cls, path: Path) -> LabRecord:
+        return cls(**json.loads(path.read_text()))
+
+
+def registered_labs() -> list[LabRecord]:
+    out = []
+    for p in sorted(REGISTRY.glob("*.json")) if REGISTRY.exists() else []:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            out.append(LabRecord.load(p))
+    return out
+
+
+def _host_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the host's namespace has an address in or a route to (the
+    default route aside)."""
+    nets: list[ipaddress.IPv4Network] = []
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=2):
+            nets.append(ipaddress.IPv4Interface(
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}").network)
+        for r in ipr.get_routes(family=2, table=254):
+            if r["dst_len"] > 0 and r.get_attr("RTA_DST"):
+                nets.append(ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}",
+                                                  strict=False))
+    return nets
+
+
+UPLINK_RANGES = ("203.0.113.0/24", "192.0.2.0/24", "198.51.100.0/24")
+
+
+def _config_networks(cfg: ClusterConfig) -> list[ipaddress.IPv4Network]:
+    """What the witness's namespace and the lab's clients use: the uplink must not
+    overlap the witness's subnet nor any address of the cluster."""
+    nets = []
+    if cfg.witness.service_ip:
+        nets.append(ipaddress.IPv4Interface(cfg.witness.service_ip).network)
+    for n in cfg.nodes:
+        addrs = [n.service_ip, *(a for g in (n.data_group, n.mgmt_group)
+                                 for a in cfg.group_addresses(g))]
+        if n.mgmt_ip:
+            addrs.append(n.mgmt_ip)
+        nets += [ipaddress.IPv4Network(ipaddress.IPv4Interface(a).ip) for a in addrs]
+        for a in (n.service_ip, n.mgmt_ip):  # the client's .200 in each network
+            if a:
+                nets.append(ipaddress.IPv4Network(ipaddress.IPv4Interface(_client_ip(a)).ip))
+        if n.groups.mgmt.gateway:
+            nets.append(ipaddress.IPv4Network(n.groups.mgmt.gateway))
+    return nets
+
+
+def _free_uplink_net(cfg: ClusterConfig) -> ipaddress.IPv4Network:
+    """A /30 of a documentation range that overlaps nothing the host's namespace routes
+    (its own networks, other labs' uplinks) and nothing the lab itself uses."""
+    taken = _host_networks() + _config_networks(cfg)
+    for rng in UPLINK_RANGES:
+        for net in reversed(list(ipaddress.IPv4Network(rng).subnets(new_prefix=30))):
+            if not any(net.overlaps(t) for t in taken):
+                return net
+    raise FatalError("no free /30 in the documentation ranges for the lab's uplink: every "
+                     "one overlaps a network of the host or of the cluster file")
+
+
+def _client_ip(cidr: str) -> str:
+    net = ipaddress.IPv4Interface(cidr).network
+    return f"{net.network_address + 200}/{net.prefixlen}"
+
+
+class Lab(LocalCluster):
+    """A cluster in network namespaces. Same interface as LocalCluster (loopback)."""
+
+    def __init__(self, config_path: Path, work_dir: Path, lab_id: str | None = None) -> None:
+        super().__init__(config_path, work_dir)
+        if os.geteuid() != 0:
+            raise FatalError("the network lab needs root (network namespaces, veth, bridges)")
+        if self.cfg.witness.service_ip is None:
+            raise FatalError(f"{config_path}: witness.service_ip: the lab needs the "
+                             "witness's data-network address")
+        self.lab_id = lab_id or secrets.token_hex(3)
+        hosts = [*self.cfg.hosts, CLIENT, SWITCH]
+        names = {h: f"{PREFIX}{self.lab_id}-{h}"[:48] for h in hosts}
+        net = _free_uplink_net(self.cfg)
+        self.record = LabRecord(
+            lab_id=self.lab_id, work_dir=str(work_dir), config=str(config_path),
+            namespaces=names, uplink_host_if=f"vu{self.lab_id}",
+            uplink_host_ip=f"{net.network_address + 1}/30",
+            uplink_peer_ip=f"{net.network_address + 2}/30",
+            nats_port=self.cfg.ports.nats_client)
+        self.has_mgmt = any(n.mgmt_ip for n in self.cfg.nodes)
+
+    # ---- names and addresses -------------------------------------------------
+    def ns(self, host: str) -> str:
+        return self.record.namespaces[host]
+
+    def service_ip(self, host: str) -> str:
+        if host == self.cfg.witness.host:
+            assert self.cfg.witness.service_ip is not None
+            return self.cfg.witness.service_ip
+        return self.cfg.node(host).service_ip
+
+    def client_urls(self) -> list[str]:
+        return [self.record.nats_url]  # through the uplink, to the witness's server
+
+    def nats_urls(self, host: str) -> list[str]:
+        """Own server first (loopback inside the namespace), then the others."""
+        others = [f"nats://{self.service_ip(h).split('/')[0]}:{self.cfg.ports.nats_client}"
+                  for h in self.cfg.nats.servers if h != host]
+        own = ([f"nats://127.0.0.1:{self.cfg.ports.nats_client}"]
+               if host in self.cfg.nats.servers else [])
+        return own + others
+
+    # ---- network ---------------------------------------------------------------
+    def _create_namespaces(self) -> None:
+        for name in self.record.namespaces.values():
+            if ns_util.exists(name):
+                raise FatalError(f"namespace {name} exists already")
+            netns.create(name)
+            with IPRoute(netns=name, flags=0) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    def _veth(self, host: str, ifname: str, sw_if: str, bridge: str,
+              addresses: list[str]) -> None:
+        sw = self.ns(SWITCH)
+        with IPRoute(netns=sw, flags=0) as ipr:
+            ipr.link("add", ifname=sw_if, kind="veth", peer={"ifname": ifname,
+                                                              "net_ns_fd": self.ns(host)})
+            idx = ipr.link_lookup(ifname=sw_if)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=bridge)[0], state="up")
+        with IPRoute(netns=self.ns(host), flags=0) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            for a in addresses:
+                ip, plen = a.split("/")
+                ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+
+    def _bridges(self) -> None:
+        with IPRoute(netns=self.ns(SWITCH), flags=0) as ipr:
+            for br in ("br-data", "br-mgmt") if self.has_mgmt else ("br-data",):
+                ipr.link("add", ifname=br, kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname=br)[0], state="up")
+            if self.has_mgmt:
+                idx = ipr.link_lookup(ifname="br-mgmt")[0]
+                gws = {n.groups.mgmt.gateway for n in self.cfg.nodes if n.groups.mgmt.gateway}
+                for gw in sorted(gws):
+                    plen = ipaddress.IPv4Interface(
+                        next(n.mgmt_ip for n in self.cfg.nodes if n.mgmt_ip)).network.prefixlen
+                    ipr.addr("add", index=idx, address=gw, prefixlen=plen)
+
+    def _uplink(self) -> None:
+        rec = self.record
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=rec.uplink_host_if, kind="veth",
+                     peer={"ifname": "up0", "net_ns_fd": self.ns(self.cfg.witness.host)})
+            idx = ipr.link_lookup(ifname=rec.uplink_host_if)[0]
+            ip, plen = rec.uplink_host_ip.split("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+        with IPRoute(netns=self.ns(self.cfg.witness.host), flags=0) as ipr:
+            idx = ipr.link_lookup(ifname="up0")[0]
+            ip, plen = rec.uplink_peer_ip.split("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+
+    def build_network(self) -> None:
+        self._create_namespaces()
+        self._bridges()
+        for i, host in enumerate(self.cfg.hosts):
+            self._veth(host, "eth0", f"d{i}", "br-data", [self.service_ip(host)])
+            if host != self.cfg.witness.host:
+                mgmt = self.cfg.node(host).mgmt_ip
+                if mgmt:
+                    self._veth(host, "eth1", f"m{i}", "br-mgmt", [mgmt])
+        node0 = self.cfg.nodes[0]
+        self._veth(CLIENT, "eth0", "dc", "br-data", [_client_ip(node0.service_ip)])
+        if self.has_mgmt and node0.mgmt_ip:
+            self._veth(CLIENT, "eth1", "mc", "br-mgmt", [_client_ip(node0.mgmt_ip)])
+        self._uplink()
+
+    def set_links(self, host: str, up: bool, ifnames: tuple[str, ...] = ("eth0", "eth1")) -> None:
+        """Cut (or restore) a host's links inside its namespace: a real partition."""
+        with IPRoute(netns=self.ns(host), flags=0) as ipr:
+            for ifname in ifnames:
+                found = ipr.link_lookup(ifname=ifname)
+                if found:
+                    ipr.link("set", index=found[0], state="up" if up else "down")
+
+    def mac(self, host: str, ifname: str = "eth0") -> str:
+        with IPRoute(netns=self.ns(host), flags=0) as ipr:
+            link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+            return str(link.get_attr("IFLA_ADDRESS"))
+
+    def neighbour(self, host: str, ip: str) -> str | None:
+        """The MAC the host's neighbour table holds for ``ip`` (None if none)."""
+        with IPRoute(netns=self.ns(host), flags=0) as ipr:
+            for n in ipr.get_neighbours(family=2):
+                if n.get_attr("NDA_DST") == ip and n.get_attr("NDA_LLADDR"):
+                    return str(n.get_attr("NDA_LLADDR"))
+        return None
+
+    def addresses(self, host: str) -> list[str]:
+        """IPv4 addresses configured in the host's namespace, as a/plen."""
+        with IPRoute(netns=self.ns(host), flags=0) as ipr:
+            return sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                          for a in ipr.get_addr(family=2)
+                          if not a.get_attr("IFA_ADDRESS").startswith("127."))
+
+    def floating_on(self, host: str) -> list[str]:
+        floating = {a for g in self.cfg.groups() for a in self.cfg.group_addresses(g)}
+        return [a for a in self.addresses(host) if a in floating]
+
+    # ---- processes -------------------------------------------------------------
+    def prefix(self, host: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host)]
+
+    def nats_specs(self) -> list[NatsServerSpec]:
+        routes = [f"{self.service_ip(h).split('/')[0]}:{self.cfg.ports.nats_cluster}"
+                  for h in self.cfg.nats.servers]
+        return [NatsServerSpec(
+            name=h, host="0.0.0.0", client_port=self.cfg.ports.nats_client,
+            monitor_port=self.cfg.ports.nats_monitor,
+            store_dir=self.work_dir / "nats" / h / "jetstream",
+            cluster_port=self.cfg.ports.nats_cluster if len(routes) > 1 else None,
+            routes=routes if len(routes) > 1 else [], tags=[f"host:{h}"],
+        ) for h in self.cfg.nats.servers]
+
+    def start_nats(self) -> None:
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for spec in self.nats_specs():
+            srv = NatsServer(spec, self.work_dir / "logs" / f"{spec.name}-nats-server.log",
+                             prefix=self.prefix(spec.name))
+            srv.start()
+            self.servers[spec.name] = srv
+        for name, srv in self.servers.items():
+            # Clustered: full /healthz, which waits for the JetStream meta leader too.
+            srv.wait_ready(timeout=30, jetstream=len(self.servers) == 1,
+                           fetch=self._monitor_fetch(name, srv.spec.monitor_port))
+
+    def _monitor_fetch(self, host: str, port: int) -> Callable[[str], int]:
+        ns = self.ns(host)
+        return lambda path: ns_util.http_get(ns, "127.0.0.1", port, path)[0]
+
+    def start_service(self, host: str, service: str) -> None:
+        argv = [*self.prefix(host), service_binary(service), "--config", str(self.config_path),
+                "--node", host, "--state-dir", str(self.state_root),
+                "--nats", ",".join(self.nats_urls(host)), "--http-host", "0.0.0.0",
+                "--http-port", str(getattr(self.cfg.ports, service.replace("-", "_")))]
+        if service == "ip-manager":
+            argv += ["--backend", "netlink"]
+        self.procs.spawn(host, service, argv)
+
+    def spawn_in(self, host: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """A helper process (test server, client probe) inside ``host``'s namespace."""
+        return self.procs.spawn(host, name, [*self.prefix(host), *argv]).proc
+
+    def http_get(self, host: str, service: str, path: str, timeout: float = 1.0) -> Any:
+        port = getattr(self.cfg.ports, service.replace("-", "_"))
+        status, body = ns_util.http_get(self.ns(host), "127.0.0.1", port, path, timeout)
+        if status >= 500 and path == "/status":
+            raise OSError(f"{host}/{service} answered {status}")
+        return orjson.loads(body)
+
+    def crash(self, host: str) -> list[str]:
+        """The machine dies: every process killed and its links down (a dead machine
+        answers nothing, whatever its kernel still had configured)."""
+        killed = super().crash(host)
+        self.set_links(host, up=False)
+        return killed
+
+    # ---- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self.record.save()
+        try:
+            self.build_network()
+            self.create_devices()
+            self.start_nats()
+            self.start_service(self.cfg.witness.host, "arbiter")
+            for n in self.cfg.nodes:
+                self.start_node(n.name)
+        finally:
+            self._save_pids()
+
+    def _save_pids(self) -> None:
+        self.record.pids = [c.proc.pid for c in self.procs.children] + [
+            s.proc.pid for s in self.servers.values() if s.proc is not None]
+        self.record.save()
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            teardown(self.record)
+
+
+def teardown(rec: LabRecord) -> list[str]:
+    """Remove a lab: its processes, namespaces and uplink. Returns what was removed."""
+    removed: list[str] = []
+    for pid in rec.pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    # Any process still inside one of the lab's namespaces (e.g. started by hand).
+    for name in rec.namespaces.values():
+        if ns_util.exists(name):
+            inside = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                    text=True, timeout=5, check=False).stdout.split()
+            for p in inside:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(p), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    for name in rec.namespaces.values():
+        while ns_util.exists(name):
+            try:
+                netns.remove(name)
+                removed.append(name)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=rec.uplink_host_if)
+        if found:
+            ipr.link("del", index=found[0])
+            removed.append(rec.uplink_host_if)
+    with contextlib.suppress(FileNotFoundError):
+        (REGISTRY / f"{rec.lab_id}.json").unlink()
+    return removed
+
+
+def leftovers() -> list[str]:
+    """Namespaces and host links of any lab still present (for hygiene checks)."""
+    names = [n for n in ns_util.list_netns() if n.startswith(PREFIX)]
+    with IPRoute() as ipr:
+        links = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+    return names + [n for n in links if n.startswith("vu") and len(n) == 8]
+
+
+def lab_config_ok(cfg: ClusterConfig) -> list[str]:
+    """Problems that stop a cluster file from running in the lab (empty when fine)."""
+    problems = []
+    if cfg.witness.service_ip is None:
+        problems.append("witness.service_ip is required for the lab")
+    return problems

@@ -1,0 +1,107 @@
+"""Tools that run inside the lab's namespaces (``python -m vtlha.labtools ...``).
+
+    serve --port P --name NAME          a TCP service: answers every connection with NAME
+    probe --target IP:PORT --out FILE   a client: connects every --interval seconds for
+                                        --duration seconds and writes one JSON line per
+                                        attempt {t (CLOCK_MONOTONIC), ok, who, error}
+
+Both are bounded and stop by themselves (probe) or on SIGTERM (serve). CLOCK_MONOTONIC
+is one clock for every process on the host, so the test process can compare times."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import sys
+import time
+
+
+def serve(port: int, name: str) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))  # answers on every address the node holds, floating ones too
+    srv.listen(128)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            conn.sendall(name.encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def probe_once(ip: str, port: int, timeout: float) -> tuple[bool, str | None, str | None]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((ip, port))
+        data = s.recv(64)
+        return True, data.decode().strip() or None, None
+    except OSError as exc:
+        return False, None, type(exc).__name__
+    finally:
+        s.close()
+
+
+def probe(target: str, out: str, interval: float, duration: float, timeout: float) -> None:
+    ip, port = target.rsplit(":", 1)
+    end = time.monotonic() + duration
+    with open(out, "a", buffering=1) as f:
+        while time.monotonic() < end:
+            t = time.monotonic()
+            ok, who, err = probe_once(ip, int(port), timeout)
+            f.write(json.dumps({"t": t, "ok": ok, "who": who, "error": err}) + "\n")
+            delay = interval - (time.monotonic() - t)
+            if delay > 0:
+                time.sleep(delay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m vtlha.labtools")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--name", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("--target", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--interval", type=float, default=0.005)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=0.05)
+    a = ap.parse_args(argv)
+    if a.cmd == "serve":
+        serve(a.port, a.name)
+    else:
+        probe(a.target, a.out, a.interval, a.duration, a.timeout)
+
+
+def read_timeline(path: str) -> list[dict[str, object]]:
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def outage(timeline: list[dict[str, object]], before: str, after: str,
+           since: float) -> tuple[float, float, float] | None:
+    """The client-observed outage of a move from ``before`` to ``after``: (start, end,
+    gap) where end is the first answer from ``after`` at or after ``since`` and start the
+    last answer from ``before`` ahead of it (``since`` when there was none)."""
+    last_before = None
+    for e in timeline:
+        t = float(e["t"])  # type: ignore[arg-type]
+        if e["ok"] and e["who"] == before:
+            last_before = t
+        if e["ok"] and e["who"] == after and t >= since:
+            start = last_before if last_before is not None else since
+            return start, t, t - start
+    return None
+
+
+if __name__ == "__main__":
+    main()
