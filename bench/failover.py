@@ -28,8 +28,7 @@ def trial(work: Path) -> dict[str, float]:
     c = LocalCluster(cfg_path, work)
     try:
         c.start()
-        home = {g: h for g, (h, _) in c.cfg.groups().items()}
-        c.wait_for(lambda: c.held_by() == home, 30, what="every group held by its home node")
+        c.wait_for(c.home_held, 30, what="every group held by its home node")
         time.sleep(0.5)  # let heartbeats settle to steady state before the kill
         t0 = time.monotonic()
         c.procs.kill_host("node-a")

@@ -129,7 +129,7 @@ def _run(c: LocalCluster) -> int:
          "JetStream sync_interval: always), the witness's arbiter, and on each node "
          "heartbeat, ip-manager, storage-monitor")
     home = {g: h for g, (h, _) in c.cfg.groups().items()}
-    c.wait_for(lambda: c.held_by() == home, 40, what="every group held by its home node")
+    c.wait_for(c.home_held, 40, what="every group held by its home node")
     _say(f"\n  [{time.monotonic() - t0:5.2f} s] every node serves its home groups:")
     _table(c)
     victim = c.cfg.nodes[0].name

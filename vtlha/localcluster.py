@@ -213,6 +213,10 @@ class LocalCluster:
         """group -> owner for every group whose KV record is in state ``held``."""
         return {g: r.owner for g, (r, _) in self.kv_groups().items() if r.state == "held"}
 
+    def home_held(self) -> bool:
+        """Every group of the cluster held by its home node (per the KV)."""
+        return self.held_by() == {g: h for g, (h, _) in self.cfg.groups().items()}
+
     def owners(self) -> dict[str, str | None]:
         """group -> owner, as the arbiter reports it (state held only)."""
         st = self.status(self.cfg.witness.host, "arbiter") or {}

@@ -48,16 +48,11 @@ def _healthy(c: LocalCluster, host: str, service: str) -> bool:
         return r.status == 200
 
 
-def _home_held(c: LocalCluster, url: str) -> bool:
-    recs = kv_groups(url, c.cfg.cluster)
-    return len(recs) == 4 and all(r.state == "held" for r, _ in recs.values())
-
-
 def test_malformed_heartbeats_are_counted_and_change_nothing(local_cluster: LocalCluster) -> None:
     c = local_cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
-    c.wait_for(lambda: _home_held(c, url), 30, what="initial ownership")
+    c.wait_for(c.home_held, 30, what="initial ownership")
     before = kv_groups(url, c.cfg.cluster)
     n_events = len(events(url, c.cfg.cluster))
 
@@ -86,7 +81,7 @@ def test_garbage_claiming_to_be_a_dead_node_does_not_keep_it_alive(
     c = local_cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
-    c.wait_for(lambda: _home_held(c, url), 30, what="initial ownership")
+    c.wait_for(c.home_held, 30, what="initial ownership")
     stop = threading.Event()
     bad = [p for s, p in _bad_heartbeats(c.cfg.cluster) if s.endswith(".node-a")]
 
@@ -116,7 +111,7 @@ def test_executor_refuses_stale_and_malformed_commands(local_cluster: LocalClust
     c = local_cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
-    c.wait_for(lambda: _home_held(c, url), 30, what="initial ownership")
+    c.wait_for(c.home_held, 30, what="initial ownership")
     s = Subjects(c.cfg.cluster)
     st = c.status("node-a", "ip-manager")
     assert st is not None

@@ -8,17 +8,11 @@ from tests.integration.natsutil import events, kv_groups, metric
 from vtlha.localcluster import LocalCluster
 
 
-def _home_held(c: LocalCluster, url: str) -> bool:
-    recs = kv_groups(url, c.cfg.cluster)
-    return len(recs) == 4 and all(r.owner == c.cfg.groups()[g][0] and r.state == "held"
-                                  for g, (r, _rev) in recs.items())
-
-
 def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:
     c = local_cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
-    c.wait_for(lambda: _home_held(c, url), 30, what="every group held by its home node")
+    c.wait_for(c.home_held, 30, what="every group held by its home node")
     before = kv_groups(url, c.cfg.cluster)
     assert c.recorded_addresses("node-a") == ["198.51.100.101/32", "203.0.113.101/32"]
 
@@ -82,7 +76,7 @@ def test_node_that_returns_gets_no_automatic_failback(local_cluster: LocalCluste
     c = local_cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
-    c.wait_for(lambda: _home_held(c, url), 30, what="initial ownership")
+    c.wait_for(c.home_held, 30, what="initial ownership")
     c.procs.kill_host("node-a")
     c.wait_for(lambda: kv_groups(url, c.cfg.cluster)["node-a-data"][0].owner == "node-b", 10,
                what="failover")

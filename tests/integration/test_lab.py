@@ -22,11 +22,6 @@ A_DATA = "198.51.100.101"
 A_MGMT = "203.0.113.101"
 
 
-def _home_held(lab: Lab) -> bool:
-    home = {g: h for g, (h, _) in lab.cfg.groups().items()}
-    return lab.held_by() == home
-
-
 def _answers_from(path: Path, who: str, since: float) -> bool:
     return any(e["ok"] and e["who"] == who and float(e["t"]) >= since  # type: ignore[arg-type]
                for e in read_timeline(str(path)))
@@ -34,7 +29,7 @@ def _answers_from(path: Path, who: str, since: float) -> bool:
 
 def test_cut_links_moves_addresses_and_gratuitous_arp_updates_the_client(lab: Lab) -> None:
     lab.start()
-    lab.wait_for(lambda: _home_held(lab), 30, what="every group held by its home node")
+    lab.wait_for(lab.home_held, 30, what="every group held by its home node")
     assert f"{A_DATA}/32" in lab.floating_on("node-a")
     assert f"{A_MGMT}/32" in lab.floating_on("node-a")
     assert lab.floating_on("node-b") == ["198.51.100.102/32", "203.0.113.102/32"]
@@ -137,7 +132,7 @@ def _mgmt_reports(lab: Lab, node: str, until: object, before: object = None,
 
 def test_management_link_down_is_reported_and_recovers(lab: Lab) -> None:
     lab.start()
-    lab.wait_for(lambda: _home_held(lab), 30, what="every group held by its home node")
+    lab.wait_for(lab.home_held, 30, what="every group held by its home node")
     fall, rise = lab.cfg.timings.fall, lab.cfg.timings.rise
     healthy = _mgmt_reports(lab, "node-a", lambda rs: rs[-1].healthy and rs[-1].gateway_ok)
     assert healthy[-1].monitored and healthy[-1].link_up
