@@ -33,7 +33,7 @@ venv: $(STAMP)
 # As root, install the system tools the network lab needs when they are missing
 # (Debian). Without root nothing is installed: the lab tests skip, the demo runs on
 # loopback, and both say so.
-SYS_TOOLS := ip:iproute2 setpriv:util-linux
+SYS_TOOLS := ip:iproute2 setpriv:util-linux nft:nftables
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for t in $(SYS_TOOLS); do \
@@ -68,3 +68,11 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Fence refresh cost and the SIGKILL comparison with keepalived (root: network
+# namespaces, nftables; keepalived_compare.py installs keepalived itself when missing).
+# A long run (minutes), kept out of `make test`. Results: bench/results/*.json.
+.PHONY: bench-fence
+bench-fence: venv sysdeps
+	$(BIN)/python bench/fence_refresh.py
+	$(BIN)/python bench/keepalived_compare.py

@@ -87,9 +87,8 @@ def lab_hygiene() -> Iterator[None]:
         return
     from vtlha.lab import leftovers
 
-    before = set(leftovers())
     yield
-    left = sorted(set(leftovers()) - before)
+    left = leftovers(only_created_here=True)
     assert not left, f"lab pieces left behind after the test suite: {left}"
 
 

@@ -23,7 +23,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BadRequestError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 from tenacity import (
     AsyncRetrying,
@@ -45,17 +50,22 @@ T = TypeVar("T")
 #: what a JetStream call raises while the cluster has no leader or quorum yet
 JS_UNAVAILABLE: tuple[type[BaseException], ...] = (
     nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError,
-    ServiceUnavailableError, nats.errors.ConnectionClosedError,
+    ServiceUnavailableError, NoStreamResponseError, nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
 )
 
 
-async def retry_js(what: str, fn: Callable[[], Awaitable[T]], deadline: float = 60.0) -> T:
+async def retry_js(what: str, fn: Callable[[], Awaitable[T]], deadline: float = 60.0,
+                   not_found_too: bool = False) -> T:
     """Run a JetStream set-up call, retried with backoff while the cluster is not ready
-    (no meta leader yet, a restart under way) for up to ``deadline`` seconds."""
+    (no meta leader yet, a restart under way) for up to ``deadline`` seconds. With
+    ``not_found_too`` a "not found" is retried as well (a server that just started may
+    not know a stream another server created a moment ago)."""
+    retryable = JS_UNAVAILABLE + ((NotFoundError,) if not_found_too else ())
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(deadline),
         wait=wait_exponential(multiplier=0.1, max=2.0),
-        retry=retry_if_exception_type(JS_UNAVAILABLE),
+        retry=retry_if_exception_type(retryable),
         before_sleep=lambda rs: log.info("jetstream not ready, retrying",
                                          extra={"what": what, "attempt": rs.attempt_number}),
         reraise=True,

@@ -91,7 +91,7 @@ async def _status(cfg: ClusterConfig, nats_urls: str | None) -> None:
         try:
             e = await kv.get(subj.LEADER_KEY)
             leader = decode(LeaderRecord, e.value)
-            click.echo(f"active arbiter: {leader.node} (term {e.revision})")
+            click.echo(f"active arbiter: {leader.node} (term {leader.term or e.revision})")
         except NotFoundError:
             click.echo("active arbiter: none")
         click.echo(f"{'group':<16} {'home':<10} {'owner':<10} {'epoch':>5}  state")

@@ -42,7 +42,12 @@ class Timings(_Model):
     dead_after: float = Field(0.3, gt=0)
     lease_ttl: float = Field(0.3, gt=0)
     margin: float = Field(0.03, ge=0)
-    leader_ttl: float = Field(3.0, gt=0)
+    leader_ttl: float = Field(
+        3.0, gt=0, description="the active arbiter renews the leader key every leader_ttl/3; "
+        "a standby takes it over once it has seen no change of the key for this long")
+    leader_standby_delay: float = Field(
+        1.0, ge=0, description="a node's arbiter claims the leader key (absent or lapsed) "
+        "this much later than the witness's, so that the witness's arbiter is preferred")
     command_timeout: float = Field(0.25, gt=0, description="per-attempt timeout of a command")
     check_interval: float = Field(0.5, gt=0, description="how often process checks run")
     probe_interval: float = Field(0.5, gt=0, description="how often storage paths are probed")
@@ -177,6 +182,9 @@ class Nats(_Model):
     servers: list[Name] = Field(min_length=1)
     replicas: int | None = Field(None, ge=1, le=5, description="JetStream replicas (default: "
                                  "one per server, at most 3)")
+    keep_leaders_on_witness: bool = Field(
+        True, description="the active arbiter asks stream leaders elsewhere to step down "
+        "towards the witness (turn off only to test a leader on a node)")
     events_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024,
                                   description="event stream size limit (oldest dropped)")
     events_max_age: float = Field(30 * 86400.0, gt=0, description="event stream age limit, s")

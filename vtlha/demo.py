@@ -126,8 +126,8 @@ def _run(c: LocalCluster) -> int:
     t0 = time.monotonic()
     c.start()
     _say(f"  started a nats-server on each of {', '.join(c.cfg.nats.servers)} (clustered, "
-         "JetStream sync_interval: always), the witness's arbiter, and on each node "
-         "heartbeat, ip-manager, storage-monitor")
+         "JetStream sync_interval: always), the witness's arbiter (the active one), and on "
+         "each node heartbeat, ip-manager, storage-monitor and a standby arbiter")
     home = {g: h for g, (h, _) in c.cfg.groups().items()}
     c.wait_for(c.home_held, 40, what="every group held by its home node")
     _say(f"\n  [{time.monotonic() - t0:5.2f} s] every node serves its home groups:")

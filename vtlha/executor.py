@@ -30,6 +30,9 @@ class Executor(Service):
     async def release(self, group: str, epoch: int) -> list[str]:
         raise NotImplementedError
 
+    #: the command being carried out (for hooks that need more than group and epoch)
+    command: Command | None = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fencing = FencingStore(self.state_dir / f"fencing-{self.name}.json")
@@ -77,11 +80,12 @@ class Executor(Service):
             self.log.warning("command refused", extra={"action": cmd.action, "group": cmd.group,
                                                        "term": cmd.term, "epoch": cmd.epoch,
                                                        "reason": refusal})
-            await self.emit("command.refused", f"{self.name} on {self.node} refused "
+            self.emit_soon("command.refused", f"{self.name} on {self.node} refused "
                             f"{cmd.action} {cmd.group}: {refusal}", group=cmd.group,
                             term=cmd.term, epoch=cmd.epoch, data={"sender": cmd.node})
             return self._ack(False, refusal, cmd.term, cmd.epoch, cmd.group)
         self.fencing.record(cmd.term, group, cmd.epoch)
+        self.command = cmd
         if cmd.action == "term":
             held: list[str] = []
         elif cmd.action == "acquire":

@@ -14,7 +14,8 @@ For a cluster file it creates, with names unique to this lab (``vtlha-<id>-…``
   other end is in the witness's namespace, so the CLI and tests
   on the host reach the lab's NATS cluster through the witness's server;
 - a nats-server per node and the witness, clustered (routes over the data network),
-  JetStream with ``sync_interval: always``; each host's services inside its namespace.
+  JetStream with ``sync_interval: always``; each host's services inside its namespace
+  (an arbiter on every host, each with its own HTTP port in its own namespace).
 
 Everything is removed by ``down()``: processes first, then the namespaces (which takes
 their veths with them), then the uplink. The lab's record (``lab.json`` in its work
@@ -31,6 +32,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -165,6 +167,8 @@ class Lab(LocalCluster):
             uplink_peer_ip=f"{net.network_address + 2}/30",
             nats_port=self.cfg.ports.nats_client)
         self.has_mgmt = any(n.mgmt_ip for n in self.cfg.nodes)
+        #: extra environment for one host's service (test hooks)
+        self.service_env: dict[tuple[str, str], dict[str, str]] = {}
 
     # ---- names and addresses -------------------------------------------------
     def ns(self, host: str) -> str:
@@ -240,6 +244,7 @@ class Lab(LocalCluster):
             ipr.link("set", index=idx, state="up")
 
     def build_network(self) -> None:
+        CREATED.add(self.lab_id)
         self._create_namespaces()
         self._bridges()
         for i, host in enumerate(self.cfg.hosts):
@@ -261,6 +266,24 @@ class Lab(LocalCluster):
                 found = ipr.link_lookup(ifname=ifname)
                 if found:
                     ipr.link("set", index=found[0], state="up" if up else "down")
+
+    def nft(self, host: str, script: str) -> None:
+        """Apply an nftables script inside a host's namespace (test faults such as a cut
+        path; the ip-manager's fence does not fork nft)."""
+        subprocess.run([*self.prefix(host), "nft", "-f", "-"], input=script.encode(),
+                       check=True, timeout=10, capture_output=True)
+
+    def cut_path(self, host: str, peer: str) -> None:
+        """Drop every packet between ``host`` and ``peer`` (inside ``host``'s namespace)."""
+        ip = self.service_ip(peer).split("/")[0]
+        self.nft(host, f"""table inet vtlha_cut {{
+  chain in {{ type filter hook input priority -300; ip saddr {ip} drop; }}
+  chain out {{ type filter hook output priority -300; ip daddr {ip} drop; }}
+}}
+""")
+
+    def heal_path(self, host: str) -> None:
+        self.nft(host, "delete table inet vtlha_cut\n")
 
     def mac(self, host: str, ifname: str = "eth0") -> str:
         with IPRoute(netns=self.ns(host), flags=0) as ipr:
@@ -308,10 +331,13 @@ class Lab(LocalCluster):
                              prefix=self.prefix(spec.name))
             srv.start()
             self.servers[spec.name] = srv
-        for name, srv in self.servers.items():
-            # Clustered: full /healthz, which waits for the JetStream meta leader too.
-            srv.wait_ready(timeout=30, jetstream=len(self.servers) == 1,
-                           fetch=self._monitor_fetch(name, srv.spec.monitor_port))
+        for host in self.servers:
+            self.wait_nats(host)
+
+    def wait_nats(self, host: str, timeout: float = 30) -> None:
+        srv = self.servers[host]
+        srv.wait_ready(timeout=timeout, jetstream=len(self.servers) == 1,
+                       fetch=self._monitor_fetch(host, srv.spec.monitor_port))
 
     def _monitor_fetch(self, host: str, port: int) -> Callable[[str], int]:
         ns = self.ns(host)
@@ -324,7 +350,7 @@ class Lab(LocalCluster):
                 "--http-port", str(getattr(self.cfg.ports, service.replace("-", "_")))]
         if service == "ip-manager":
             argv += ["--backend", "netlink"]
-        self.procs.spawn(host, service, argv)
+        self.procs.spawn(host, service, argv, env=self.service_env.get((host, service)))
 
     def spawn_in(self, host: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """A helper process (test server, client probe) inside ``host``'s namespace."""
@@ -337,11 +363,12 @@ class Lab(LocalCluster):
             raise OSError(f"{host}/{service} answered {status}")
         return orjson.loads(body)
 
-    def crash(self, host: str) -> list[str]:
-        """The machine dies: every process killed and its links down (a dead machine
-        answers nothing, whatever its kernel still had configured)."""
+    def crash(self, host: str, cut_links: bool = True) -> list[str]:
+        """The machine dies: every process killed and (by default) its links down (a dead
+        machine answers nothing, whatever its kernel still had configured)."""
         killed = super().crash(host)
-        self.set_links(host, up=False)
+        if cut_links:
+            self.set_links(host, up=False)
         return killed
 
     # ---- lifecycle -------------------------------------------------------------
@@ -351,9 +378,7 @@ class Lab(LocalCluster):
             self.build_network()
             self.create_devices()
             self.start_nats()
-            self.start_service(self.cfg.witness.host, "arbiter")
-            for n in self.cfg.nodes:
-                self.start_node(n.name)
+            self.start_services()
         finally:
             self._save_pids()
 
@@ -367,6 +392,54 @@ class Lab(LocalCluster):
             super().stop()
         finally:
             teardown(self.record)
+
+
+class OverlapObserver:
+    """Runs ``vtlha.observer`` (a process of its own) over the lab's nodes for the
+    duration of a ``with`` block; afterwards ``samples``, ``max_gap``, ``overlaps``
+    (spans in which two nodes answered for one address: configured on an up link and in
+    the fence set) and ``holders`` (per address, who answered when) hold what it saw."""
+
+    def __init__(self, lab: Lab, interval: float = 0.01) -> None:
+        self.lab = lab
+        self.interval = interval
+        self.out = lab.work_dir / f"observer-{secrets.token_hex(3)}.json"
+        self.samples = 0
+        self.max_gap = 0.0
+        self.overlaps: list[tuple[float, str, list[str]]] = []
+        self.holders: dict[str, list[tuple[float, str]]] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> OverlapObserver:
+        floating = sorted({a for g in self.lab.cfg.groups()
+                           for a in self.lab.cfg.group_addresses(g)})
+        argv = [sys.executable, "-m", "vtlha.observer", "--out", str(self.out),
+                "--interval", str(self.interval)]
+        for n in self.lab.cfg.nodes:
+            argv += ["--node", f"{n.name}={self.lab.ns(n.name)}"]
+        for a in floating:
+            argv += ["--address", a]
+        self.proc = subprocess.Popen(argv)
+        ready = Path(str(self.out) + ".ready")
+        deadline = time.monotonic() + 15
+        while not ready.exists():  # every node polled once: it is watching
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("the overlap observer did not start polling")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        data = json.loads(self.out.read_text())
+        self.samples, self.max_gap = data["samples"], data["max_gap"]
+        if data.get("errors"):
+            raise RuntimeError(f"the overlap observer failed: {data['errors']}")
+        self.overlaps = [tuple(o) for o in data["overlaps"]]
+        self.holders = {a: [tuple(h) for h in hs]
+                        for a, hs in data["history"].items()}
 
 
 def teardown(rec: LabRecord) -> list[str]:
@@ -403,12 +476,22 @@ def teardown(rec: LabRecord) -> list[str]:
     return removed
 
 
-def leftovers() -> list[str]:
-    """Namespaces and host links of any lab still present (for hygiene checks)."""
+#: ids of the labs this process created (the hygiene check looks at these only, so a
+#: lab another process runs meanwhile is not blamed on us)
+CREATED: set[str] = set()
+
+
+def leftovers(only_created_here: bool = False) -> list[str]:
+    """Namespaces and host links of labs still present (for hygiene checks)."""
     names = [n for n in ns_util.list_netns() if n.startswith(PREFIX)]
+    if only_created_here:
+        names = [n for n in names if n[len(PREFIX):].split("-")[0] in CREATED]
     with IPRoute() as ipr:
         links = [str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-    return names + [n for n in links if n.startswith("vu") and len(n) == 8]
+    ups = [n for n in links if n.startswith("vu") and len(n) == 8]
+    if only_created_here:
+        ups = [n for n in ups if n[2:] in CREATED]
+    return names + ups
 
 
 def lab_config_ok(cfg: ClusterConfig) -> list[str]:

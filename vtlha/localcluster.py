@@ -1,5 +1,6 @@
 """A whole cluster as local processes on loopback: nats-server(s), the witness's
-arbiter and every node's services. The demo and the integration tests use it.
+arbiter and every node's services (an arbiter among them). The demo and the
+integration tests use it.
 
 Loopback mode: each host's ports are the config's base ports + 100 x host index
 (plus a free offset chosen at start so runs never collide), addresses are only
@@ -21,14 +22,15 @@ import orjson
 import yaml
 from nats.aio.client import Client as NATS
 
+from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, load_config
-from vtlha.messages import GroupRecord
+from vtlha.messages import Event, GroupRecord
 from vtlha.natsserver import NatsServer, NatsServerSpec
 from vtlha.ownership import read_groups
 from vtlha.procs import ProcessGroup
 from vtlha.subjects import Subjects
 
-NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat")
+NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat", "arbiter")
 DEVICE_BYTES = 256 * 1024
 
 
@@ -115,9 +117,19 @@ class LocalCluster:
             (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
             srv.start()
             self.servers[spec.name] = srv
-        for srv in self.servers.values():
-            # Clustered: full /healthz, which waits for the JetStream meta leader too.
-            srv.wait_ready(timeout=30, jetstream=len(self.servers) == 1)
+        for host in self.servers:
+            self.wait_nats(host)
+
+    def wait_nats(self, host: str, timeout: float = 30) -> None:
+        # Clustered: full /healthz, which waits for the JetStream meta leader too.
+        self.servers[host].wait_ready(timeout=timeout, jetstream=len(self.servers) == 1)
+
+    def restart_nats(self, host: str) -> None:
+        """Start a host's nats-server again (same store) after it was killed."""
+        srv = self.servers[host]
+        srv.kill()
+        srv.start()
+        self.wait_nats(host)
 
     def nats_urls(self, host: str) -> list[str]:
         return self.external_nats or self.cfg.nats_urls(first=host)
@@ -149,9 +161,22 @@ class LocalCluster:
     def start(self) -> None:
         self.create_devices()
         self.start_nats()
-        self.start_service(self.cfg.witness.host, "arbiter")
+        self.start_services()
+
+    def start_services(self, timeout: float = 30.0) -> None:
+        """The witness's arbiter first, then every node's services; the nodes' (standby)
+        arbiters only once the witness's is the active one: it is preferred, and waiting
+        makes it so however slowly the processes start."""
+        witness = self.cfg.witness.host
+        self.start_service(witness, "arbiter")
         for n in self.cfg.nodes:
-            self.start_node(n.name)
+            for svc in NODE_SERVICES:
+                if svc != "arbiter":
+                    self.start_service(n.name, svc)
+        self.wait_for(lambda: self.arbiter_role(witness) == "active", timeout,
+                      what=f"{witness}'s arbiter to become the active arbiter")
+        for n in self.cfg.nodes:
+            self.start_service(n.name, "arbiter")
 
     def crash(self, host: str) -> list[str]:
         """The host dies: SIGKILL every process of it, its nats-server included. Returns
@@ -209,6 +234,22 @@ class LocalCluster:
 
         return asyncio.run(_go())
 
+    def events(self) -> list[Event]:
+        """Every event in the stream now (a fresh connection)."""
+
+        async def _go() -> list[Event]:
+            nc = await self.connect()
+            try:
+                return [e for _, e in await eventlog.read(nc.jetstream(),
+                                                          Subjects(self.cfg.cluster))]
+            finally:
+                await nc.close()
+
+        async def _retried() -> list[Event]:  # JetStream may be electing a leader
+            return await bus.retry_js("events", _go, deadline=30.0)
+
+        return asyncio.run(_retried())
+
     def held_by(self) -> dict[str, str]:
         """group -> owner for every group whose KV record is in state ``held``."""
         return {g: r.owner for g, (r, _) in self.kv_groups().items() if r.state == "held"}
@@ -217,9 +258,20 @@ class LocalCluster:
         """Every group of the cluster held by its home node (per the KV)."""
         return self.held_by() == {g: h for g, (h, _) in self.cfg.groups().items()}
 
+    def arbiter_role(self, host: str) -> str | None:
+        """'active' or 'standby' as the host's arbiter reports it; None: no answer."""
+        st = self.status(host, "arbiter")
+        return None if st is None else str(st.get("role"))
+
+    def active_arbiters(self) -> list[str]:
+        """Every host whose arbiter reports itself active (one, unless something is
+        wrong; none during a takeover of the leader key)."""
+        return [h for h in self.cfg.hosts if self.arbiter_role(h) == "active"]
+
     def owners(self) -> dict[str, str | None]:
-        """group -> owner, as the arbiter reports it (state held only)."""
-        st = self.status(self.cfg.witness.host, "arbiter") or {}
+        """group -> owner, as the active arbiter reports it (state held only)."""
+        active = self.active_arbiters()
+        st = self.status(active[0] if active else self.cfg.witness.host, "arbiter") or {}
         groups: dict[str, dict[str, Any]] = st.get("groups", {})
         return {g: (v["owner"] if v.get("state") == "held" else None)
                 for g, v in groups.items()}

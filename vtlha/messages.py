@@ -86,6 +86,36 @@ class Command(Envelope):
     epoch: int = Field(ge=0)
     group: str
     action: Action
+    #: acquire, to the new owner's lease holder: start serving no sooner than this many
+    #: seconds after receipt (0 when every executor of the old owner acknowledged the
+    #: release). A duration, never a clock reading: clocks differ between hosts.
+    wait: float | None = Field(None, ge=0)
+
+
+class LeaseNotice(Envelope):
+    """Lease holder -> its node's executors, on ``ha.<c>.lease.<node>`` (one host)."""
+
+    group: str
+    epoch: int = Field(ge=1)
+    #: CLOCK_MONOTONIC of this host (one clock for every process on it): the lease is
+    #: valid until then, counted from when the renewal (or promise request) was sent.
+    valid_until: float = Field(ge=0)
+    revoked: StrictBool = False  # the group was taken: drop it now
+    reason: str = ""
+
+
+class PromiseRequest(Envelope):
+    """A cut-off owner asks its companion: do not start serving these groups for
+    ``duration`` seconds (a duration, never a clock reading)."""
+
+    groups: list[str] = Field(min_length=1)
+    duration: float = Field(gt=0)
+
+
+class PromiseReply(Envelope):
+    granted: StrictBool
+    duration: float = Field(0.0, ge=0)
+    reason: str = ""
 
 
 class Ack(Envelope):
@@ -126,8 +156,15 @@ class GroupRecord(_Open):
 
 
 class LeaderRecord(_Open):
+    """``arbiter.leader``: who is the active arbiter. Its term is the revision at which it
+    won the key; renewals carry it in ``term`` (0 in the winning write itself, which does
+    not know its revision yet: then the term is that write's revision)."""
+
     node: str
-    since: float = Field(default_factory=time.time)
+    since: float = Field(default_factory=time.time)  # wall clock when it won, for humans
+    #: one per arbiter process: a restarted arbiter on the same node is someone else
+    incarnation: str = ""
+    term: int = Field(0, ge=0)
 
 
 class PairRecord(_Open):

@@ -205,6 +205,15 @@ class Service:
         self.log.info(reason, extra={"event": kind, "seq": seq})
         return seq
 
+    def emit_soon(self, kind: str, reason: str, **fields: Any) -> None:
+        """Publish an event in the background. Paths that keep the safety rules (dropping
+        an address when a lease lapses, renewing) must never wait for the event stream:
+        a node cut off from it would wait out the publish timeout first."""
+        self.spawn(self._emit_quietly(kind, reason, fields), f"event-{kind}", critical=False)
+
+    async def _emit_quietly(self, kind: str, reason: str, fields: dict[str, Any]) -> None:
+        await self.emit(kind, reason, **fields)
+
     # ---- lifecycle ---------------------------------------------------------
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}")
@@ -216,6 +225,10 @@ class Service:
             await self._nc.close()
 
     async def _service_ctx(self, app: web.Application) -> AsyncIterator[None]:
+        if len(self.nats_urls) == 1 or len(self.config.nats.servers) == 1:
+            self.log.warning("one NATS server: NOT partition-safe (no quorum elsewhere, no "
+                             "failsafe for its loss); for quick tests only",
+                             extra={"nats": self.nats_urls})
         await self.start()
         self.up.set(1)
         self.log.info("started", extra={"nats": self.nats_urls})

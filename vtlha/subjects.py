@@ -68,4 +68,10 @@ class Subjects:
     def pair_key(pair: str) -> str:
         return f"pair.{pair}"
 
+    @staticmethod
+    def probe_key(node: str) -> str:
+        """A node's lease holder writes here to learn whether it reaches the KV when it
+        holds nothing to renew (never ownership)."""
+        return f"probe.{node}"
+
     LEADER_KEY = "arbiter.leader"

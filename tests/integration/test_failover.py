@@ -14,7 +14,10 @@ def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:
     c.start()
     c.wait_for(c.home_held, 30, what="every group held by its home node")
     before = kv_groups(url, c.cfg.cluster)
-    assert c.recorded_addresses("node-a") == ["198.51.100.101/32", "203.0.113.101/32"]
+    # Held in the KV means the lease holder renewed; the ip-manager serves on its notice.
+    c.wait_for(lambda: c.recorded_addresses("node-a") == ["198.51.100.101/32",
+                                                          "203.0.113.101/32"], 5,
+               what="node-a's ip-manager to hold its addresses")
 
     c.procs.kill_host("node-a")
 
@@ -48,6 +51,8 @@ def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:
         assert st.inputs["snapshot"]["groups"][g]["owner"] == "node-a"  # what the policy saw
 
     # B's ip-manager holds A's addresses too.
+    c.wait_for(lambda: "198.51.100.101/32" in c.recorded_addresses("node-b"), 5,
+               what="node-b's ip-manager to hold node-a's data address")
     st_b = c.status("node-b", "ip-manager")
     assert st_b is not None
     assert st_b["held"]["node-a-data"] == ["198.51.100.101/32"]

@@ -50,7 +50,7 @@ from tests.integration.natsutil import metric
 from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.errors import FatalError
-from vtlha.messages import Ack, Command, MgmtReport, decode, encode
+from vtlha.messages import Ack, Command, LeaseNotice, MgmtReport, decode, encode
 from vtlha.natsserver import NatsServer, NatsServerSpec
 from vtlha.subjects import Subjects
 
@@ -664,6 +664,14 @@ class Bus:
                                             encode(cmd), timeout=3.0))
         return decode(Ack, reply.data)
 
+    def notice(self, group: str, epoch: int = 1, valid_for: float = 60.0) -> None:
+        """Stand in for node-a's lease holder: a lease notice for ``group`` (the
+        ip-manager holds a group only with an acquire command AND a valid notice)."""
+        n = LeaseNotice(cluster=self.cluster, node="node-a", group=group, epoch=epoch,
+                        valid_until=time.monotonic() + valid_for)
+        self.ns.run(self.nc.publish(self.subjects.lease("node-a"), encode(n)))
+        self.ns.run(self.nc.flush())
+
     def events(self, kind: str) -> list[Any]:
         evs = self.ns.run(eventlog.read(self.nc.jetstream(), self.subjects))
         return [e for _, e in evs if e.kind == kind]
@@ -724,6 +732,8 @@ def test_service_with_netlink_backend_in_a_namespace(topo: Topo, tmp_path: Path)
                                              and r.gateway_ok is True), "a healthy report")
         assert rep.latency is not None and rep.latency > 0
 
+        client.notice("node-a-data")
+        client.notice("node-b-mgmt")
         ack = client.command("acquire", "node-a-data")
         assert ack.ok and ack.held == ["198.51.100.101/32"]
         assert _node_addresses(topo)["198.51.100.101"] == ("vd0", 32)

@@ -264,6 +264,12 @@ FIELD_ERRORS: list[tuple[str, Mutation, str, str]] = [
         "greater than 0",
     ),
     (
+        "negative-leader-standby-delay",
+        lambda d: d["timings"].__setitem__("leader_standby_delay", -0.5),
+        "timings.leader_standby_delay",
+        "greater than or equal to 0",
+    ),
+    (
         "san-port",
         lambda d: d["san"].__setitem__("port", 70000),
         "san.port",
@@ -378,6 +384,14 @@ def test_timing_rules_hold_for_defaults(tmp_path: Path) -> None:
     assert t.dead_after >= 2 * t.heartbeat_interval
     assert t.lease_ttl >= t.dead_after
     assert t.margin < t.lease_ttl
+
+
+def test_leader_standby_delay_defaults_to_one_second_and_may_be_zero(tmp_path: Path) -> None:
+    data = example_data()
+    del data["timings"]["leader_standby_delay"]
+    assert load_config(write(tmp_path, data)).timings.leader_standby_delay == 1.0
+    data["timings"]["leader_standby_delay"] = 0
+    assert load_config(write(tmp_path, data)).timings.leader_standby_delay == 0.0
 
 
 def test_timing_rule_boundaries_are_allowed(tmp_path: Path) -> None:

@@ -9,8 +9,13 @@ owner's executors are told to release; they ack only once it is gone), **acquire
 (once every executor of the old owner acked, or ``dead_after`` has passed since its
 last heartbeat). Events go to the JetStream event stream.
 
-At this stage exactly one arbiter runs per cluster (the witness's); standby arbiters,
-leases and promises come with the safety issue.
+Every node and the witness run an arbiter; exactly one is **active** (the election,
+``vtlha_arbiter.election``: the KV key ``arbiter.leader``, the witness's preferred).
+Every arbiter subscribes to heartbeats and watches the group records, so a standby is
+warm; only the active one decides. On becoming active it takes the term (the revision
+at which it won the key), announces it to every executor of every node, and only then
+acts; it makes no takeover within ``lease_ttl`` of becoming active, and the policy's
+"never heard" grace counts from that moment.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
-from vtlha.messages import Ack, Command, GroupRecord, Heartbeat, LeaderRecord, decode, encode
+from vtlha.messages import Ack, Command, GroupRecord, Heartbeat, decode, encode
 from vtlha.policy import (
     Assign,
     GroupView,
@@ -42,10 +47,15 @@ from vtlha.policy import (
     Takeover,
 )
 from vtlha.service import Service, service_command
+from vtlha_arbiter.election import ElectionRunner
 
 EXECUTORS = ("ip-manager",)  # storage-monitor becomes an executor with storage takeover
+ACQUIRERS = (*EXECUTORS, "heartbeat")  # the lease holder gets the acquire gate
 ACQUIRE_DEADLINE = 10.0  # seconds an acquire is retried before the policy resumes it
 LEADER_CHECK_INTERVAL = 1.0  # seconds between checks that stream leaders sit on the witness
+#: who hears a new term: the executors, and the lease holder where it answers commands
+ANNOUNCE_TO = (*EXECUTORS, "heartbeat")
+ANNOUNCE_RETRY = 0.02  # seconds between attempts of a term announcement that timed out
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Arbiter(Service):
         self.watcher: KeyValue.KeyWatcher | None = None
         self.nodes = {n.name: NodeState() for n in self.config.nodes}
         self.records: dict[str, tuple[GroupRecord, int]] = {}
+        self.last_renewal: dict[str, float] = {}  # group -> when the arbiter saw it
         self.in_flight: set[str] = set()
         self.started_at = time.monotonic()
         self.last_status = "starting"
@@ -88,6 +99,15 @@ class Arbiter(Service):
                                     registry=self.registry)
         self.node_alive = Gauge("vtlha_node_alive", "1 while a node's heartbeats arrive",
                                 ["node"], registry=self.registry)
+        self.election: ElectionRunner | None = None
+        self.active_since: float | None = None  # when this arbiter last became active
+        self.announced_term = 0  # the term announced to the executors (0: none yet)
+        self.holdoff_logged = False
+        Gauge("vtlha_arbiter_active", "1 while this arbiter is the active one",
+              registry=self.registry).set_function(
+            lambda: 1.0 if self.election is not None and self.election.is_active() else 0.0)
+        Gauge("vtlha_arbiter_term", "The term this arbiter holds or last held (0: never)",
+              registry=self.registry).set_function(lambda: float(self.term))
 
     # ---- start -------------------------------------------------------------
     async def start(self) -> None:
@@ -97,23 +117,30 @@ class Arbiter(Service):
                                                                         replicas))
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
-        self.term = await bus.retry_js("leader key", self._take_leader_key)
-        self.log.info("active arbiter", extra={"term": self.term})
         await bus.retry_js("group records", self._load_records)
         self.watcher = await self.kv.watch("group.>")
         self.spawn(self._watch(self.watcher), "kv-watch")
         await self.nc.subscribe(self.subjects.hb("*"),
                                 cb=self.subscribe_handler("heartbeat", self._on_heartbeat))
-        self.started_at = time.monotonic()
+        # Warm from here on (heartbeats, group records); the election says who decides.
+        self.election = ElectionRunner(
+            self.kv, self.subjects.LEADER_KEY, self.node,
+            preferred=self.node == self.config.witness.host,
+            leader_ttl=self.t.leader_ttl, standby_delay=self.t.leader_standby_delay,
+            on_change=self._on_election_change, log=self.log)
+        self.spawn(self.election.run(), "election")
         self.ready = True
-        await self._announce_term()
         self.every(self.t.heartbeat_interval / 2, self._tick, "decide")
-        if self.config.witness.host in self.config.nats.servers:
+        if (self.config.witness.host in self.config.nats.servers
+                and self.config.nats.keep_leaders_on_witness):
             self.every(LEADER_CHECK_INTERVAL, self._keep_leaders_on_witness, "leaders")
 
     async def _keep_leaders_on_witness(self) -> None:
         """Keep the KV's and the event stream's raft leaders on the witness, so that a
-        node's crash never waits for an election (DESIGN.md, "Raft elections are slow")."""
+        node's crash never waits for an election (DESIGN.md, "Raft elections are slow").
+        Only the active arbiter does it."""
+        if self.election is None or not self.election.is_active():
+            return
         witness = self.config.witness.host
         for stream in (bus.kv_stream(self.subjects), self.subjects.events_stream):
             try:
@@ -127,26 +154,96 @@ class Arbiter(Service):
                 self.log.info("asked the stream leader to step down towards the witness",
                               extra={"stream": stream, "leader": was, "preferred": witness})
 
-    async def _take_leader_key(self) -> int:
-        """Write the leader key and return its revision: this arbiter's term."""
-        assert self.kv is not None
-        value = encode(LeaderRecord(node=self.node))
-        try:
-            entry = await self.kv.get(self.subjects.LEADER_KEY)
-        except (KeyNotFoundError, NotFoundError):
-            return int(await self.kv.create(self.subjects.LEADER_KEY, value))
-        return int(await self.kv.update(self.subjects.LEADER_KEY, value, last=entry.revision))
+    # ---- the election ----------------------------------------------------------
+    def is_acting(self) -> bool:
+        """May decide: active per the election, and this activation's term announced."""
+        el = self.election
+        return (el is not None and el.is_active() and self.announced_term == el.term
+                and el.active_since == self.active_since)
 
-    async def _announce_term(self) -> None:
-        for n in self.config.nodes:
-            for svc in EXECUTORS:
-                cmd = self._command(n.name, "term", "", 0)
-                try:
-                    await bus.send_command(self.nc, self.subjects.cmd(n.name, svc), cmd,
-                                           self.t.command_timeout)
-                except (nats.errors.Error, TimeoutError, InvalidMessage) as exc:
-                    self.log.info("term not announced (executor not up yet)",
-                                  extra={"to": n.name, "executor": svc, "error": repr(exc)})
+    async def _on_election_change(self, active: bool, term: int) -> None:
+        """Becoming active: take the term, announce it to every executor, and only then
+        act (``is_acting``). Losing it needs nothing here to stop: ``_tick`` asks the
+        election on every tick. Called one change at a time, in order."""
+        el = self.election
+        assert el is not None
+        if not active:
+            self.announced_term = 0
+            leader = el.leader if el.leader != self.node else None
+            await self.emit("arbiter.standby", f"{self.node}'s arbiter is no longer active "
+                            f"(it held term {term}): {el.reason}", term=term, old=self.node,
+                            new=leader, data={"reason": el.reason})
+            return
+        since = el.active_since
+        if since is None:  # lapsed again before we got here: the standby change follows
+            return
+        self.announced_term = 0
+        self.term, self.active_since, self.started_at = term, since, since
+        self.holdoff_logged = False
+        not_acked = await self._announce_term()
+        if not el.is_active() or el.term != term or el.active_since != since:
+            return  # lost or lapsed meanwhile: the change that follows says so
+        self.announced_term = term
+        prev = el.previous_leader
+        after = f", taking over from {prev}" if prev and prev != self.node else ""
+        await self.emit("arbiter.active", f"{self.node}'s arbiter is active with term {term}"
+                        f"{after}; it makes no takeover for lease_ttl "
+                        f"({self.t.lease_ttl} s)", term=term, old=prev, new=self.node,
+                        data={"previous_leader": prev, "not_acked": not_acked,
+                              "reason": el.reason})
+
+    async def _announce_term(self) -> list[str]:
+        """Announce ``self.term`` to every executor of every node (DESIGN.md: a new
+        active arbiter announces its term, acked and retried, and only then acts). A
+        service with no responder is not there; a timeout is retried until lease_ttl has
+        passed in total. Returns who did not acknowledge, as node/service."""
+        deadline = time.monotonic() + self.t.lease_ttl
+        targets = [(n.name, svc) for n in self.config.nodes for svc in ANNOUNCE_TO]
+        outcomes = await asyncio.gather(*(self._announce_to(node, svc, deadline)
+                                          for node, svc in targets))
+        by = {f"{node}/{svc}": out for (node, svc), out in zip(targets, outcomes, strict=True)}
+        not_acked = sorted(k for k, out in by.items() if out not in ("acked", "absent"))
+        (self.log.warning if not_acked else self.log.info)(
+            "term announced", extra={"term": self.term, "outcomes": by, "not_acked": not_acked})
+        return not_acked
+
+    async def _announce_to(self, node: str, svc: str, deadline: float) -> str:
+        """One executor: 'acked', 'absent' (no responder), 'refused: ...' or 'no ack'."""
+        subject = self.subjects.cmd(node, svc)
+        cmd = self._command(node, "term", "", 0)
+        while True:
+            timeout = min(self.t.command_timeout, max(0.01, deadline - time.monotonic()))
+            try:
+                ack = await bus.send_command(self.nc, subject, cmd, timeout)
+                return "acked" if ack.ok else f"refused: {ack.reason}"
+            except nats.errors.NoRespondersError:
+                return "absent"
+            except (nats.errors.Error, TimeoutError) as exc:
+                error = repr(exc)
+            except InvalidMessage as exc:
+                self.invalid_messages.labels("ack").inc()
+                error = str(exc)
+            if time.monotonic() >= deadline or self.stopping:
+                self.log.info("term not acknowledged", extra={
+                    "to": node, "executor": svc, "term": cmd.term, "error": error})
+                return "no ack"
+            await asyncio.sleep(ANNOUNCE_RETRY)
+
+    def _hold_off(self, actions: tuple[policy.Action, ...],
+                  now: float) -> tuple[policy.Action, ...]:
+        """No takeover within lease_ttl of becoming active (DESIGN.md): Takeover, Assign
+        and Resume wait; MarkDown and MarkUp (bookkeeping) go ahead."""
+        if self.active_since is None or now >= self.active_since + self.t.lease_ttl:
+            return actions
+        kept = tuple(a for a in actions if isinstance(a, MarkDown | MarkUp))
+        if len(kept) < len(actions) and not self.holdoff_logged:
+            self.holdoff_logged = True
+            self.log.info("holding off: no takeover within lease_ttl of becoming active",
+                          extra={"term": self.term, "held_back": [
+                              f"{type(a).__name__} {getattr(a, 'group', '')}"
+                              for a in actions if a not in kept],
+                              "left_s": round(self.active_since + self.t.lease_ttl - now, 3)})
+        return kept
 
     async def _load_records(self) -> None:
         assert self.kv is not None
@@ -158,10 +255,27 @@ class Arbiter(Service):
             if entry.value and entry.revision is not None:
                 self._set_record(group, decode(GroupRecord, entry.value), entry.revision)
 
+    async def _read_record(self, group: str) -> None:
+        assert self.kv is not None
+        try:
+            entry = await asyncio.wait_for(self.kv.get(self.subjects.group_key(group)),
+                                           self.t.command_timeout)
+        except Exception:
+            return
+        if entry.value and entry.revision is not None:
+            try:
+                self._set_record(group, decode(GroupRecord, entry.value), entry.revision)
+            except InvalidMessage:
+                self.invalid_messages.labels("group-record").inc()
+
     def _set_record(self, group: str, rec: GroupRecord, revision: int) -> None:
         cur = self.records.get(group)
         if cur is None or revision > cur[1]:
             self.records[group] = (rec, revision)
+            if rec.renewed_by == rec.owner and rec.state == "held":
+                # The owner's lease holder renewed: its lease runs until at most
+                # lease_ttl after it *sent* that renewal, which was before now.
+                self.last_renewal[group] = time.monotonic()
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
@@ -220,12 +334,15 @@ class Arbiter(Service):
     async def _tick(self) -> None:
         now = time.monotonic()
         snap = self.snapshot()
-        decision = policy.decide(snap, now)
         for n, _st in self.nodes.items():
             self.node_alive.labels(n).set(1 if policy.is_alive(snap.nodes[n], now,
                                                                  self.t.dead_after) else 0)
-        if not decision.actions:
+        if not self.is_acting():
+            return  # a standby (or not yet announced): watch, never decide
+        actions = self._hold_off(policy.decide(snap, now).actions, now)
+        if not actions:
             return
+        decision = policy.Decision(actions)
         self.last_status = decision.status
         self.log.info(decision.status, extra={"term": self.term})
         inputs = {"snapshot": snap.to_inputs(), "now": now}
@@ -277,6 +394,7 @@ class Arbiter(Service):
         return rev
 
     async def _takeover(self, a: Takeover, inputs: dict[str, Any]) -> None:
+        """Claim -> release -> acquire (DESIGN.md "Safety")."""
         t0 = time.monotonic()
         epoch = a.epoch + 1
         try:
@@ -288,87 +406,104 @@ class Arbiter(Service):
                       "term": self.term, "epoch": epoch}
             await self.emit("failover.started", a.status, inputs=inputs,
                             data={"rule": a.rule.value}, **common)
-            released = await self._release_or_silence(a.old, a.group, epoch)
-            if not await self._acquire_all(a.new, a.group, epoch):
+            # Release and acquire go out together: the acquire carries the safe wait (what
+            # may remain of the old owner's lease); if every executor of the old owner
+            # acknowledges the release first, a second acquire opens the gate at once.
+            wait = self._lease_left(a.group)
+            release = asyncio.ensure_future(self._release_all(a.old, a.group, epoch))
+            acquired = await self._acquire_all(a.new, a.group, epoch, wait)
+            released = await release
+            if released and acquired and self._lease_left(a.group) > 0:
+                acquired = await self._acquire_all(a.new, a.group, epoch, 0.0, ("heartbeat",))
+            if not acquired:
                 self.takeovers.labels("acquire_failed").inc()
                 await self.emit("failover.failed", f"{a.new} did not acknowledge acquiring "
                                 f"{a.group} (epoch {epoch}); will retry", **common)
                 return
-            await self._cas(a.group, self._record(a.new, epoch, "held"), rev)
+            if not await self._wait_held(a.group, a.new, epoch, wait + ACQUIRE_DEADLINE):
+                self.takeovers.labels("not_held").inc()
+                await self.emit("failover.failed", f"{a.new}'s lease holder did not take "
+                                f"{a.group} (epoch {epoch}) in time; will retry", **common)
+                return
             took = time.monotonic() - t0
             self.takeover_seconds.observe(took)
             self.takeovers.labels("completed").inc()
-            how = "acknowledged" if released else "not acknowledged: waited out dead_after"
+            how = ("release acknowledged by every executor of the old owner" if released
+                   else f"the old owner's lease ran out ({wait * 1000:.0f} ms to wait)")
             await self.emit(
                 "failover.completed",
                 f"{a.new} now serves {a.group} (epoch {epoch}), taken from {a.old} in "
-                f"{took * 1000:.0f} ms; release {how}",
-                data={"duration_s": round(took, 4), "released_by_ack": released}, **common)
+                f"{took * 1000:.0f} ms; {how}",
+                data={"duration_s": round(took, 4), "released_by_ack": released,
+                      "wait_s": round(wait, 4)}, **common)
         finally:
             self.in_flight.discard(a.group)
 
-    def _silence_left(self, node: str) -> float:
-        """Seconds until dead_after has passed since ``node``'s last heartbeat (<= 0: it
-        has)."""
-        last = self.nodes[node].last_heartbeat
-        return 0.0 if last is None else last + self.t.dead_after - time.monotonic()
+    def _lease_left(self, group: str) -> float:
+        """How long the old owner's lease may still run, as the arbiter can bound it:
+        lease_ttl + margin after the last renewal it saw (the renewal was sent before it
+        was seen); lease_ttl + margin from now when it saw none."""
+        seen = self.last_renewal.get(group)
+        bound = self.t.lease_ttl + self.t.margin
+        if seen is None:
+            return bound
+        return max(0.0, seen + bound - time.monotonic())
 
-    async def _release_or_silence(self, old: str, group: str, epoch: int) -> bool:
-        """Step 2 and the gate of step 3: tell the old owner's executors to release, and
-        return once every one acknowledged (True) or the old owner has been silent for
-        dead_after and a short grace for the ack has passed (False), whichever comes
-        first. The release request stays in flight after the gate opens, so a live old
-        owner still hears it."""
-        release = asyncio.ensure_future(self._release_all(old, group, epoch))
-        # A live executor acks within milliseconds: give it that long even when the gate
-        # is already open, so a node whose heartbeat alone died releases before we acquire.
-        grace = self.t.heartbeat_interval / 2
-        left = max(self._silence_left(old), grace)
-        done, _ = await asyncio.wait({release}, timeout=left)
-        if release in done and release.result():
-            return True
-        if not release.done():
-            self.spawn(self._finish(release), f"release-{group}", critical=False)
-        delay = self._silence_left(old)
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def _wait_held(self, group: str, owner: str, epoch: int, timeout: float) -> bool:
+        """Until the new owner's lease holder has renewed the group at ``epoch``. The KV
+        watch may lag (its consumer can sit on a server just cut off): read the key
+        directly every heartbeat interval too."""
+        deadline = time.monotonic() + timeout
+        next_read = time.monotonic() + self.t.heartbeat_interval
+        while time.monotonic() < deadline and not self.stopping:
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + self.t.heartbeat_interval
+                await self._read_record(group)
+            rec = self.records.get(group)
+            if rec is not None and rec[0].owner == owner and rec[0].epoch == epoch \
+                    and rec[0].state == "held":
+                return True
+            if rec is not None and rec[0].epoch > epoch:
+                return False  # someone moved it again
+            await asyncio.sleep(0.005)
         return False
-
-    async def _finish(self, fut: asyncio.Future[bool]) -> None:
-        await fut
 
     async def _assign(self, a: Assign) -> None:
         try:
             rev = await self._cas(a.group, self._record(a.node, 1, "acquiring"), None)
             if rev is None:
                 return
-            if await self._acquire_all(a.node, a.group, 1):
-                await self._cas(a.group, self._record(a.node, 1, "held"), rev)
+            if await self._acquire_all(a.node, a.group, 1, 0.0) and \
+                    await self._wait_held(a.group, a.node, 1, ACQUIRE_DEADLINE):
                 await self.emit("group.assigned", a.status, pair=a.pair, group=a.group,
                                 new=a.node, term=self.term, epoch=1)
         finally:
             self.in_flight.discard(a.group)
 
     async def _resume(self, a: Resume) -> None:
+        """Finish an acquisition left half done. The arbiter does not know whether the
+        old owner released: the lease holder waits the full lease (its own default)."""
         try:
-            if await self._acquire_all(a.node, a.group, a.epoch):
-                await self._cas(a.group, self._record(a.node, a.epoch, "held"), a.revision)
+            if await self._acquire_all(a.node, a.group, a.epoch, None) and \
+                    await self._wait_held(a.group, a.node, a.epoch, ACQUIRE_DEADLINE):
                 await self.emit("group.resumed", a.status, pair=a.pair, group=a.group,
                                 new=a.node, term=self.term, epoch=a.epoch)
         finally:
             self.in_flight.discard(a.group)
 
     # ---- commands ----------------------------------------------------------
-    def _command(self, node: str, action: str, group: str, epoch: int) -> Command:
+    def _command(self, node: str, action: str, group: str, epoch: int,
+                 wait: float | None = None) -> Command:
         return Command(cluster=self.config.cluster, node=self.node, term=self.term, epoch=epoch,
-                       group=group, action=action)
+                       group=group, action=action, wait=wait)
 
     async def _send(self, node: str, svc: str, action: str, group: str, epoch: int,
-                    deadline: float, give_up_if_absent: bool = False) -> Ack | None:
+                    deadline: float, give_up_if_absent: bool = False,
+                    wait: float | None = None) -> Ack | None:
         """Send one command, retried until acked or ``deadline`` (monotonic). With
         ``give_up_if_absent`` a missing executor (no responders) ends it at once."""
         subject = self.subjects.cmd(node, svc)
-        cmd = self._command(node, action, group, epoch)
+        cmd = self._command(node, action, group, epoch, wait)
         while True:
             try:
                 return await bus.send_command(self.nc, subject, cmd, self.t.command_timeout)
@@ -391,10 +526,14 @@ class Arbiter(Service):
                                                  give_up_if_absent=True) for s in EXECUTORS))
         return all(a is not None and a.ok for a in acks)
 
-    async def _acquire_all(self, node: str, group: str, epoch: int) -> bool:
+    async def _acquire_all(self, node: str, group: str, epoch: int, wait: float | None,
+                           services: tuple[str, ...] = ACQUIRERS) -> bool:
+        """Tell the new owner's executors to hold the group (they do once its lease
+        holder's notice for this epoch arrives) and its lease holder when it may start
+        (``wait``; None leaves its own gate, the full lease, in place)."""
         deadline = time.monotonic() + ACQUIRE_DEADLINE
-        acks = await asyncio.gather(*(self._send(node, s, "acquire", group, epoch, deadline)
-                                      for s in EXECUTORS))
+        acks = await asyncio.gather(*(self._send(node, s, "acquire", group, epoch, deadline,
+                                                 wait=wait) for s in services))
         for a in acks:
             if a is not None and not a.ok:
                 self.log.warning("acquire refused", extra={"group": group, "by": a.node,
@@ -402,6 +541,8 @@ class Arbiter(Service):
         return all(a is not None and a.ok for a in acks)
 
     async def stop(self) -> None:
+        if self.election is not None:
+            self.election.stop()
         if self.watcher is not None:
             with contextlib.suppress(Exception):
                 await self.watcher.stop()  # type: ignore[no-untyped-call]
@@ -412,8 +553,14 @@ class Arbiter(Service):
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        el = self.election
         return {
-            "term": self.term,
+            "role": "active" if el is not None and el.is_active() else "standby",
+            "term": el.term if el is not None else self.term,  # held, or last held
+            "active_since": el.active_since if el is not None else None,
+            "leader": el.leader if el is not None else None,
+            "acting": self.is_acting(),
+            "election": el.status() if el is not None else None,
             "last_decision": self.last_status,
             "nodes": {n: {"alive": st.last_heartbeat is not None
                           and now - st.last_heartbeat <= self.t.dead_after,

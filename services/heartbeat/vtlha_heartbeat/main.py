@@ -15,16 +15,23 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from vtlha.checks import run_check
+from vtlha.executor import Executor
 from vtlha.messages import CheckResult, Heartbeat, StorageReport, StorageVerdict, decode, encode
-from vtlha.service import Service, service_command
+from vtlha.service import service_command
+from vtlha_heartbeat.lease import LeaseRunner
 
 
-class HeartbeatService(Service):
+class HeartbeatService(Executor):
+    """Heartbeats, process checks, and the node's lease holder (``lease.LeaseRunner``).
+    As an executor it takes the arbiter's ``term`` announcements and ``acquire`` commands
+    (whose ``wait`` opens the acquire gate early); it never releases anything itself."""
+
     name = "heartbeat"
     http_port_key = "heartbeat"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.lease = LeaseRunner(self)
         self.incarnation = uuid.uuid4().hex[:16]
         self.seq = 0
         self.node_cfg = self.config.node(self.node)
@@ -37,6 +44,8 @@ class HeartbeatService(Service):
                               registry=self.registry)
 
     async def start(self) -> None:
+        await self.lease.start()
+        await self.start_executor()
         await self.nc.subscribe(self.subjects.storage(self.node),
                                 cb=self.subscribe_handler("storage", self._on_storage))
         if self.node_cfg.checks:
@@ -79,9 +88,20 @@ class HeartbeatService(Service):
         self.seq += 1
         self.published.inc()
 
+    async def acquire(self, group: str, epoch: int) -> list[str]:
+        self.lease.on_acquire(group, epoch, self.command.wait if self.command else None)
+        return []
+
+    async def release(self, group: str, epoch: int) -> list[str]:
+        return []  # executors release; the lease holder only stops renewing when taken
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.lease.stop()
+
     def status(self) -> dict[str, Any]:
         verdict = self.storage_verdict()
-        return {"incarnation": self.incarnation, "seq": self.seq,
+        return {"incarnation": self.incarnation, "seq": self.seq, "lease": self.lease.status(),
                 "checks": [c.model_dump() for c in self.check_results.values()],
                 "storage": verdict.model_dump() if verdict else None}
 

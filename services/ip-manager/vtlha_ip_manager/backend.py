@@ -30,6 +30,9 @@ class IpBackend(Protocol):
 
     async def add(self, address: str) -> None: ...
 
+    async def renew(self, address: str) -> None:
+        """Extend the address's kernel lifetime, where the backend has one."""
+
     async def remove(self, address: str) -> None: ...
 
 
@@ -64,6 +67,9 @@ class RecordingBackend:
 
     async def add(self, address: str) -> None:
         self._write(self._read() | {address})
+
+    async def renew(self, address: str) -> None:
+        return None  # recorded addresses have no kernel lifetime
 
     async def remove(self, address: str) -> None:
         self._write(self._read() - {address})

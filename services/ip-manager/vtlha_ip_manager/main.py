@@ -16,25 +16,56 @@ management address) the report says healthy and ``monitored: false``, and why.""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vtlha import bus
 from vtlha.config import ClusterConfig
-from vtlha.errors import FatalError, VtlhaError
+from vtlha.errors import FatalError, InvalidMessage, VtlhaError
 from vtlha.executor import Executor
-from vtlha.messages import GroupRecord, MgmtReport, decode, encode
+from vtlha.fence import Fence
+from vtlha.messages import GroupRecord, LeaseNotice, MgmtReport, decode, encode
+from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import service_command
 from vtlha_ip_manager.backend import IpBackend, RecordingBackend
 from vtlha_ip_manager.mgmt import MgmtMonitor, MgmtSnapshot, unmonitored
 from vtlha_ip_manager.netlink import NetlinkBackend, ip_of
+
+ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
+FENCE_CHECK_INTERVAL = 1.0  # seconds between checks that the fence tables are there
+FENCE_WRITE_BOUND = 0.005  # a fence write slower than this is re-checked at once
+TEST_PAUSE_FILE = "VTLHA_TEST_FENCE_PAUSE_FILE"
+
+
+def address_lifetime(lease_ttl: float) -> int:
+    """Kernel lifetime of a floating address (whole seconds): the backstop outlives the
+    lease by at most a second or two and is extended at every renewal."""
+    return max(1, math.ceil(lease_ttl)) + 1
+
+
+def _test_pause_hook() -> None:
+    """For tests only: when the file named by $VTLHA_TEST_FENCE_PAUSE_FILE exists, sleep
+    (blocking, like a descheduled process) for the seconds it holds, once, between
+    computing a fence element's timeout and writing it."""
+    path = os.environ.get(TEST_PAUSE_FILE)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        seconds = float(Path(path).read_text().strip() or 0)
+        os.unlink(path)
+    except (OSError, ValueError):
+        return
+    time.sleep(seconds)
 
 NOT_ROOT = ("the netlink backend needs root (CAP_NET_ADMIN); run as root or use "
             "--backend recording")
@@ -66,6 +97,20 @@ class IpManager(Executor):
             NetlinkBackend(config, node, log=self.log) if kind == "netlink"
             else RecordingBackend(self.state_dir / "addresses.json"))
         self.held_groups: dict[str, list[str]] = {}
+        self.fence: Fence | None = None
+        self.fenced_until: dict[str, float] = {}
+        if isinstance(self.backend, NetlinkBackend):
+            self.fence = Fence([ip_of(a) for g in sorted(self.my_groups)
+                                for a in self.config.group_addresses(g)])
+            self.backend.lifetime = address_lifetime(self.config.timings.lease_ttl)
+        self.fence_writes = Counter("vtlha_fence_writes_total", "Fence writes, by kind",
+                                    ["kind"], registry=self.registry)
+        self.fence_write_seconds = Histogram(
+            "vtlha_fence_write_seconds", "Time one fence write (one batch) took",
+            buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1.0),
+            registry=self.registry)
+        self.gate = HoldGate(margin=self.config.timings.margin)
+        self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
         self.reconciled = False
         self.mgmt: MgmtMonitor | None = None
         self.mgmt_last: MgmtSnapshot | None = None
@@ -85,10 +130,18 @@ class IpManager(Executor):
                                     "published, by cause", ["cause"], registry=self.registry)
 
     async def start(self) -> None:
+        if self.fence is not None:
+            if not self.fence.is_installed():
+                self.fence.install()
+            self.log.info("fence installed", extra={"floating": self.fence.floating})
+            self.every(FENCE_CHECK_INTERVAL, self._check_fence, "fence-check")
         await self.backend.start()
         self.log.info("ip backend", extra={"backend": self.backend.description})
         await bus.retry_js("reconcile", self.reconcile)
+        await self.nc.subscribe(self.subjects.lease(self.node),
+                                cb=self.subscribe_handler("lease", self._on_notice))
         await self.start_executor()
+        self.every(ENFORCE_INTERVAL, self._enforce_all, "enforce")
         await self.start_mgmt()
 
     async def stop(self) -> None:
@@ -140,53 +193,156 @@ class IpManager(Executor):
 
     # ---- addresses ----------------------------------------------------------------
     async def reconcile(self) -> None:
-        """Remove addresses held for groups this node does not own; remember the rest."""
+        """At start: remove addresses held for groups this node does not own (KV); for
+        groups it owns, remember the epoch as the latest command — but hold nothing
+        beyond what a valid lease notice allows (the enforcement loop sees to that)."""
         kv = await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
         held = await self.backend.held()
         for group in sorted(self.my_groups):
-            addrs = [a for a in self.config.group_addresses(group) if a in held]
-            if not addrs:
-                continue
-            owner: str | None = None
+            rec: GroupRecord | None = None
             try:
                 entry = await kv.get(self.subjects.group_key(group))
                 if entry.value:
-                    owner = decode(GroupRecord, entry.value).owner
+                    rec = decode(GroupRecord, entry.value)
             except (KeyNotFoundError, NotFoundError):
-                owner = None
-            if owner == self.node:
+                rec = None
+            if rec is not None and rec.owner == self.node:
+                self.gate.on_acquire(group, rec.epoch)
+            addrs = [a for a in self.config.group_addresses(group) if a in held]
+            if not addrs:
+                continue
+            if rec is not None and rec.owner == self.node:
                 self.held_groups[group] = addrs
                 continue
             for a in addrs:
                 await self.backend.remove(a)
+            owner = rec.owner if rec else None
             await self.emit("address.reconciled",
                             f"{self.node} removed {', '.join(addrs)} of {group} at start: "
                             f"the group is owned by {owner or 'nobody'}", group=group,
                             data={"removed": addrs, "owner": owner})
         self.reconciled = True
 
-    async def acquire(self, group: str, epoch: int) -> list[str]:
-        want = self.config.group_addresses(group)
+    # ---- holding: command AND valid lease notice --------------------------------
+    async def _on_notice(self, msg: Msg) -> None:
+        n = decode(LeaseNotice, msg.data)
+        if n.node != self.node or n.group not in self.my_groups:
+            raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
+        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+        await self.enforce(n.group)
+
+    async def _enforce_all(self) -> None:
+        await asyncio.gather(*(self.enforce(g) for g in self.my_groups))
+
+    async def enforce(self, group: str) -> None:
+        """Make what is configured (and fenced) match the hold rule for ``group``."""
+        async with self._group_locks[group]:
+            why = self.gate.verdict(group, time.monotonic())
+            held = group in self.held_groups
+            if why is Why.HOLD:
+                until = self.gate.valid_until(group)
+                assert until is not None
+                if not held:
+                    addrs = self.config.group_addresses(group)
+                    self._fence_write(group, until)  # answer from the moment it is added
+                    for a in addrs:
+                        await self.backend.add(a)
+                    self.held_groups[group] = addrs
+                    self.log.info("holding", extra={"group": group, "addresses": addrs,
+                                                    "epoch": self.gate.desired.get(group)})
+                elif self.fenced_until.get(group) != until:
+                    self._fence_write(group, until)
+                    for a in self.held_groups[group]:
+                        await self.backend.renew(a)
+            elif held:
+                await self._remove(group)
+                if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
+                    kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
+                    self.emit_soon(kind, f"{self.node} released {group} on its own: {why}",
+                                   group=group, epoch=self.gate.desired.get(group))
+
+    def _fence_write(self, group: str, until: float) -> None:
+        """Refresh the group's fence elements to expire at ``until`` (this host's monotonic
+        clock): the timeout is computed right before the write, and re-checked after it —
+        if the write took longer than FENCE_WRITE_BOUND (the process was descheduled or
+        paused in between), the element is rewritten with the time really left, or
+        removed when none is."""
+        if self.fence is None:
+            return
+        ips = [ip_of(a) for a in self.config.group_addresses(group)]
+        before = time.monotonic()
+        left = until - before
+        _test_pause_hook()
+        if left <= 0:
+            self.fence.remove(ips)
+            self.fenced_until.pop(group, None)
+            return
+        self.fence.refresh(ips, left * 1000)
+        after = time.monotonic()
+        self.fence_write_seconds.observe(after - before)
+        self.fence_writes.labels("refresh").inc()
+        if after - before > FENCE_WRITE_BOUND:
+            still = until - after
+            if still > 0:
+                self.fence.refresh(ips, still * 1000)
+            else:
+                self.fence.remove(ips)
+            self.fence_writes.labels("corrected").inc()
+            self.log.warning("fence write took too long: corrected", extra={
+                "group": group, "took_s": round(after - before, 4),
+                "left_s": round(still, 4), "window_s": round(time.monotonic() - after, 6)})
+            self.emit_soon("fence.corrected", f"{self.node}: a fence write for {group} took "
+                           f"{(after - before) * 1000:.0f} ms; the element was "
+                           f"{'shortened' if still > 0 else 'removed'} at once", group=group,
+                           data={"took_s": after - before, "left_s": still,
+                                 "corrected_after_s": time.monotonic() - after})
+        self.fenced_until[group] = until
+
+    async def _check_fence(self) -> None:
+        """Reinstall the fence if someone removed it, then refresh what is held."""
+        assert self.fence is not None
+        if self.fence.is_installed():
+            return
+        self.fence.install()
+        self.fenced_until.clear()
+        self.fence_writes.labels("repaired").inc()
+        self.log.warning("fence was missing: reinstalled")
+        self.emit_soon("fence.repaired", f"{self.node}'s fence tables were missing and were "
+                       "reinstalled", data={"held_groups": sorted(self.held_groups)})
+        await self._enforce_all()
+
+    async def _remove(self, group: str) -> None:
+        """Stop answering first (fence), then remove the addresses and verify."""
+        if self.fence is not None:
+            self.fence.remove([ip_of(a) for a in self.config.group_addresses(group)])
+        self.fenced_until.pop(group, None)
         have = await self.backend.held()
-        for a in want:
-            if a not in have:
-                await self.backend.add(a)
-        if all(a in have for a in want):
-            await self.emit("address.noop", f"{self.node} already holds {group}", group=group,
-                            epoch=epoch, data={"action": "acquire", "addresses": want})
-        self.held_groups[group] = want
-        return want
+        for a in self.config.group_addresses(group):
+            if a in have:
+                await self.backend.remove(a)
+        self.held_groups.pop(group, None)
+
+    async def acquire(self, group: str, epoch: int) -> list[str]:
+        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
+        epoch is valid."""
+        already = group in self.held_groups and self.gate.desired.get(group) == epoch
+        self.gate.on_acquire(group, epoch)
+        await self.enforce(group)
+        if already:
+            self.emit_soon("address.noop", f"{self.node} already holds {group}", group=group,
+                            epoch=epoch, data={"action": "acquire"})
+        return list(self.held_groups.get(group, []))
 
     async def release(self, group: str, epoch: int) -> list[str]:
-        have = await self.backend.held()
-        gone = [a for a in self.config.group_addresses(group) if a in have]
-        for a in gone:
-            await self.backend.remove(a)
-        if not gone:
-            await self.emit("address.noop", f"{self.node} holds no address of {group}: "
+        """Release now; the ack goes out only after the addresses are really gone."""
+        self.gate.on_release(group)
+        async with self._group_locks[group]:
+            was_held = group in self.held_groups
+            await self._remove(group)
+        if not was_held:
+            self.emit_soon("address.noop", f"{self.node} holds no address of {group}: "
                             "nothing to release", group=group, epoch=epoch,
                             data={"action": "release"})
-        self.held_groups.pop(group, None)
         return []
 
     def is_ready(self) -> bool:
@@ -196,7 +352,11 @@ class IpManager(Executor):
         return {"backend": self.backend.description, "backend_kind": self.backend_kind,
                 "backend_status": self.backend.status(), "held": self.held_groups,
                 "term": self.fencing.term, "epochs": self.fencing.epochs,
-                "mgmt": self.mgmt_last.to_dict() if self.mgmt_last else None}
+                "leases": {g: {"verdict": self.gate.verdict(g, time.monotonic()).value,
+                               "epoch": self.gate.desired.get(g)} for g in sorted(self.my_groups)},
+                "mgmt": self.mgmt_last.to_dict() if self.mgmt_last else None,
+                "fence": (sorted(self.fence.held()) if self.fence is not None
+                          else "none: loopback mode (recording backend)")}
 
 
 main = service_command(IpManager)

@@ -209,12 +209,21 @@ class NetlinkBackend:
     async def held(self) -> set[str]:
         return set(await self._configured())
 
+    #: kernel lifetime (valid_lft, whole seconds) of added addresses, extended by renew():
+    #: the backstop that removes a dead ip-manager's address by itself (None: forever)
+    lifetime: int | None = None
+
+    def _lft(self) -> dict[str, int]:
+        return {} if self.lifetime is None else {"valid_lft": self.lifetime,
+                                                 "preferred_lft": self.lifetime}
+
     async def add(self, address: str) -> None:
         iface = self.interface_of(address)
         t0 = time.perf_counter()
         ip = ip_of(address)
         try:
-            await bounded(self.ipr.addr("add", index=iface.index, address=ip, prefixlen=32),
+            await bounded(self.ipr.addr("replace" if self.lifetime else "add", index=iface.index,
+                                        address=ip, prefixlen=32, **self._lft()),
                           f"add {ip}/32 on {iface.name}", self.timeout)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
@@ -223,6 +232,18 @@ class NetlinkBackend:
         self.last_add = time.perf_counter() - t0
         self.log.info("address added", extra={"address": address, "interface": iface.name,
                                               "add_s": round(self.last_add, 6)})
+
+    async def renew(self, address: str) -> None:
+        """Extend the address's kernel lifetime (no gratuitous ARP)."""
+        if self.lifetime is None:
+            return
+        iface = self.interface_of(address)
+        ip = ip_of(address)
+        try:
+            await bounded(self.ipr.addr("replace", index=iface.index, address=ip, prefixlen=32,
+                                        **self._lft()), f"renew {ip}/32", self.timeout)
+        except NetlinkError as exc:
+            raise VtlhaError(f"cannot renew {ip}/32 on {iface.name}: {exc}") from exc
 
     async def _delete(self, index: int, ip: str, prefixlen: int) -> bool:
         """Delete one address; False when it was not there (EADDRNOTAVAIL)."""

@@ -1,0 +1,306 @@
+"""The node's lease holder, sans-I/O (DESIGN.md "Safety").
+
+The heartbeat service runs one ``LeaseHolder`` per node. It takes what happens (a KV
+record seen, a renewal's result, a promise asked for or answered, an arbiter's acquire
+command, the clock) and returns effects for the service to carry out (a renewal to
+send, a lease notice to publish, a promise to ask for, a probe write). It never reads a
+clock and does no I/O, so every rule is table-tested and a simulator can drive it.
+
+Rules, each load-bearing:
+
+- **Renew** every group the node owns by compare-and-set on its key; a success makes the
+  lease valid until ``sent_at + lease_ttl`` — counted from when the renewal was *sent*,
+  never from when the answer arrived — and a lease notice says so to the executors.
+- A renewal that fails on a **CAS conflict** means the group was taken only if the key's
+  epoch (or owner) changed: then drop it at once and ask for nothing. If the key still
+  shows this node and this epoch, our own timed-out write committed: adopt its revision
+  and go on, extending nothing (validity comes only from a renewal that succeeded).
+- A renewal that fails because the **KV is unavailable** (timeout, no responders) asks
+  the companion's lease holder for a **promise**; a grant of D extends the lease to
+  ``request_sent_at + D``. Neither a renewal nor a promise: the lease runs out on its own.
+- **Granting a promise**: only to the companion, only while this node itself cannot
+  reach the KV (its last write failed as unavailable; a companion that can reach it
+  refuses: the owner is the one cut off), never for a group this node holds or is
+  acquiring, never for longer than ``lease_ttl``; the promised groups cannot be acquired
+  here before the promise has run out.
+- **Acquire gate**: a group the arbiter gave this node (its key shows this node, state
+  ``acquiring``) is served only after its first renewal, which is sent no sooner than:
+  ``lease_ttl + margin`` after the claim was seen here, or earlier by the arbiter's
+  ``wait`` (0 once every executor of the old owner acknowledged the release); and never
+  while a promise given for it runs, nor within ``lease_ttl`` of this lease holder's
+  start (a restarted lease holder may have forgotten a promise).
+- Promise and acquire go through this one state machine, one event at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from vtlha.messages import GroupRecord
+
+
+class KvResult(StrEnum):
+    OK = "ok"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+
+
+class Phase(StrEnum):
+    ACQUIRING = "acquiring"
+    HOLDING = "holding"
+
+
+# ---- effects -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Renew:
+    """Compare-and-set ``record`` on the group's key against ``last``."""
+
+    group: str
+    record: GroupRecord
+    last: int
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class Notice:
+    group: str
+    epoch: int
+    valid_until: float  # this host's monotonic clock; 0 with revoked
+    revoked: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AskPromise:
+    companion: str
+    groups: tuple[str, ...]
+    duration: float
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A write that tells whether this node reaches the KV (it holds nothing to renew)."""
+
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something worth an event/log line: kind and a sentence."""
+
+    kind: str
+    group: str
+    message: str
+
+
+Effect = Renew | Notice | AskPromise | Probe | Note
+
+
+@dataclass(frozen=True)
+class PromiseAnswer:
+    granted: bool
+    duration: float
+    reason: str
+
+
+# ---- state -----------------------------------------------------------------------
+
+
+@dataclass
+class GroupLease:
+    group: str
+    epoch: int
+    revision: int
+    record: GroupRecord
+    phase: Phase
+    valid_until: float = 0.0
+    gate_at: float = 0.0  # acquiring: earliest first renewal
+    in_flight: bool = False
+    last_sent: float | None = None
+
+
+@dataclass
+class LeaseHolder:
+    node: str
+    companion: str
+    lease_ttl: float
+    margin: float
+    interval: float  # renewal cadence
+    started_at: float
+    groups: dict[str, GroupLease] = field(default_factory=dict)
+    promises_given: dict[str, float] = field(default_factory=dict)  # group -> until
+    kv_reachable: bool | None = None  # from the last write (renewal or probe)
+    promise_in_flight: bool = False
+    probe_in_flight: bool = False
+    last_probe: float | None = None
+
+    # ---- predicates ------------------------------------------------------------
+    def is_valid(self, group: str, now: float) -> bool:
+        g = self.groups.get(group)
+        return g is not None and g.phase is Phase.HOLDING and now < g.valid_until
+
+    def gate(self, g: GroupLease) -> float:
+        """When the first renewal of an acquiring group may be sent."""
+        return max(g.gate_at, self.started_at + self.lease_ttl,
+                   self.promises_given.get(g.group, 0.0))
+
+    # ---- inputs ------------------------------------------------------------------
+    def on_record(self, group: str, rec: GroupRecord | None, revision: int,
+                  now: float) -> list[Effect]:
+        """A group's KV record as the watch (or a read) delivered it."""
+        g = self.groups.get(group)
+        if rec is None or rec.owner != self.node:
+            if g is None:
+                return []
+            return self._drop(group, f"{group} is now owned by "
+                              f"{rec.owner if rec else 'nobody'} (epoch "
+                              f"{rec.epoch if rec else '-'})")
+        if g is not None and rec.epoch == g.epoch:
+            if revision > g.revision:
+                g.revision, g.record = revision, rec
+            return []
+        if g is not None and rec.epoch < g.epoch:
+            return []  # a stale delivery
+        if rec.state == "acquiring":
+            self.groups[group] = GroupLease(group, rec.epoch, revision, rec, Phase.ACQUIRING,
+                                            gate_at=now + self.lease_ttl + self.margin)
+            return [Note("lease.acquiring", group, f"{self.node} was given {group} (epoch "
+                         f"{rec.epoch}); it serves it once the old owner is released or its "
+                         f"lease has run out")]
+        # Held by this node already (e.g. this lease holder restarted): carry on renewing;
+        # the first successful compare-and-set proves nobody took it meanwhile. But not
+        # while a promise given for it runs, nor within lease_ttl of this lease holder's
+        # start (it may have given one and forgotten it): until then it waits as if it
+        # were acquiring (the simulator found the overlap this prevents).
+        lease = GroupLease(group, rec.epoch, revision, rec, Phase.HOLDING)
+        if now < max(self.started_at + self.lease_ttl, self.promises_given.get(group, 0.0)):
+            lease.phase, lease.gate_at = Phase.ACQUIRING, now
+        self.groups[group] = lease
+        return []
+
+    def on_acquire_command(self, group: str, epoch: int, wait: float,
+                           now: float) -> list[Effect]:
+        """The arbiter: serve ``group`` at ``epoch`` no sooner than ``wait`` from now."""
+        g = self.groups.get(group)
+        if g is None or g.epoch != epoch or g.phase is not Phase.ACQUIRING:
+            return []
+        g.gate_at = min(g.gate_at, now + wait)
+        return []
+
+    def tick(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        for g in self.groups.values():
+            if g.in_flight:
+                continue
+            if g.phase is Phase.ACQUIRING:
+                if now >= self.gate(g):
+                    out.append(self._renew(g, now))
+            elif g.last_sent is None or now - g.last_sent >= self.interval:
+                out.append(self._renew(g, now))
+        for grp, until in list(self.promises_given.items()):
+            if until <= now:
+                del self.promises_given[grp]
+        if not self.groups and not self.probe_in_flight and (
+                self.last_probe is None or now - self.last_probe >= self.interval):
+            self.probe_in_flight, self.last_probe = True, now
+            out.append(Probe(now))
+        return out
+
+    def _renew(self, g: GroupLease, now: float) -> Renew:
+        g.in_flight, g.last_sent = True, now
+        rec = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
+        return Renew(g.group, rec, g.revision, now)
+
+    def on_renew_result(self, group: str, sent_at: float, result: KvResult,
+                        revision: int | None = None, current: GroupRecord | None = None,
+                        current_revision: int | None = None, now: float = 0.0) -> list[Effect]:
+        """The answer to a Renew. For CONFLICT, ``current`` is the key as read after it
+        (None when it is gone)."""
+        g = self.groups.get(group)
+        if g is None or not g.in_flight or g.last_sent != sent_at:
+            return []  # the answer to a renewal of a lease dropped or replaced since
+        g.in_flight = False
+        if result is KvResult.OK:
+            assert revision is not None
+            self.kv_reachable = True
+            first = g.phase is Phase.ACQUIRING
+            g.phase, g.revision = Phase.HOLDING, revision
+            g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
+            g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
+            out: list[Effect] = [Notice(group, g.epoch, g.valid_until)]
+            if first:
+                out.append(Note("lease.acquired", group, f"{self.node} serves {group} "
+                                f"(epoch {g.epoch})"))
+            return out
+        if result is KvResult.CONFLICT:
+            self.kv_reachable = True
+            if (current is not None and current.owner == self.node
+                    and current.epoch == g.epoch and current_revision is not None):
+                # Our own timed-out renewal committed: adopt it, extend nothing.
+                g.revision = max(g.revision, current_revision)
+                g.record = current
+                return []
+            if current is not None and current.epoch < g.epoch:
+                return []  # a stale read (a follower behind): adopt nothing, drop nothing
+            return self._drop(group, f"{group} was taken: its key now shows "
+                              f"{current.owner if current else 'nothing'} (epoch "
+                              f"{current.epoch if current else '-'}), this node had epoch "
+                              f"{g.epoch}")
+        self.kv_reachable = False
+        return self._ask_promise(now)
+
+    def _ask_promise(self, now: float) -> list[Effect]:
+        holding = tuple(sorted(g.group for g in self.groups.values()
+                               if g.phase is Phase.HOLDING))
+        if not holding or self.promise_in_flight:
+            return []
+        self.promise_in_flight = True
+        return [AskPromise(self.companion, holding, self.lease_ttl, now)]
+
+    def on_promise_reply(self, sent_at: float, answer: PromiseAnswer | None,
+                         groups: tuple[str, ...]) -> list[Effect]:
+        """The companion's answer (None: no answer in time)."""
+        self.promise_in_flight = False
+        if answer is None or not answer.granted:
+            return []
+        until = sent_at + min(answer.duration, self.lease_ttl)
+        out: list[Effect] = []
+        for grp in groups:
+            g = self.groups.get(grp)
+            if g is None or g.phase is not Phase.HOLDING:
+                continue
+            if until > g.valid_until:
+                g.valid_until = until
+                out.append(Notice(grp, g.epoch, until, reason="failsafe promise"))
+        return out
+
+    def on_promise_request(self, requester: str, groups: list[str], duration: float,
+                           now: float) -> PromiseAnswer:
+        if requester != self.companion:
+            return PromiseAnswer(False, 0.0, f"{requester} is not {self.node}'s companion")
+        if self.kv_reachable is not False:
+            return PromiseAnswer(False, 0.0, f"{self.node} reaches the KV: {requester} is the "
+                                 "one cut off" if self.kv_reachable else
+                                 f"{self.node} does not know yet whether it reaches the KV")
+        mine = [g for g in groups if g in self.groups]
+        if mine:
+            return PromiseAnswer(False, 0.0, f"{self.node} holds or is acquiring "
+                                 f"{', '.join(sorted(mine))}")
+        d = min(duration, self.lease_ttl)
+        for g in groups:
+            self.promises_given[g] = max(self.promises_given.get(g, 0.0), now + d)
+        return PromiseAnswer(True, d, f"{self.node} will not serve {', '.join(groups)} "
+                             f"for {d:.3f} s")
+
+    def on_probe_result(self, result: KvResult) -> None:
+        self.probe_in_flight = False
+        self.kv_reachable = result is not KvResult.UNAVAILABLE
+
+    def _drop(self, group: str, why: str) -> list[Effect]:
+        g = self.groups.pop(group)
+        return [Notice(group, g.epoch, 0.0, revoked=True, reason=why),
+                Note("lease.dropped", group, f"{self.node} drops {group}: {why}")]
