@@ -43,9 +43,7 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -61,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from vtlha.fence import TABLE, parse_held  # noqa: E402
 from vtlha.lab import Lab, OverlapObserver  # noqa: E402
-from vtlha.netns import in_netns, socket_in  # noqa: E402
+from vtlha.labtools import arp_responders as _arp_responders  # noqa: E402
+from vtlha.netns import socket_in  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "cluster.yaml"
 PORT = 7000
@@ -118,36 +117,7 @@ def mac_of(ns: str, ifname: str = "eth0") -> str:
 
 def arp_responders(ns: str, src_ip: str, target: str = VIP, ifname: str = "eth0",
                    wait: float = 0.3) -> set[str]:
-    """Send ARP requests for ``target`` from ``ns`` and return the MACs that reply."""
-
-    def run() -> set[str]:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
-        try:
-            s.bind((ifname, 0))
-            mac = s.getsockname()[4]
-            spa, tpa = socket.inet_aton(src_ip), socket.inet_aton(target)
-            pkt = (b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
-                   + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + spa + b"\0" * 6 + tpa)
-            macs: set[str] = set()
-            end = time.monotonic() + wait
-            next_send = 0.0
-            while (left := end - time.monotonic()) > 0:
-                if time.monotonic() >= next_send:  # three requests over the window
-                    s.send(pkt)
-                    next_send = time.monotonic() + wait / 3
-                s.settimeout(max(0.001, min(left, next_send - time.monotonic())))
-                try:
-                    data = s.recv(2048)
-                except TimeoutError:
-                    continue
-                if (len(data) >= 42 and data[20:22] == b"\x00\x02"
-                        and data[28:32] == tpa and data[38:42] == spa):
-                    macs.add(data[22:28].hex(":"))
-            return macs
-        finally:
-            s.close()
-
-    return in_netns(ns, run, timeout=wait + 5)
+    return _arp_responders(ns, src_ip, target, ifname, wait)
 
 
 def tcp_via(ns: str, mac: str, ip: str = VIP, port: int = PORT,

@@ -14,6 +14,7 @@ import argparse
 import json
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -77,6 +78,44 @@ def main(argv: list[str] | None = None) -> None:
         serve(a.port, a.name)
     else:
         probe(a.target, a.out, a.interval, a.duration, a.timeout)
+
+
+def arp_responders(ns: str, src_ip: str, target: str, ifname: str = "eth0",
+                   wait: float = 0.3) -> set[str]:
+    """Send ARP requests for ``target`` from namespace ``ns`` (three over ``wait``
+    seconds, raw AF_PACKET) and return the MACs that replied: two MACs = two nodes
+    answering for one address."""
+    from vtlha.netns import in_netns
+
+
+    def run() -> set[str]:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        try:
+            s.bind((ifname, 0))
+            mac = s.getsockname()[4]
+            spa, tpa = socket.inet_aton(src_ip), socket.inet_aton(target)
+            pkt = (b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
+                   + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + spa + b"\0" * 6 + tpa)
+            macs: set[str] = set()
+            end = time.monotonic() + wait
+            next_send = 0.0
+            while (left := end - time.monotonic()) > 0:
+                if time.monotonic() >= next_send:  # three requests over the window
+                    s.send(pkt)
+                    next_send = time.monotonic() + wait / 3
+                s.settimeout(max(0.001, min(left, next_send - time.monotonic())))
+                try:
+                    data = s.recv(2048)
+                except TimeoutError:
+                    continue
+                if (len(data) >= 42 and data[20:22] == b"\x00\x02"
+                        and data[28:32] == tpa and data[38:42] == spa):
+                    macs.add(data[22:28].hex(":"))
+            return macs
+        finally:
+            s.close()
+
+    return in_netns(ns, run, timeout=wait + 5)
 
 
 def read_timeline(path: str) -> list[dict[str, object]]:

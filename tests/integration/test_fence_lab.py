@@ -20,13 +20,14 @@ import yaml
 
 from vtlha.fence import TABLE
 from vtlha.lab import Lab, OverlapObserver
-from vtlha.labtools import read_timeline
+from vtlha.labtools import arp_responders, read_timeline
 
 pytestmark = pytest.mark.root
 
 PORT = 7000
 A_DATA = "198.51.100.101"
 A_GROUPS = ("node-a-data", "node-a-mgmt")
+CLIENT_IP = "198.51.100.200"
 
 
 def _start(lab: Lab) -> Path:
@@ -91,9 +92,13 @@ def _lone_executor_fault(lab: Lab, sig: int) -> None:
         assert f"{A_DATA}/32" in lab.floating_on("node-a"), "still configured"
         lab.wait_for(lambda: _client_fails_since(timeline, t_fenced), 2,
                      what="the client to stop reaching node-a")
+        # Cross-check by ARP from the client: nobody answers for the address now.
+        assert arp_responders(lab.ns("client"), CLIENT_IP, A_DATA) == set()
         lab.procs.find("node-a", "heartbeat").signal(signal.SIGKILL)
         lab.wait_for(lambda: _answered_by(timeline, "node-b", t0), 15,
                      what="the client reaching node-a's address on node-b")
+        # ... and after the takeover exactly one MAC answers: node-b's.
+        assert arp_responders(lab.ns("client"), CLIENT_IP, A_DATA) == {lab.mac("node-b")}
         time.sleep(2 * ttl)  # keep observing two more leases
     stopped = _stopped_answering_at(obs, f"{A_DATA}/32", "node-a", t0)
     assert stopped is not None

@@ -46,6 +46,7 @@ from vtlha.policy import (
     Snapshot,
     Takeover,
 )
+from vtlha.protocol import takeover
 from vtlha.service import Service, service_command
 from vtlha_arbiter.election import ElectionRunner
 
@@ -396,7 +397,7 @@ class Arbiter(Service):
     async def _takeover(self, a: Takeover, inputs: dict[str, Any]) -> None:
         """Claim -> release -> acquire (DESIGN.md "Safety")."""
         t0 = time.monotonic()
-        epoch = a.epoch + 1
+        epoch = takeover.claim_epoch(a.epoch)
         try:
             rev = await self._cas(a.group, self._record(a.new, epoch, "acquiring"), a.revision)
             if rev is None:
@@ -443,11 +444,10 @@ class Arbiter(Service):
         """How long the old owner's lease may still run, as the arbiter can bound it:
         lease_ttl + margin after the last renewal it saw (the renewal was sent before it
         was seen); lease_ttl + margin from now when it saw none."""
-        seen = self.last_renewal.get(group)
-        bound = self.t.lease_ttl + self.t.margin
-        if seen is None:
-            return bound
-        return max(0.0, seen + bound - time.monotonic())
+        return takeover.acquire_wait(released_all=False,
+                                     last_renewal_seen=self.last_renewal.get(group),
+                                     now=time.monotonic(), lease_ttl=self.t.lease_ttl,
+                                     margin=self.t.margin)
 
     async def _wait_held(self, group: str, owner: str, epoch: int, timeout: float) -> bool:
         """Until the new owner's lease holder has renewed the group at ``epoch``. The KV
