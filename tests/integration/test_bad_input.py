@@ -122,8 +122,8 @@ def test_executor_refuses_stale_and_malformed_commands(local_cluster: LocalClust
     c.start()
     c.wait_for(c.home_held, 30, what="initial ownership")
     s = Subjects(c.cfg.cluster)
-    st = c.status("node-a", "ip-manager")
-    assert st is not None
+    st = c.wait_for(lambda: c.status("node-a", "ip-manager"), 10,
+                    what="node-a's ip-manager status")
     term, epoch = st["term"], st["epochs"]["node-a-data"]
     assert term >= 1 and epoch == 1
 

@@ -410,6 +410,9 @@ class Arbiter(Service):
             # Release and acquire go out together: the acquire carries the safe wait (what
             # may remain of the old owner's lease); if every executor of the old owner
             # acknowledges the release first, a second acquire opens the gate at once.
+            if not self.is_acting():
+                self.takeovers.labels("not_active").inc()
+                return  # lost the leader key since deciding: the new active arbiter decides
             wait = self._lease_left(a.group)
             release = asyncio.ensure_future(self._release_all(a.old, a.group, epoch))
             acquired = await self._acquire_all(a.new, a.group, epoch, wait)
