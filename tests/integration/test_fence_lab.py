@@ -164,7 +164,7 @@ def _crash(lab: Lab) -> dict[str, float]:
 
 def test_node_crash_with_kv_leader_on_the_witness(lab: Lab) -> None:
     _start(lab)
-    lab.wait_for(lambda: _kv_leader(lab) == "witness", 15, what="the KV leader on the witness")
+    lab.wait_for(lambda: lab.kv_leader() == "witness", 15, what="the KV leader on the witness")
     fig = _crash(lab)
     t = lab.cfg.timings
     print(f"\ncrash of node-a, KV leader on the witness: node-a stopped answering at "
@@ -242,24 +242,6 @@ def test_ip_manager_refuses_to_run_unfenced(lab: Lab) -> None:
 # ---- helpers ---------------------------------------------------------------------
 
 
-def _kv_leader(lab: Lab) -> str | None:
-    from vtlha import bus
-    from vtlha.subjects import Subjects
-
-    async def _go() -> str | None:
-        nc = await lab.connect()
-        try:
-            return await bus.stream_leader(nc.jetstream(timeout=2),
-                                           bus.kv_stream(Subjects(lab.cfg.cluster)))
-        finally:
-            await nc.close()
-
-    try:
-        return asyncio.run(_go())
-    except Exception:
-        return None
-
-
 def _move_kv_leader(lab: Lab, server: str) -> None:
     from vtlha import bus
     from vtlha.subjects import Subjects
@@ -273,7 +255,7 @@ def _move_kv_leader(lab: Lab, server: str) -> None:
             await nc.close()
 
     def _moved() -> bool:
-        if _kv_leader(lab) == server:
+        if lab.kv_leader() == server:
             return True
         asyncio.run(_ask())
         return False

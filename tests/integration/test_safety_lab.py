@@ -175,7 +175,7 @@ def test_witness_death_both_nodes_keep_serving_on_mutual_promises(lab: Lab) -> N
     # The witness comes back; the active arbiter moves the KV leader back to it.
     lab.restart_nats("witness")
     lab.start_service("witness", "arbiter")
-    lab.wait_for(lambda: _kv_leader(lab) == "witness", 30, what="the KV leader back on the "
+    lab.wait_for(lambda: lab.kv_leader() == "witness", 30, what="the KV leader back on the "
                  "witness")
     owners = lab.held_by()
     assert owners == {"node-a-data": "node-a", "node-a-mgmt": "node-a",
@@ -238,23 +238,3 @@ def _active_arbiter(lab: Lab) -> str | None:
         if _status(lab, host, "arbiter").get("role") == "active":
             return host
     return None
-
-
-def _kv_leader(lab: Lab) -> str | None:
-    import asyncio
-
-    from vtlha import bus
-    from vtlha.subjects import Subjects
-
-    async def _go() -> str | None:
-        nc = await lab.connect()
-        try:
-            return await bus.stream_leader(nc.jetstream(timeout=2),
-                                           bus.kv_stream(Subjects(lab.cfg.cluster)))
-        finally:
-            await nc.close()
-
-    try:
-        return asyncio.run(_go())
-    except Exception:
-        return None
