@@ -5,6 +5,7 @@
     vtlha events --config FILE   the event stream (--follow to keep watching)
     vtlha lab up|status|down     the network lab (namespaces, root)
     vtlha demo                   a local two-node cluster, a node crashed, the failover
+    vtlha san serve|status       the reference SAN target (test/demo stand-in for a SAN)
 """
 
 from __future__ import annotations
@@ -276,6 +277,110 @@ def demo(config_path: str | None, work_dir: str | None, keep: bool) -> None:
     default = Path(__file__).parent.parent / "examples" / "cluster.yaml"
     src = Path(config_path) if config_path else default
     sys.exit(run_demo(src, Path(work_dir) if work_dir else None, keep))
+
+
+# ---- the reference SAN target ------------------------------------------------------
+
+@main.group(help="The reference SAN target: test and demo infrastructure standing in "
+            "for a real SAN. It serves the cluster file's devices over TCP (one port per "
+            "path index: san.port + index) and enforces SCSI-3-style persistent "
+            "reservations, so that a node that lost a device cannot write to it.")
+def san() -> None:
+    pass
+
+
+@san.command("serve", help="Run the reference SAN target (test/demo infrastructure, not a "
+             "real SAN) until SIGTERM/SIGINT. It listens on PORT_BASE + i for each path "
+             "index i, serves the devices of the cluster file (a relative `backing` is under "
+             "the state root; missing files are created sparse), keeps reservations in "
+             "STATE_ROOT/san/reservations.json and logs every write accepted or refused, "
+             "and every reservation change, to STATE_ROOT/san/san-log.jsonl. Its own logs "
+             "are JSON lines on stderr.")
+@_config_opt
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False),
+              help="State root (default: the cluster file's state_dir).")
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="Bind address (127.0.0.1 for loopback-only tests).")
+@click.option("--port-base", default=None, type=click.IntRange(1, 65535),
+              help="Port of path 0 (default: the cluster file's san.port).")
+@click.option("--io-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds a device read/write may take before ETIMEDOUT is replied.")
+@click.option("--create-size", default=16 * 1024 * 1024, show_default=True,
+              type=click.IntRange(min=0),
+              help="Size in bytes of backing files created when missing (0: do not create).")
+@click.option("--log-level", default="info", show_default=True)
+def san_serve(config_path: str, state_dir: str | None, host: str, port_base: int | None,
+              io_timeout: float, create_size: int, log_level: str) -> None:
+    import signal
+
+    from vtlha.errors import FatalError
+    from vtlha.log import setup_logging
+    from vtlha.san.target import SanTarget
+
+    cfg = _load(config_path)
+    log = setup_logging("san-target", cfg.san.host, log_level)
+    root = Path(state_dir) if state_dir else Path(cfg.state_dir)
+
+    async def _serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        target = SanTarget(cfg, root, host=host, port_base=port_base,
+                           io_timeout=io_timeout, create_size=create_size)
+        try:
+            await target.start()
+        except (FatalError, OSError) as exc:
+            log.error("san target not started", extra={"error": str(exc)})
+            return 2
+        try:
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await target.stop()
+        return 0
+
+    sys.exit(asyncio.run(_serve()))
+
+
+@san.command("status", help="Print each device's reservation (holder, epoch, registered "
+             "nodes) and the target's counters, asked of a running reference SAN target "
+             "over path 0 (an anonymous connection, status only).")
+@_config_opt
+@click.option("--host", default="127.0.0.1", show_default=True, help="Target address.")
+@click.option("--port-base", default=None, type=click.IntRange(1, 65535),
+              help="Port of path 0 (default: the cluster file's san.port).")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds to wait for the connection and for the reply.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status reply as JSON.")
+def san_status(config_path: str, host: str, port_base: int | None, timeout: float,
+               as_json: bool) -> None:
+    import orjson
+
+    from vtlha.san.client import SanClient, SanError
+
+    cfg = _load(config_path)
+
+    async def _ask() -> dict[str, Any]:
+        async with SanClient.for_path(cfg, None, 0, host=host, port_base=port_base,
+                                      timeout=timeout) as c:
+            return await c.status()
+
+    try:
+        st = asyncio.run(_ask())
+    except SanError as exc:
+        click.echo(f"vtlha san status: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode())
+        return
+    click.echo(f"SAN target of cluster {st.get('cluster')}: ports {st.get('ports')}")
+    click.echo(f"{'device':<16} {'holder':<10} {'epoch':>6}  {'blocks':>8}  registered")
+    for name, d in sorted(st.get("devices", {}).items()):
+        click.echo(f"{name:<16} {d['holder'] or '-':<10} {d['epoch']:>6}  {d['blocks']:>8}  "
+                   f"{', '.join(d['registrants']) or '-'}")
+    counters = st.get("counters", {})
+    click.echo("counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
 
 
 if __name__ == "__main__":

@@ -52,11 +52,25 @@ class Timings(_Model):
     check_interval: float = Field(0.5, gt=0, description="how often process checks run")
     probe_interval: float = Field(0.5, gt=0, description="how often storage paths are probed")
     probe_timeout: float = Field(1.0, gt=0)
+    storage_stale_after: float = Field(
+        1.5, gt=0, description="a node's storage report older than this (as the arbiter "
+        "received it) cannot confirm anything: its companion takes over no data group on "
+        "its word. Default: 3 x probe_interval; must be >= probe_interval")
     initial_assign_wait: float = Field(
         10.0, ge=0, description="a group nobody owns yet waits this long after the arbiter "
         "starts for its home node before it is given to the companion")
     rise: int = Field(2, ge=1, description="good results in a row before healthy")
     fall: int = Field(2, ge=1, description="bad results in a row before failed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_storage_stale_after(cls, data: object) -> object:
+        """storage_stale_after defaults to 3 x probe_interval (whatever that is)."""
+        if isinstance(data, dict) and "storage_stale_after" not in data:
+            interval = data.get("probe_interval", cls.model_fields["probe_interval"].default)
+            if isinstance(interval, int | float) and not isinstance(interval, bool):
+                return {**data, "storage_stale_after": 3 * interval}
+        return data
 
     @model_validator(mode="after")
     def _timing_rules(self) -> Timings:
@@ -71,6 +85,11 @@ class Timings(_Model):
             )
         if self.margin >= self.lease_ttl:
             raise ValueError(f"margin ({self.margin}) must be < lease_ttl ({self.lease_ttl})")
+        if self.storage_stale_after < self.probe_interval:
+            raise ValueError(
+                f"storage_stale_after ({self.storage_stale_after}) must be >= probe_interval "
+                f"({self.probe_interval}): a report is not stale before the next one is due"
+            )
         if self.command_timeout >= self.lease_ttl:
             raise ValueError(
                 f"command_timeout ({self.command_timeout}) must be shorter than "

@@ -145,6 +145,10 @@ def test_witness_death_both_nodes_keep_serving_on_mutual_promises(lab: Lab) -> N
     the raft election on promises from each other; nothing fails over; renewals resume;
     a standby arbiter becomes active; when the witness is back the KV leader returns."""
     _start(lab)
+    lab.wait_for(lambda: lab.kv_leader() == "witness", 20,
+                 what="the KV leader on the witness (the scenario kills the KV leader)")
+    lab.wait_for(lambda: _active_arbiter(lab) == "witness", 20,
+                 what="the witness's arbiter active")
     probes = _probes(lab, 60)
     lab.wait_for(lambda: all(read_timeline(str(p)) for p in probes.values()), 10,
                  what="client probes running")

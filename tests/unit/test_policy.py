@@ -350,7 +350,8 @@ def test_to_inputs_is_plain_json() -> None:
     assert inputs["in_flight"] == ["node-a-data", "node-b-mgmt"]
     assert inputs["dead_after"] == DEAD_AFTER
     assert set(inputs) == {"dead_after", "started_at", "pairs", "nodes", "groups", "in_flight",
-                           "initial_assign_wait"}
+                           "initial_assign_wait", "storage", "storage_stale_after",
+                           "storage_alarms"}
     assert orjson.loads(orjson.dumps(inputs))["nodes"][A]["name"] == A
 
 

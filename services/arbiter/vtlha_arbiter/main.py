@@ -34,16 +34,20 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
-from vtlha.messages import Ack, Command, GroupRecord, Heartbeat, decode, encode
+from vtlha.messages import Ack, Command, GroupRecord, Heartbeat, StorageReport, decode, encode
 from vtlha.policy import (
     Assign,
+    ClearStorageAlarm,
+    DevicePaths,
     GroupView,
     MarkDown,
     MarkUp,
     NodeView,
     PairView,
+    RaiseStorageAlarm,
     Resume,
     Snapshot,
+    StorageView,
     Takeover,
 )
 from vtlha.protocol import takeover
@@ -82,6 +86,9 @@ class Arbiter(Service):
         self.records: dict[str, tuple[GroupRecord, int]] = {}
         self.last_renewal: dict[str, float] = {}  # group -> when the arbiter saw it
         self.in_flight: set[str] = set()
+        #: node -> (its latest storage report, when it arrived on the monotonic clock)
+        self.storage: dict[str, tuple[StorageReport, float]] = {}
+        self.storage_alarms: set[str] = set()  # groups whose global storage alarm is raised
         self.started_at = time.monotonic()
         self.last_status = "starting"
         self.ready = False
@@ -123,6 +130,8 @@ class Arbiter(Service):
         self.spawn(self._watch(self.watcher), "kv-watch")
         await self.nc.subscribe(self.subjects.hb("*"),
                                 cb=self.subscribe_handler("heartbeat", self._on_heartbeat))
+        await self.nc.subscribe(self.subjects.storage("*"),
+                                cb=self.subscribe_handler("storage", self._on_storage))
         # Warm from here on (heartbeats, group records); the election says who decides.
         self.election = ElectionRunner(
             self.kv, self.subjects.LEADER_KEY, self.node,
@@ -308,6 +317,32 @@ class Arbiter(Service):
         st.incarnation, st.seq, st.heartbeat = hb.incarnation, hb.seq, hb
         self.heartbeats.labels(hb.node).inc()
 
+    async def _on_storage(self, msg: Msg) -> None:
+        report = decode(StorageReport, msg.data)
+        if report.cluster != self.config.cluster:
+            raise InvalidMessage(f"StorageReport: cluster {report.cluster!r} is not ours")
+        if report.node not in self.nodes:
+            raise InvalidMessage(f"StorageReport: unknown node {report.node!r}")
+        if self.subjects.node_of(msg.subject) != report.node:
+            raise InvalidMessage(f"StorageReport: node {report.node!r} sent on {msg.subject}")
+        self.storage[report.node] = (report, time.monotonic())
+
+    def _storage_view(self, node: str, report: StorageReport, received: float) -> StorageView:
+        """Per device the report mentions: paths up (distinct configured paths reported
+        reachable) of the paths the config gives this node. Unknown devices are left
+        out: a device the view does not show is neither lost nor confirmed."""
+        up: dict[str, set[int]] = {}
+        for p in report.paths:
+            if p.device in self.config.devices:
+                ups = up.setdefault(p.device, set())
+                if p.reachable:
+                    ups.add(p.path)
+        devices = {}
+        for dev, paths in up.items():
+            total = self.config.devices[dev].paths.get(node, 0)
+            devices[dev] = DevicePaths(len({i for i in paths if i < total}), total)
+        return StorageView(node, received, devices)
+
     def snapshot(self) -> Snapshot:
         groups = {}
         for g, (home, kind) in self.config.groups().items():
@@ -318,6 +353,7 @@ class Arbiter(Service):
                 epoch=rec[0].epoch if rec else 0,
                 state=rec[0].state if rec else None,
                 revision=rec[1] if rec else 0,
+                devices=tuple(self.config.group_devices(g)),
             )
         return Snapshot(
             dead_after=self.t.dead_after,
@@ -329,6 +365,9 @@ class Arbiter(Service):
             groups=groups,
             in_flight=frozenset(self.in_flight),
             initial_assign_wait=self.t.initial_assign_wait,
+            storage={n: self._storage_view(n, r, t) for n, (r, t) in self.storage.items()},
+            storage_stale_after=self.t.storage_stale_after,
+            storage_alarms=frozenset(self.storage_alarms),
         )
 
     # ---- the loop ----------------------------------------------------------
@@ -372,6 +411,17 @@ class Arbiter(Service):
             self.in_flight.add(action.group)
             self.spawn(self._resume(action), f"resume-{action.group}",
                        critical=False)
+        elif isinstance(action, RaiseStorageAlarm):
+            self.storage_alarms.add(action.group)
+            await self.emit("storage.global_failure", action.status, pair=action.pair,
+                            group=action.group, term=self.term, epoch=action.epoch,
+                            inputs=inputs, data={"rule": action.rule.value, "node": action.node,
+                                                 "devices": list(action.devices)})
+        elif isinstance(action, ClearStorageAlarm):
+            self.storage_alarms.discard(action.group)
+            await self.emit("storage.recovered", action.status, pair=action.pair,
+                            group=action.group, term=self.term, epoch=action.epoch,
+                            inputs=inputs, data={"rule": action.rule.value, "node": action.node})
 
     # ---- takeover: claim -> release -> acquire ------------------------------
     def _record(self, owner: str, epoch: int, state: str) -> GroupRecord:
