@@ -46,7 +46,7 @@ from pyroute2 import IPRoute, netns
 from vtlha import netns as ns_util
 from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError
-from vtlha.localcluster import LocalCluster, service_binary
+from vtlha.localcluster import SAN, LocalCluster, service_binary
 from vtlha.natsserver import NatsServer, NatsServerSpec
 
 PREFIX = "vtlha-"
@@ -369,7 +369,19 @@ class Lab(LocalCluster):
                 "--http-port", str(getattr(self.cfg.ports, service.replace("-", "_")))]
         if service == "ip-manager":
             argv += ["--backend", "netlink"]
+        if service == "storage-monitor":
+            argv += ["--san", self.san_host()]
         self.procs.spawn(host, service, argv, env=self.service_env.get((host, service)))
+
+    def san_host(self) -> str:
+        """The nodes reach the SAN target at the witness's service IP."""
+        return self.service_ip(self.cfg.witness.host).split("/")[0]
+
+    def spawn_san(self) -> None:
+        """The SAN target runs in the witness's namespace, on every address."""
+        argv = [*self.prefix(self.cfg.witness.host), *self.san_argv()]
+        argv[argv.index("--host") + 1] = "0.0.0.0"
+        self.procs.spawn(SAN, "san-target", argv)
 
     def spawn_in(self, host: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """A helper process (test server, client probe) inside ``host``'s namespace."""
@@ -397,6 +409,7 @@ class Lab(LocalCluster):
             self.build_network()
             self.create_devices()
             self.start_nats()
+            self.start_san()
             self.start_services()
         finally:
             self._save_pids()

@@ -30,6 +30,7 @@ from vtlha.ownership import read_groups
 from vtlha.procs import ProcessGroup
 from vtlha.subjects import Subjects
 
+SAN = "san"  # the SAN target's process group name (not a host of the cluster)
 NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat", "arbiter")
 DEVICE_BYTES = 256 * 1024
 
@@ -53,6 +54,12 @@ def all_ports(cfg: ClusterConfig) -> list[int]:
     return [cfg.port(h, k) for h in cfg.hosts for k in kinds]
 
 
+def san_ports(cfg: ClusterConfig) -> list[int]:
+    """The SAN target's ports: ``san.port + i`` for every path index in use."""
+    n = max((k for d in cfg.devices.values() for k in d.paths.values()), default=1)
+    return [cfg.san.port + i for i in range(n)]
+
+
 def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
                    single_server: bool = False, tries: int = 200) -> Path:
     """Copy the cluster file to ``dst_dir`` with a free port offset, the state root
@@ -65,6 +72,7 @@ def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
         offset = random.randrange(1, 300) * 100 + random.randrange(0, 50)
         ports = {k: v + offset for k, v in base.ports.model_dump().items()}
         raw["ports"] = ports
+        raw.setdefault("san", {})["port"] = base.san.port + offset
         raw["state_dir"] = str(dst_dir / "state")
         if cluster:
             raw["cluster"] = cluster
@@ -73,7 +81,7 @@ def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
         dst = dst_dir / "cluster.yaml"
         dst.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_config(dst)
-        if all(_port_free(p) for p in all_ports(cfg)):
+        if all(_port_free(p) for p in all_ports(cfg) + san_ports(cfg)):
             return dst
     raise RuntimeError("no free port range found for a local cluster")
 
@@ -152,7 +160,36 @@ class LocalCluster:
                 "--state-dir", str(self.state_root), "--nats", ",".join(self.nats_urls(host))]
         if service == "ip-manager":
             argv += ["--backend", "recording"]
+        if service == "storage-monitor":
+            argv += ["--san", self.san_host()]
         self.procs.spawn(host, service, argv)
+
+    # ---- the reference SAN target -------------------------------------------
+    def san_host(self) -> str:
+        """Where the nodes reach the SAN target (loopback here)."""
+        return "127.0.0.1"
+
+    def san_argv(self) -> list[str]:
+        return [str(Path(sys.executable).parent / "vtlha"), "san", "serve",
+                "--config", str(self.config_path), "--state-dir", str(self.state_root),
+                "--host", "127.0.0.1", "--create-size", "0"]
+
+    def spawn_san(self) -> None:
+        self.procs.spawn(SAN, "san-target", self.san_argv())
+
+    def start_san(self, timeout: float = 15.0) -> None:
+        """Start the SAN target (outside the nodes: its own process, host name ``san``,
+        so crashing a host never takes it along) and wait until it listens."""
+        self.spawn_san()
+        child = self.procs.find(SAN, "san-target")
+
+        def _listening() -> bool:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"the SAN target exited {child.proc.returncode}; log: "
+                                   f"{child.log_path}")
+            return "san target listening" in child.log_path.read_text(errors="replace")
+
+        self.wait_for(_listening, timeout, what="the SAN target to listen")
 
     def start_node(self, host: str) -> None:
         for svc in NODE_SERVICES:
@@ -161,6 +198,7 @@ class LocalCluster:
     def start(self) -> None:
         self.create_devices()
         self.start_nats()
+        self.start_san()
         self.start_services()
 
     def start_services(self, timeout: float = 30.0) -> None:
@@ -222,7 +260,8 @@ class LocalCluster:
             time.sleep(interval)
 
     def kv_groups(self) -> dict[str, tuple[GroupRecord, int]]:
-        """group -> (record, revision) read from the KV now (a fresh connection)."""
+        """group -> (record, revision) read from the KV now (a fresh connection; retried
+        for a while when JetStream is not answering, e.g. just after a server restart)."""
 
         async def _go() -> dict[str, tuple[GroupRecord, int]]:
             nc = await self.connect()
@@ -232,7 +271,10 @@ class LocalCluster:
             finally:
                 await nc.close()
 
-        return asyncio.run(_go())
+        async def _retried() -> dict[str, tuple[GroupRecord, int]]:
+            return await bus.retry_js("kv read", _go, deadline=15.0)
+
+        return asyncio.run(_retried())
 
     def events(self) -> list[Event]:
         """Every event in the stream now (a fresh connection)."""

@@ -158,3 +158,60 @@ def test_management_link_down_is_reported_and_recovers(lab: Lab) -> None:
     assert len([r for r in back if r.link_up]) >= rise
     print(f"\nmanagement link down reported unhealthy after {took * 1000:.0f} ms "
           f"(fall {fall} x probe_interval {lab.cfg.timings.probe_interval} s)")
+
+
+def _path_state(lab: Lab, node: str, device: str, path: int) -> bool | None:
+    st = lab.status(node, "storage-monitor") or {}
+    for p in st.get("paths", []):
+        if p["device"] == device and p["path"] == path:
+            return p["reachable"]  # type: ignore[no-any-return]
+    return None
+
+
+def test_one_cut_path_goes_down_without_failover(lab: Lab) -> None:
+    """An nftables drop of node-a's path 1 to the SAN target (its port, in node-a's
+    namespace): that path goes down, the device stays reachable through path 0, and
+    nothing fails over; removing the drop brings the path back."""
+    lab.start()
+    lab.wait_for(lab.home_held, 30, what="every group held by its home node")
+    dev = "vtl-a0"
+    lab.wait_for(lambda: all(_path_state(lab, "node-a", dev, i) for i in range(2)), 10,
+                 what="both of node-a's paths to vtl-a0 reachable")
+    san_ip = lab.san_host()
+    port = lab.cfg.san.port + 1
+    t0 = time.monotonic()
+    lab.nft("node-a", f"""table inet vtlha_san_cut {{
+  chain out {{ type filter hook output priority -300; ip daddr {san_ip} tcp dport {port} drop; }}
+}}
+""")
+    try:
+        lab.wait_for(lambda: _path_state(lab, "node-a", dev, 1) is False, 15,
+                     what="node-a's path 1 to vtl-a0 down")
+        took = time.monotonic() - t0
+        assert _path_state(lab, "node-a", dev, 0) is True
+        # A short observation: node-a keeps its data group (the device is reachable).
+        deadline = time.monotonic() + 3 * lab.cfg.timings.lease_ttl + 1.0
+        while time.monotonic() < deadline:
+            assert lab.held_by()["node-a-data"] == "node-a"
+            assert _path_state(lab, "node-a", dev, 0) is True
+            time.sleep(0.1)
+        lab.wait_for(lambda: [e for e in lab.events() if e.kind == "storage.path_down"
+                              and e.node == "node-a" and e.data.get("device") == dev
+                              and e.data.get("path") == 1], 10,
+                     what="a storage.path_down event for node-a's path 1")
+        kinds = [e.kind for e in lab.events()]
+        assert "storage.device_lost" not in kinds
+        assert not [k for k in kinds if k.startswith("failover.")], kinds
+    finally:
+        lab.nft("node-a", "delete table inet vtlha_san_cut\n")
+    lab.wait_for(lambda: _path_state(lab, "node-a", dev, 1) is True, 15,
+                 what="node-a's path 1 to vtl-a0 up again")
+    lab.wait_for(lambda: [e for e in lab.events() if e.kind == "storage.path_up"
+                          and e.node == "node-a" and e.data.get("device") == dev
+                          and e.data.get("path") == 1], 10,
+                 what="a storage.path_up event for node-a's path 1")
+    assert lab.held_by()["node-a-data"] == "node-a"
+    lat = sorted(p["latency"] for p in (lab.status("node-a", "storage-monitor") or {})["paths"]
+                 if p["latency"] is not None)
+    print(f"\nnode-a's path 1 reported down {took * 1000:.0f} ms after the drop; probe "
+          f"latencies through the target now: {[round(x * 1e6) for x in lat]} us")

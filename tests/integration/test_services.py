@@ -28,6 +28,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
+from vtlha import bus
 from vtlha.errors import InvalidMessage
 from vtlha.localcluster import DEVICE_BYTES, LocalCluster
 from vtlha.messages import Heartbeat, PathHealth, StorageReport, decode
@@ -247,6 +248,15 @@ def test_heartbeat_carries_process_checks(local_cluster: LocalCluster,
 
 # ---- c. storage-monitor ----------------------------------------------------------
 
+async def _events_stream(lc: LocalCluster) -> None:
+    nc = await lc.connect()
+    try:
+        await bus.ensure_events_stream(nc.jetstream(), Subjects(lc.cfg.cluster), replicas=1,
+                                       max_bytes=1 << 20, max_age=3600.0)
+    finally:
+        await nc.close()
+
+
 def test_storage_paths_and_heartbeat_verdict(local_cluster: LocalCluster,
                                              nats_server: NatsServer) -> None:
     lc, url = local_cluster, nats_server.spec.url
@@ -255,6 +265,8 @@ def test_storage_paths_and_heartbeat_verdict(local_cluster: LocalCluster,
     assert len(devices) == 4
     backing = lc.state_root / "san" / "vtl-a0.img"
     lc.create_devices()
+    lc.start_san()  # the storage-monitor probes through the SAN target
+    asyncio.run(_events_stream(lc))  # the arbiter makes it; none runs here
     lc.start_service("node-a", "heartbeat")
 
     reports = watch(url, subj.storage("node-a"), StorageReport, lambda got: len(got) >= 1,
@@ -278,7 +290,7 @@ def test_storage_paths_and_heartbeat_verdict(local_cluster: LocalCluster,
     for p in paths_of(last, "vtl-a0"):
         assert p.reachable is False
         assert p.latency is None
-        assert p.error and "short read" in p.error, p
+        assert p.error and "EIO" in p.error, p  # the target's reply to a read past the end
     for p in last.paths:
         if p.device != "vtl-a0":
             assert p.reachable is True and p.latency is not None and p.error is None, p
@@ -314,6 +326,19 @@ def test_storage_paths_and_heartbeat_verdict(local_cluster: LocalCluster,
                   CHANGE_TIMEOUT)
     assert beats[-1].storage is not None
     assert beats[-1].storage.failed_devices == []
+
+    def kinds(device: str, path: int) -> list[str]:
+        return [e.kind for e in lc.events() if e.kind.startswith("storage.")
+                and e.node == "node-a" and e.data.get("device") == device
+                and e.data.get("path", path) == path]
+
+    for i in range(2):  # each hysteresis change of each path is an event, in order
+        ks = lc.wait_for(lambda i=i: (k := kinds("vtl-a0", i)) and k[-1] == "storage.path_up"
+                         and k, CHANGE_TIMEOUT, what=f"vtl-a0 path {i}'s path_up event")
+        assert "storage.path_down" in ks, ks
+        assert ks.index("storage.path_down") < len(ks) - 1
+    assert "storage.device_lost" in kinds("vtl-a0", -1)
+    assert not [k for d in devices if d != "vtl-a0" for k in kinds(d, 0)]
 
 
 # ---- d. HTTP endpoints -----------------------------------------------------------
