@@ -271,12 +271,13 @@ def lab_down(lab_id: str | None, all_: bool) -> None:
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Where state and logs go (default: a new temporary directory).")
 @click.option("--keep", is_flag=True, help="Keep the work directory afterwards.")
-def demo(config_path: str | None, work_dir: str | None, keep: bool) -> None:
+@click.option("--loopback", is_flag=True, help="Loopback mode even as root (no network lab).")
+def demo(config_path: str | None, work_dir: str | None, keep: bool, loopback: bool) -> None:
     from vtlha.demo import run_demo
 
     default = Path(__file__).parent.parent / "examples" / "cluster.yaml"
     src = Path(config_path) if config_path else default
-    sys.exit(run_demo(src, Path(work_dir) if work_dir else None, keep))
+    sys.exit(run_demo(src, Path(work_dir) if work_dir else None, keep, loopback))
 
 
 # ---- the reference SAN target ------------------------------------------------------

@@ -6,7 +6,6 @@ Everything it starts is stopped on exit, Ctrl-C included."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -59,25 +58,17 @@ def _is_lab(c: LocalCluster) -> bool:
     return isinstance(c, Lab)
 
 
-async def _events(c: LocalCluster) -> list[str]:
-    nc = await c.connect()
-    try:
-        evs = await eventlog.read(nc.jetstream(), Subjects(c.cfg.cluster))
-    finally:
-        await nc.close()
-    return [eventlog.format_event(seq, e) for seq, e in evs]
-
-
-def _make_cluster(src: Path, tmp: Path) -> LocalCluster:
+def _make_cluster(src: Path, tmp: Path, loopback: bool = False) -> LocalCluster:
     cfg_path = prepare_config(src, tmp)
-    if os.geteuid() == 0 and shutil.which("ip"):
+    if os.geteuid() == 0 and shutil.which("ip") and not loopback:
         from vtlha.lab import Lab
 
         _say("  mode: NETWORK LAB — running as root: each host in its own network namespace,")
         _say("        veth links on bridges, floating addresses really configured, a client")
         _say("        namespace probing node-a's data address every 5 ms.")
         return Lab(cfg_path, tmp)
-    _say("  mode: LOOPBACK — not root: every host's services on 127.0.0.1 with its own ports;")
+    _say(f"  mode: LOOPBACK — {'asked for' if loopback else 'not root'}: every host's services "
+         "on 127.0.0.1 with its own ports;")
     _say("        floating addresses are only RECORDED by the recording IP backend, not")
     _say("        configured. Run as root for the network lab.")
     return LocalCluster(cfg_path, tmp)
@@ -98,16 +89,22 @@ def _start_client(c: LocalCluster, address: str) -> Path | None:
     return timeline
 
 
-def run_demo(src: Path, work_dir: Path | None, keep: bool) -> int:
+def run_demo(src: Path, work_dir: Path | None, keep: bool, loopback: bool = False) -> int:
     tmp = work_dir or Path(tempfile.mkdtemp(prefix="vtlha-demo-"))
 
+    owner = os.getpid()
+
     def _term(signum: int, frame: FrameType | None) -> None:
+        # pyroute2 forks helper processes for namespace sockets; they inherit this
+        # handler and must just exit, not run the demo's clean-up.
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
     logging.getLogger("vtlha").setLevel(logging.ERROR)
     _say("vtl-ha demo")
-    c = _make_cluster(src, tmp)
+    c = _make_cluster(src, tmp, loopback)
     _say(f"  work dir: {tmp} (logs in {tmp / 'logs'})")
     try:
         return _run(c)
@@ -136,6 +133,12 @@ def _run(c: LocalCluster) -> int:
     survivor = c.cfg.companion(victim).name
     mine = [g for g, h in home.items() if h == victim]
     address = c.cfg.group_addresses(f"{victim}-data")[0].split("/")[0]
+    # The design keeps the stream leaders on the witness (the active arbiter moves them
+    # there within a second or two of starting): crash a node only once they are.
+    witness = c.cfg.witness.host
+    if witness in c.cfg.nats.servers and len(c.cfg.nats.servers) > 1:
+        c.wait_for(lambda: c.kv_leader() == witness and c.kv_leader(events=True) == witness,
+                   30, interval=0.2, what="the KV and event-stream leaders on the witness")
     timeline = _start_client(c, address)
     if timeline is not None:
         c.wait_for(lambda: any(e["ok"] and e["who"] == victim
@@ -170,7 +173,7 @@ def _run(c: LocalCluster) -> int:
              f"  client's ARP entry for {address}: {mac}")
         result += f"; client outage {gap[2] * 1000:.0f} ms"
     _say("\n  events (stream " + Subjects(c.cfg.cluster).events_stream + "):")
-    for line in asyncio.run(_events(c)):
-        _say("    " + line)
+    for n, e in enumerate(c.events(), 1):
+        _say("    " + eventlog.format_event(n, e))
     _say(f"\n  result: {result}")
     return 0

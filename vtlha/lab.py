@@ -25,7 +25,6 @@ by another process.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import json
@@ -268,24 +267,6 @@ class Lab(LocalCluster):
                 if found:
                     ipr.link("set", index=found[0], state="up" if up else "down")
 
-    def kv_leader(self) -> str | None:
-        """The server leading the KV's raft group now (None when not reachable)."""
-        from vtlha import bus
-        from vtlha.subjects import Subjects
-
-        async def _go() -> str | None:
-            nc = await self.connect()
-            try:
-                return await bus.stream_leader(nc.jetstream(timeout=2),
-                                               bus.kv_stream(Subjects(self.cfg.cluster)))
-            finally:
-                await nc.close()
-
-        try:
-            return asyncio.run(_go())
-        except Exception:
-            return None
-
     def nft(self, host: str, script: str) -> None:
         """Apply an nftables script inside a host's namespace (test faults such as a cut
         path; the ip-manager's fence does not fork nft)."""
@@ -420,6 +401,8 @@ class Lab(LocalCluster):
         self.record.save()
 
     def stop(self) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked helper (pyroute2 forks for namespace sockets) owns nothing
         try:
             super().stop()
         finally:

@@ -9,6 +9,7 @@ recorded by the recording IP backend, and it says so."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import socket
 import sys
@@ -96,6 +97,7 @@ class LocalCluster:
         self.procs = ProcessGroup(work_dir / "logs")
         self.external_nats = nats_urls
         self.servers: dict[str, NatsServer] = {}
+        self.owner_pid = os.getpid()
 
     # ---- set-up ------------------------------------------------------------
     def create_devices(self) -> None:
@@ -227,6 +229,8 @@ class LocalCluster:
         return killed
 
     def stop(self) -> None:
+        if os.getpid() != self.owner_pid:
+            return  # a forked helper (pyroute2 forks for namespace sockets) owns nothing
         self.procs.stop_all()
         for srv in self.servers.values():
             srv.stop()
@@ -275,6 +279,26 @@ class LocalCluster:
             return await bus.retry_js("kv read", _go, deadline=15.0)
 
         return asyncio.run(_retried())
+
+    def kv_leader(self, events: bool = False) -> str | None:
+        """The server leading the KV's (or, with ``events``, the event stream's) raft
+        group now (None when not reachable)."""
+        from vtlha.subjects import Subjects
+
+        subj = Subjects(self.cfg.cluster)
+        stream = subj.events_stream if events else bus.kv_stream(subj)
+
+        async def _go() -> str | None:
+            nc = await self.connect()
+            try:
+                return await bus.stream_leader(nc.jetstream(timeout=2), stream)
+            finally:
+                await nc.close()
+
+        try:
+            return asyncio.run(_go())
+        except Exception:
+            return None
 
     def events(self) -> list[Event]:
         """Every event in the stream now (a fresh connection)."""
