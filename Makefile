@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 all: test
 
 help:
-	@echo "make demo   - local two-node cluster: kill node-a, watch node-b take over"
+	@echo "make demo   - two-node cluster (network lab as root, loopback otherwise): crash node-a, watch node-b take over"
 	@echo "make test   - lint (ruff, mypy) then the whole test suite"
 	@echo "make lint   - ruff and mypy only"
 	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
+	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
 	@echo "make clean  - remove the venv and caches"
 
 $(BIN)/python:
