@@ -106,7 +106,7 @@ def _lone_executor_fault(lab: Lab, sig: int) -> None:
           f"node-a stopped answering {(stopped - t0) * 1000:.0f} ms after (lease_ttl "
           f"{ttl * 1000:.0f} ms), address still configured; observer {obs.samples} samples, "
           f"longest gap {obs.max_gap * 1000:.1f} ms, {len(obs.overlaps)} overlaps")
-    assert stopped - t0 <= ttl + 0.05
+    assert stopped - t0 <= ttl + obs.max_gap + 0.01  # seen at the observer's next poll
     assert obs.overlaps == [], obs.overlaps[:3]
     if sig == signal.SIGSTOP:
         ipm.signal(signal.SIGCONT)  # resumed: no valid notice, so it removes the address
