@@ -273,12 +273,16 @@ class Lab(LocalCluster):
         subprocess.run([*self.prefix(host), "nft", "-f", "-"], input=script.encode(),
                        check=True, timeout=10, capture_output=True)
 
-    def cut_path(self, host: str, peer: str) -> None:
-        """Drop every packet between ``host`` and ``peer`` (inside ``host``'s namespace)."""
+    def cut_path(self, host: str, peer: str, port: int | None = None) -> None:
+        """Drop every packet between ``host`` and ``peer`` (inside ``host``'s namespace),
+        or with ``port`` only that TCP port of the peer (e.g. one path to the SAN target).
+        ``heal_path`` undoes it."""
         ip = self.service_ip(peer).split("/")[0]
+        out = f"ip daddr {ip}" + (f" tcp dport {port}" if port else "")
+        inp = f"ip saddr {ip}" + (f" tcp sport {port}" if port else "")
         self.nft(host, f"""table inet vtlha_cut {{
-  chain in {{ type filter hook input priority -300; ip saddr {ip} drop; }}
-  chain out {{ type filter hook output priority -300; ip daddr {ip} drop; }}
+  chain in {{ type filter hook input priority -300; {inp} drop; }}
+  chain out {{ type filter hook output priority -300; {out} drop; }}
 }}
 """)
 
@@ -507,11 +511,3 @@ def leftovers(only_created_here: bool = False) -> list[str]:
     if only_created_here:
         ups = [n for n in ups if n[2:] in CREATED]
     return names + ups
-
-
-def lab_config_ok(cfg: ClusterConfig) -> list[str]:
-    """Problems that stop a cluster file from running in the lab (empty when fine)."""
-    problems = []
-    if cfg.witness.service_ip is None:
-        problems.append("witness.service_ip is required for the lab")
-    return problems

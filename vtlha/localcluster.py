@@ -334,14 +334,6 @@ class LocalCluster:
         wrong; none during a takeover of the leader key)."""
         return [h for h in self.cfg.hosts if self.arbiter_role(h) == "active"]
 
-    def owners(self) -> dict[str, str | None]:
-        """group -> owner, as the active arbiter reports it (state held only)."""
-        active = self.active_arbiters()
-        st = self.status(active[0] if active else self.cfg.witness.host, "arbiter") or {}
-        groups: dict[str, dict[str, Any]] = st.get("groups", {})
-        return {g: (v["owner"] if v.get("state") == "held" else None)
-                for g, v in groups.items()}
-
     def recorded_addresses(self, host: str) -> list[str]:
         p = self.state_root / host / "addresses.json"
         try:

@@ -27,7 +27,6 @@ class Rule(StrEnum):
     INITIAL_ASSIGN = "initial_assign"
     HEARTBEATS_STOPPED = "heartbeats_stopped"
     NODE_BACK = "node_back"
-    BOTH_DOWN = "both_down"
     RESUME_ACQUIRE = "resume_acquire"
     STORAGE_LOCAL_FAILURE = "storage_local_failure"
     STORAGE_GLOBAL_FAILURE = "storage_global_failure"

@@ -177,13 +177,9 @@ def test_one_cut_path_goes_down_without_failover(lab: Lab) -> None:
     dev = "vtl-a0"
     lab.wait_for(lambda: all(_path_state(lab, "node-a", dev, i) for i in range(2)), 10,
                  what="both of node-a's paths to vtl-a0 reachable")
-    san_ip = lab.san_host()
-    port = lab.cfg.san.port + 1
+    assert lab.san_host() == lab.service_ip("witness").split("/")[0]
     t0 = time.monotonic()
-    lab.nft("node-a", f"""table inet vtlha_san_cut {{
-  chain out {{ type filter hook output priority -300; ip daddr {san_ip} tcp dport {port} drop; }}
-}}
-""")
+    lab.cut_path("node-a", "witness", port=lab.cfg.san.port + 1)  # path 1 only
     try:
         lab.wait_for(lambda: _path_state(lab, "node-a", dev, 1) is False, 15,
                      what="node-a's path 1 to vtl-a0 down")
@@ -203,7 +199,7 @@ def test_one_cut_path_goes_down_without_failover(lab: Lab) -> None:
         assert "storage.device_lost" not in kinds
         assert not [k for k in kinds if k.startswith("failover.")], kinds
     finally:
-        lab.nft("node-a", "delete table inet vtlha_san_cut\n")
+        lab.heal_path("node-a")
     lab.wait_for(lambda: _path_state(lab, "node-a", dev, 1) is True, 15,
                  what="node-a's path 1 to vtl-a0 up again")
     lab.wait_for(lambda: [e for e in lab.events() if e.kind == "storage.path_up"
