@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from typing import Any
 
 import orjson
 
@@ -122,8 +123,11 @@ def test_executor_refuses_stale_and_malformed_commands(local_cluster: LocalClust
     c.start()
     c.wait_for(c.home_held, 30, what="initial ownership")
     s = Subjects(c.cfg.cluster)
-    st = c.wait_for(lambda: c.status("node-a", "ip-manager"), 10,
-                    what="node-a's ip-manager status")
+    def recorded() -> dict[str, Any] | None:  # the acquire command's epoch is recorded
+        st = c.status("node-a", "ip-manager")
+        return st if st and "node-a-data" in st.get("epochs", {}) else None
+
+    st = c.wait_for(recorded, 10, what="node-a's ip-manager to record node-a-data's epoch")
     term, epoch = st["term"], st["epochs"]["node-a-data"]
     assert term >= 1 and epoch == 1
 
