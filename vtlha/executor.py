@@ -3,32 +3,66 @@
 Subscribes to ``ha.<cluster>.cmd.<node>.<service>``, validates each command (schema,
 cluster, group of this node's pair, fencing tokens), carries it out and replies with
 an Ack. Commands are handled one at a time, in arrival order, so an acquire and a
-release of one group never interleave."""
+release of one group never interleave.
+
+It also keeps the hold rule (``vtlha.protocol.hold``): the latest acquire command AND
+a valid lease notice from the node's lease holder. Each group has its own enforcement
+loop (a slow resource agent of one group never delays another group's lapse), and a
+notice triggers one at once. Subclasses say how to start, keep and stop holding."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
-from vtlha.errors import InvalidMessage
+from vtlha.errors import InvalidMessage, VtlhaError
 from vtlha.fencing import FencingStore
-from vtlha.messages import Ack, Command, decode, encode
+from vtlha.messages import Ack, Command, LeaseNotice, decode, encode
+from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
+
+ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
+
+
+class ReleaseIncomplete(VtlhaError):
+    """A release could not be finished (the ack says so, ok false): the arbiter then
+    waits the old owner's lease out instead."""
 
 
 class Executor(Service):
-    """Subclasses implement ``acquire(group)`` and ``release(group)`` and return the
-    addresses/devices now held for that group (for the Ack's ``held``)."""
+    """Subclasses implement the holding hooks: ``holds(group)``, ``start_holding(group,
+    epoch, until)``, ``keep_holding(group, until)``, ``stop_holding(group)`` and
+    ``held(group)`` (addresses/devices held, for the Ack). ``until`` is when holding must
+    stop (this host's monotonic clock) unless a newer notice extends it."""
 
-    async def acquire(self, group: str, epoch: int) -> list[str]:
+    def holds(self, group: str) -> bool:
         raise NotImplementedError
 
-    async def release(self, group: str, epoch: int) -> list[str]:
+    def held(self, group: str) -> list[str]:
         raise NotImplementedError
+
+    async def start_holding(self, group: str, epoch: int, until: float) -> None:
+        raise NotImplementedError
+
+    async def keep_holding(self, group: str, until: float) -> None:
+        raise NotImplementedError
+
+    async def stop_holding(self, group: str) -> None:
+        """Stop holding; raise ReleaseIncomplete when that cannot be finished."""
+        raise NotImplementedError
+
+    #: the event kind of an acquire of what is held already, or a release of nothing
+    noop_kind = "executor.noop"
+
+    def noop(self, group: str, epoch: int, action: str, detail: str) -> None:
+        self.emit_soon(self.noop_kind, f"{self.node}: {detail}", group=group,
+                       epoch=epoch, data={"action": action, "service": self.name})
 
     #: the command being carried out (for hooks that need more than group and epoch)
     command: Command | None = None
@@ -44,12 +78,80 @@ class Executor(Service):
         self.my_groups = (
             {g for n in pair.nodes for g in (n.data_group, n.mgmt_group)} if pair else set()
         )
+        self.gate = HoldGate(margin=self.config.timings.margin)
+        self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
+
+    def executor_groups(self) -> set[str]:
+        """The groups this executor holds anything for (all of the pair's by default)."""
+        return self.my_groups
 
     async def start_executor(self) -> None:
+        """Lease notices, commands, and one enforcement loop per group."""
+        await self.nc.subscribe(self.subjects.lease(self.node),
+                                cb=self.subscribe_handler("lease", self._on_notice))
         self._cmd_sub = await self.nc.subscribe(
             self.subjects.cmd(self.node, self.name),
             cb=self.subscribe_handler("command", self._on_command),
         )
+        for g in sorted(self.executor_groups()):
+            self.every(ENFORCE_INTERVAL, functools.partial(self.enforce, g), f"enforce-{g}")
+
+    # ---- holding: command AND valid lease notice --------------------------------
+    async def _on_notice(self, msg: Msg) -> None:
+        n = decode(LeaseNotice, msg.data)
+        if n.node != self.node or n.group not in self.my_groups:
+            raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
+        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+        if n.group in self.executor_groups():
+            await self.enforce(n.group)
+
+    async def enforce_all(self) -> None:
+        await asyncio.gather(*(self.enforce(g) for g in self.executor_groups()))
+
+    async def enforce(self, group: str) -> None:
+        """Make what is held match the hold rule for ``group``."""
+        async with self._group_locks[group]:
+            why = self.gate.verdict(group, time.monotonic())
+            if why is Why.HOLD:
+                until = self.gate.valid_until(group)
+                assert until is not None
+                if not self.holds(group):
+                    await self.start_holding(group, self.gate.desired[group], until)
+                else:
+                    await self.keep_holding(group, until)
+            elif self.holds(group):
+                try:
+                    await self.stop_holding(group)
+                finally:
+                    if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
+                        kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
+                        self.emit_soon(kind, f"{self.name} on {self.node} released {group} "
+                                       f"on its own: {why}", group=group,
+                                       epoch=self.gate.desired.get(group))
+
+    async def acquire(self, group: str, epoch: int) -> list[str]:
+        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
+        epoch is valid."""
+        already = self.holds(group) and self.gate.desired.get(group) == epoch
+        self.gate.on_acquire(group, epoch)
+        if group in self.executor_groups():
+            await self.enforce(group)
+        if already:
+            self.noop(group, epoch, "acquire", f"{self.name} already holds {group}")
+        return self.held(group) if group in self.executor_groups() else []
+
+    async def release(self, group: str, epoch: int) -> list[str]:
+        """Release now; the ack goes out only after holding has really stopped."""
+        self.gate.on_release(group)
+        if group not in self.executor_groups():
+            return []
+        async with self._group_locks[group]:
+            was_held = self.holds(group)
+            await self.stop_holding(group)
+        if not was_held:
+            self.noop(group, epoch, "release", f"{self.name} holds nothing of {group}: "
+                      "nothing to release")
+        return []
 
     async def stop(self) -> None:
         if self._cmd_sub is not None:
@@ -86,12 +188,18 @@ class Executor(Service):
             return self._ack(False, refusal, cmd.term, cmd.epoch, cmd.group)
         self.fencing.record(cmd.term, group, cmd.epoch)
         self.command = cmd
-        if cmd.action == "term":
-            held: list[str] = []
-        elif cmd.action == "acquire":
-            held = await self.acquire(cmd.group, cmd.epoch)
-        else:
-            held = await self.release(cmd.group, cmd.epoch)
+        try:
+            if cmd.action == "term":
+                held: list[str] = []
+            elif cmd.action == "acquire":
+                held = await self.acquire(cmd.group, cmd.epoch)
+            else:
+                held = await self.release(cmd.group, cmd.epoch)
+        except ReleaseIncomplete as exc:
+            self.commands.labels(cmd.action, "incomplete").inc()
+            self.log.warning("command not finished", extra={
+                "action": cmd.action, "group": cmd.group, "epoch": cmd.epoch, "reason": str(exc)})
+            return self._ack(False, str(exc), cmd.term, cmd.epoch, cmd.group)
         self.commands.labels(cmd.action, "ok").inc()
         self.log.info("command done", extra={"action": cmd.action, "group": cmd.group,
                                              "term": cmd.term, "epoch": cmd.epoch, "held": held})

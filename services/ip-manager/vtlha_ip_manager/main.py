@@ -16,7 +16,6 @@ management address) the report says healthy and ``monitored: false``, and why.""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import time
@@ -24,24 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import click
-from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vtlha import bus
 from vtlha.config import ClusterConfig
-from vtlha.errors import FatalError, InvalidMessage, VtlhaError
+from vtlha.errors import FatalError, VtlhaError
 from vtlha.executor import Executor
 from vtlha.fence import Fence
-from vtlha.messages import GroupRecord, LeaseNotice, MgmtReport, decode, encode
-from vtlha.protocol.hold import HoldGate, Why
+from vtlha.messages import GroupRecord, MgmtReport, decode, encode
 from vtlha.service import service_command
 from vtlha_ip_manager.backend import IpBackend, RecordingBackend
 from vtlha_ip_manager.mgmt import MgmtMonitor, MgmtSnapshot, unmonitored
 from vtlha_ip_manager.netlink import NetlinkBackend, ip_of
 
-ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
 FENCE_CHECK_INTERVAL = 1.0  # seconds between checks that the fence tables are there
 FENCE_WRITE_BOUND = 0.005  # a fence write slower than this is re-checked at once
 TEST_PAUSE_FILE = "VTLHA_TEST_FENCE_PAUSE_FILE"
@@ -77,6 +73,7 @@ def _gauge_value(value: bool | float | None) -> float:
 
 class IpManager(Executor):
     name = "ip-manager"
+    noop_kind = "address.noop"
     http_port_key = "ip_manager"
     cli_options = [click.Option(["--backend"], type=click.Choice(["netlink", "recording"]),
                                 default=None, help="IP backend (default: the cluster "
@@ -109,8 +106,6 @@ class IpManager(Executor):
             "vtlha_fence_write_seconds", "Time one fence write (one batch) took",
             buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1.0),
             registry=self.registry)
-        self.gate = HoldGate(margin=self.config.timings.margin)
-        self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
         self.reconciled = False
         self.mgmt: MgmtMonitor | None = None
         self.mgmt_last: MgmtSnapshot | None = None
@@ -138,10 +133,7 @@ class IpManager(Executor):
         await self.backend.start()
         self.log.info("ip backend", extra={"backend": self.backend.description})
         await bus.retry_js("reconcile", self.reconcile)
-        await self.nc.subscribe(self.subjects.lease(self.node),
-                                cb=self.subscribe_handler("lease", self._on_notice))
         await self.start_executor()
-        self.every(ENFORCE_INTERVAL, self._enforce_all, "enforce")
         await self.start_mgmt()
 
     async def stop(self) -> None:
@@ -223,43 +215,29 @@ class IpManager(Executor):
                             data={"removed": addrs, "owner": owner})
         self.reconciled = True
 
-    # ---- holding: command AND valid lease notice --------------------------------
-    async def _on_notice(self, msg: Msg) -> None:
-        n = decode(LeaseNotice, msg.data)
-        if n.node != self.node or n.group not in self.my_groups:
-            raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
-        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
-        await self.enforce(n.group)
+    # ---- holding (the Executor's hold rule calls these) ------------------------
+    def holds(self, group: str) -> bool:
+        return group in self.held_groups
 
-    async def _enforce_all(self) -> None:
-        await asyncio.gather(*(self.enforce(g) for g in self.my_groups))
+    def held(self, group: str) -> list[str]:
+        return list(self.held_groups.get(group, []))
 
-    async def enforce(self, group: str) -> None:
-        """Make what is configured (and fenced) match the hold rule for ``group``."""
-        async with self._group_locks[group]:
-            why = self.gate.verdict(group, time.monotonic())
-            held = group in self.held_groups
-            if why is Why.HOLD:
-                until = self.gate.valid_until(group)
-                assert until is not None
-                if not held:
-                    addrs = self.config.group_addresses(group)
-                    self._fence_write(group, until)  # answer from the moment it is added
-                    for a in addrs:
-                        await self.backend.add(a)
-                    self.held_groups[group] = addrs
-                    self.log.info("holding", extra={"group": group, "addresses": addrs,
-                                                    "epoch": self.gate.desired.get(group)})
-                elif self.fenced_until.get(group) != until:
-                    self._fence_write(group, until)
-                    for a in self.held_groups[group]:
-                        await self.backend.renew(a)
-            elif held:
-                await self._remove(group)
-                if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
-                    kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
-                    self.emit_soon(kind, f"{self.node} released {group} on its own: {why}",
-                                   group=group, epoch=self.gate.desired.get(group))
+    async def start_holding(self, group: str, epoch: int, until: float) -> None:
+        addrs = self.config.group_addresses(group)
+        self._fence_write(group, until)  # answer from the moment it is added
+        for a in addrs:
+            await self.backend.add(a)
+        self.held_groups[group] = addrs
+        self.log.info("holding", extra={"group": group, "addresses": addrs, "epoch": epoch})
+
+    async def keep_holding(self, group: str, until: float) -> None:
+        if self.fenced_until.get(group) != until:
+            self._fence_write(group, until)
+            for a in self.held_groups[group]:
+                await self.backend.renew(a)
+
+    async def stop_holding(self, group: str) -> None:
+        await self._remove(group)
 
     def _fence_write(self, group: str, until: float) -> None:
         """Refresh the group's fence elements to expire at ``until`` (this host's monotonic
@@ -309,7 +287,7 @@ class IpManager(Executor):
         self.log.warning("fence was missing: reinstalled")
         self.emit_soon("fence.repaired", f"{self.node}'s fence tables were missing and were "
                        "reinstalled", data={"held_groups": sorted(self.held_groups)})
-        await self._enforce_all()
+        await self.enforce_all()
 
     async def _remove(self, group: str) -> None:
         """Stop answering first (fence), then remove the addresses and verify."""
@@ -321,29 +299,6 @@ class IpManager(Executor):
             if a in have:
                 await self.backend.remove(a)
         self.held_groups.pop(group, None)
-
-    async def acquire(self, group: str, epoch: int) -> list[str]:
-        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
-        epoch is valid."""
-        already = group in self.held_groups and self.gate.desired.get(group) == epoch
-        self.gate.on_acquire(group, epoch)
-        await self.enforce(group)
-        if already:
-            self.emit_soon("address.noop", f"{self.node} already holds {group}", group=group,
-                            epoch=epoch, data={"action": "acquire"})
-        return list(self.held_groups.get(group, []))
-
-    async def release(self, group: str, epoch: int) -> list[str]:
-        """Release now; the ack goes out only after the addresses are really gone."""
-        self.gate.on_release(group)
-        async with self._group_locks[group]:
-            was_held = group in self.held_groups
-            await self._remove(group)
-        if not was_held:
-            self.emit_soon("address.noop", f"{self.node} holds no address of {group}: "
-                            "nothing to release", group=group, epoch=epoch,
-                            data={"action": "release"})
-        return []
 
     def is_ready(self) -> bool:
         return self.reconciled
