@@ -384,5 +384,87 @@ def san_status(config_path: str, host: str, port_base: int | None, timeout: floa
     click.echo("counters: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
 
 
+@main.group(help="A client of the reference tape data service (test/demo infrastructure): "
+            "write numbered blocks, read them back.")
+def tape() -> None:
+    pass
+
+
+_portal_arg = click.argument("portal", metavar="HOST:PORT")
+
+
+@tape.command("write", help="Write blocks 0, 1, 2, ... to the tape data service at PORTAL, "
+              "each sent again until acknowledged (across failovers); every acknowledgement "
+              "is appended to LOG (JSON lines). Resumes after the last block in LOG. Stops "
+              "after --count blocks, or on SIGTERM/Ctrl-C.")
+@_portal_arg
+@click.option("--log", "log_path", required=True, type=click.Path(dir_okay=False),
+              help="Acknowledgement log (JSON lines).")
+@click.option("--count", default=None, type=click.IntRange(min=1),
+              help="Stop after this many blocks (default: until stopped).")
+@click.option("--interval", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait after each acknowledged block.")
+def tape_write(portal: str, log_path: str, count: int | None, interval: float) -> None:
+    import signal
+
+    from vtlha.tape.client import write_blocks
+
+    async def _run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await write_blocks(portal, Path(log_path), count, interval, stop)
+
+    try:
+        n = asyncio.run(_run())
+    except ValueError as exc:
+        click.echo(f"vtlha tape write: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{n} block(s) acknowledged in all; log {log_path}")
+
+
+@tape.command("verify", help="Read back every block acknowledged in LOG from PORTAL and "
+              "compare; exit 0 when every one is intact, 1 otherwise.")
+@_portal_arg
+@click.option("--log", "log_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Acknowledgement log written by `vtlha tape write`.")
+@click.option("--deadline", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to keep retrying while the portal is unreachable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def tape_verify(portal: str, log_path: str, deadline: float, as_json: bool) -> None:
+    import orjson
+
+    from vtlha.tape.client import TapeError, read_acks, verify_blocks
+
+    blocks = sorted(read_acks(Path(log_path)))
+    try:
+        out = asyncio.run(verify_blocks(portal, blocks, deadline))
+    except (TapeError, ValueError) as exc:
+        click.echo(f"vtlha tape verify: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(orjson.dumps(out).decode())
+    else:
+        click.echo(f"{out['checked']} block(s) read back, {len(out['bad'])} bad; served by "
+                   + ", ".join(f"{n} ({k})" for n, k in sorted(out["nodes"].items())))
+    sys.exit(1 if out["bad"] else 0)
+
+
+@tape.command("status", help="Ask the tape data service at PORTAL who serves it (node, "
+              "epoch, devices, path).")
+@_portal_arg
+def tape_status(portal: str) -> None:
+    import orjson
+
+    from vtlha.tape.client import TapeError, status
+
+    try:
+        click.echo(orjson.dumps(asyncio.run(status(portal)), option=orjson.OPT_INDENT_2).decode())
+    except (TapeError, ValueError) as exc:
+        click.echo(f"vtlha tape status: {exc}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

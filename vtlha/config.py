@@ -126,9 +126,46 @@ def _check_iface(value: str) -> str:
     return value
 
 
+BUILTIN_TAPE_AGENT = "builtin:tape"
+
+
+class Resource(_Model):
+    """A storage resource of a data group, started and stopped by a resource agent (an
+    executable run as ``AGENT start|stop|monitor``, as Pacemaker's resource agents; exit
+    0 is success, and for ``monitor`` 7 means not running). ``builtin:tape`` is the
+    reference tape data service's agent shipped with vtl-ha."""
+
+    name: Name = "tape"
+    agent: str = Field(BUILTIN_TAPE_AGENT, min_length=1, description="executable path, or "
+                       "builtin:tape")
+    start_timeout: float = Field(20.0, gt=0, description="seconds before a start is a failure")
+    stop_timeout: float = Field(20.0, gt=0, description="seconds before a stop is a failure")
+    monitor_timeout: float = Field(5.0, gt=0)
+    monitor_interval: float = Field(10.0, ge=0, description="seconds between monitor runs "
+                                    "while the resource runs (0: never)")
+
+
 class DataGroup(_Model):
     addresses: list[str] = Field(default_factory=list)
     devices: list[Name] = Field(default_factory=list)
+    resources: list[Resource] | None = Field(
+        None, description="storage resources started on the owner after the reservations "
+        "are taken (default: the reference tape data service when the group has devices; "
+        "[] for none)")
+
+    @field_validator("resources")
+    @classmethod
+    def _unique(cls, v: list[Resource] | None) -> list[Resource] | None:
+        names = [r.name for r in v or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"resource names must be unique in a group, {dup[0]!r} is repeated")
+        return v
+
+    def effective_resources(self) -> list[Resource]:
+        if self.resources is not None:
+            return list(self.resources)
+        return [Resource()] if self.devices else []
 
     @field_validator("addresses")
     @classmethod
@@ -257,6 +294,7 @@ class Ports(_Model):
     storage_monitor: int = 9102
     ip_manager: int = 9103
     arbiter: int = 9104
+    tape: int = 10001  # the reference tape data service, on the data group's portal address
 
 
 class ClusterConfig(_Model):
@@ -327,6 +365,10 @@ class ClusterConfig(_Model):
     def group_devices(self, group: str) -> list[str]:
         home, kind = self.groups()[group]
         return list(self.node(home).groups.data.devices) if kind == "data" else []
+
+    def group_resources(self, group: str) -> list[Resource]:
+        home, kind = self.groups()[group]
+        return self.node(home).groups.data.effective_resources() if kind == "data" else []
 
     def port(self, host: str, service: str) -> int:
         """Loopback-mode port of a host's service (base + 100 x host index)."""

@@ -36,33 +36,14 @@ class ReleaseIncomplete(VtlhaError):
 
 
 class Executor(Service):
-    """Subclasses implement the holding hooks: ``holds(group)``, ``start_holding(group,
-    epoch, until)``, ``keep_holding(group, until)``, ``stop_holding(group)`` and
-    ``held(group)`` (addresses/devices held, for the Ack). ``until`` is when holding must
-    stop (this host's monotonic clock) unless a newer notice extends it."""
+    """Subclasses implement ``acquire(group, epoch)`` and ``release(group, epoch)`` and
+    return what they hold for that group (for the Ack's ``held``)."""
 
-    def holds(self, group: str) -> bool:
+    async def acquire(self, group: str, epoch: int) -> list[str]:
         raise NotImplementedError
 
-    def held(self, group: str) -> list[str]:
+    async def release(self, group: str, epoch: int) -> list[str]:
         raise NotImplementedError
-
-    async def start_holding(self, group: str, epoch: int, until: float) -> None:
-        raise NotImplementedError
-
-    async def keep_holding(self, group: str, until: float) -> None:
-        raise NotImplementedError
-
-    async def stop_holding(self, group: str) -> None:
-        """Stop holding; raise ReleaseIncomplete when that cannot be finished."""
-        raise NotImplementedError
-
-    #: the event kind of an acquire of what is held already, or a release of nothing
-    noop_kind = "executor.noop"
-
-    def noop(self, group: str, epoch: int, action: str, detail: str) -> None:
-        self.emit_soon(self.noop_kind, f"{self.node}: {detail}", group=group,
-                       epoch=epoch, data={"action": action, "service": self.name})
 
     #: the command being carried out (for hooks that need more than group and epoch)
     command: Command | None = None
@@ -78,80 +59,12 @@ class Executor(Service):
         self.my_groups = (
             {g for n in pair.nodes for g in (n.data_group, n.mgmt_group)} if pair else set()
         )
-        self.gate = HoldGate(margin=self.config.timings.margin)
-        self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
-
-    def executor_groups(self) -> set[str]:
-        """The groups this executor holds anything for (all of the pair's by default)."""
-        return self.my_groups
 
     async def start_executor(self) -> None:
-        """Lease notices, commands, and one enforcement loop per group."""
-        await self.nc.subscribe(self.subjects.lease(self.node),
-                                cb=self.subscribe_handler("lease", self._on_notice))
         self._cmd_sub = await self.nc.subscribe(
             self.subjects.cmd(self.node, self.name),
             cb=self.subscribe_handler("command", self._on_command),
         )
-        for g in sorted(self.executor_groups()):
-            self.every(ENFORCE_INTERVAL, functools.partial(self.enforce, g), f"enforce-{g}")
-
-    # ---- holding: command AND valid lease notice --------------------------------
-    async def _on_notice(self, msg: Msg) -> None:
-        n = decode(LeaseNotice, msg.data)
-        if n.node != self.node or n.group not in self.my_groups:
-            raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
-        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
-        if n.group in self.executor_groups():
-            await self.enforce(n.group)
-
-    async def enforce_all(self) -> None:
-        await asyncio.gather(*(self.enforce(g) for g in self.executor_groups()))
-
-    async def enforce(self, group: str) -> None:
-        """Make what is held match the hold rule for ``group``."""
-        async with self._group_locks[group]:
-            why = self.gate.verdict(group, time.monotonic())
-            if why is Why.HOLD:
-                until = self.gate.valid_until(group)
-                assert until is not None
-                if not self.holds(group):
-                    await self.start_holding(group, self.gate.desired[group], until)
-                else:
-                    await self.keep_holding(group, until)
-            elif self.holds(group):
-                try:
-                    await self.stop_holding(group)
-                finally:
-                    if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
-                        kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
-                        self.emit_soon(kind, f"{self.name} on {self.node} released {group} "
-                                       f"on its own: {why}", group=group,
-                                       epoch=self.gate.desired.get(group))
-
-    async def acquire(self, group: str, epoch: int) -> list[str]:
-        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
-        epoch is valid."""
-        already = self.holds(group) and self.gate.desired.get(group) == epoch
-        self.gate.on_acquire(group, epoch)
-        if group in self.executor_groups():
-            await self.enforce(group)
-        if already:
-            self.noop(group, epoch, "acquire", f"{self.name} already holds {group}")
-        return self.held(group) if group in self.executor_groups() else []
-
-    async def release(self, group: str, epoch: int) -> list[str]:
-        """Release now; the ack goes out only after holding has really stopped."""
-        self.gate.on_release(group)
-        if group not in self.executor_groups():
-            return []
-        async with self._group_locks[group]:
-            was_held = self.holds(group)
-            await self.stop_holding(group)
-        if not was_held:
-            self.noop(group, epoch, "release", f"{self.name} holds nothing of {group}: "
-                      "nothing to release")
-        return []
 
     async def stop(self) -> None:
         if self._cmd_sub is not None:
@@ -209,3 +122,117 @@ class Executor(Service):
              held: list[str] | None = None) -> Ack:
         return Ack(cluster=self.config.cluster, node=self.node, ok=ok, reason=reason, term=term,
                    epoch=epoch, group=group, service=self.name, held=held or [])
+
+
+class HoldingExecutor(Executor):
+    """Subclasses implement the holding hooks: ``holds(group)``, ``start_holding(group,
+    epoch, until)``, ``keep_holding(group, until)``, ``stop_holding(group)`` and
+    ``held(group)`` (addresses/devices held, for the Ack). ``until`` is when holding must
+    stop (this host's monotonic clock) unless a newer notice extends it."""
+
+    def holds(self, group: str) -> bool:
+        raise NotImplementedError
+
+    def held(self, group: str) -> list[str]:
+        raise NotImplementedError
+
+    async def start_holding(self, group: str, epoch: int, until: float) -> None:
+        raise NotImplementedError
+
+    async def keep_holding(self, group: str, until: float) -> None:
+        raise NotImplementedError
+
+    async def stop_holding(self, group: str) -> None:
+        """Stop holding; raise ReleaseIncomplete when that cannot be finished."""
+        raise NotImplementedError
+
+    #: starting to hold may take long (resource agents): only the group's own loop
+    #: starts it, never a notice or command handler
+    slow_start = False
+
+    #: the event kind of an acquire of what is held already, or a release of nothing
+    noop_kind = "executor.noop"
+
+    def noop(self, group: str, epoch: int, action: str, detail: str) -> None:
+        self.emit_soon(self.noop_kind, f"{self.node}: {detail}", group=group,
+                       epoch=epoch, data={"action": action, "service": self.name})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = HoldGate(margin=self.config.timings.margin)
+        self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
+
+    def executor_groups(self) -> set[str]:
+        """The groups this executor holds anything for (all of the pair's by default)."""
+        return self.my_groups
+
+    async def start_executor(self) -> None:
+        """Lease notices, commands, and one enforcement loop per group."""
+        await self.nc.subscribe(self.subjects.lease(self.node),
+                                cb=self.subscribe_handler("lease", self._on_notice))
+        await super().start_executor()
+        for g in sorted(self.executor_groups()):
+            self.every(ENFORCE_INTERVAL, functools.partial(self.enforce, g), f"enforce-{g}")
+
+    # ---- holding: command AND valid lease notice --------------------------------
+    async def _on_notice(self, msg: Msg) -> None:
+        n = decode(LeaseNotice, msg.data)
+        if n.node != self.node or n.group not in self.my_groups:
+            raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
+        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+        # At once, unless starting to hold may take long (resource agents): then the
+        # group's own loop acts on it. Notices must never queue behind a start, or the
+        # gate would see the lease lapse while renewals wait in line.
+        if n.group in self.executor_groups() and not self.slow_start:
+            await self.enforce(n.group)
+
+    async def enforce_all(self) -> None:
+        await asyncio.gather(*(self.enforce(g) for g in self.executor_groups()))
+
+    async def enforce(self, group: str) -> None:
+        """Make what is held match the hold rule for ``group``."""
+        async with self._group_locks[group]:
+            why = self.gate.verdict(group, time.monotonic())
+            if why is Why.HOLD:
+                until = self.gate.valid_until(group)
+                assert until is not None
+                if not self.holds(group):
+                    await self.start_holding(group, self.gate.desired[group], until)
+                else:
+                    await self.keep_holding(group, until)
+            elif self.holds(group):
+                try:
+                    await self.stop_holding(group)
+                except ReleaseIncomplete as exc:
+                    self.log.warning("release not finished; will try again",
+                                     extra={"group": group, "reason": str(exc)})
+                    return
+                if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
+                    kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
+                    self.emit_soon(kind, f"{self.name} on {self.node} released {group} "
+                                   f"on its own: {why}", group=group,
+                                   epoch=self.gate.desired.get(group))
+
+    async def acquire(self, group: str, epoch: int) -> list[str]:
+        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
+        epoch is valid."""
+        already = self.holds(group) and self.gate.desired.get(group) == epoch
+        self.gate.on_acquire(group, epoch)
+        if group in self.executor_groups() and not self.slow_start:
+            await self.enforce(group)
+        if already:
+            self.noop(group, epoch, "acquire", f"{self.name} already holds {group}")
+        return self.held(group) if group in self.executor_groups() else []
+
+    async def release(self, group: str, epoch: int) -> list[str]:
+        """Release now; the ack goes out only after holding has really stopped."""
+        self.gate.on_release(group)
+        if group not in self.executor_groups():
+            return []
+        async with self._group_locks[group]:
+            was_held = self.holds(group)
+            await self.stop_holding(group)
+        if not was_held:
+            self.noop(group, epoch, "release", f"{self.name} holds nothing of {group}: "
+                      "nothing to release")
+        return []

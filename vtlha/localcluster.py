@@ -163,7 +163,7 @@ class LocalCluster:
         if service == "ip-manager":
             argv += ["--backend", "recording"]
         if service == "storage-monitor":
-            argv += ["--san", self.san_host()]
+            argv += ["--san", self.san_host(), "--portal-host", "127.0.0.1"]
         self.procs.spawn(host, service, argv)
 
     # ---- the reference SAN target -------------------------------------------

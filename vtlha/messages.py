@@ -63,9 +63,22 @@ class PathHealth(_Open):
     error: str | None = None
 
 
+class GroupStorage(_Open):
+    """A data group's storage on the node that holds it (the storage-monitor as
+    executor): ``starting`` (reservations and resource agents under way), ``served``
+    (every reservation held and every resource started), ``failed`` (a reservation or
+    an agent failed: the group is not served; ``reason`` says why), ``stopping``."""
+
+    group: str
+    epoch: int = Field(ge=0)
+    state: Literal["starting", "served", "failed", "stopping"]
+    reason: str = ""
+
+
 class StorageReport(Envelope):
     seq: int = Field(ge=0)
     paths: list[PathHealth] = Field(default_factory=list)
+    groups: list[GroupStorage] = Field(default_factory=list)
 
 
 class MgmtReport(Envelope):

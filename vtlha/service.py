@@ -327,6 +327,7 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
                        f"(hosts: {', '.join(cfg.hosts)})", err=True)
             sys.exit(2)
         urls = nats_urls.split(",") if nats_urls else cfg.nats_urls(first=node)
+        options["config_path"] = str(Path(config_path).resolve())
         port = http_port if http_port is not None else cfg.port(node, cls.http_port_key)
         root = Path(state_dir) if state_dir else Path(cfg.state_dir)
 

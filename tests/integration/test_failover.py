@@ -35,6 +35,13 @@ def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:
         assert after[g][0].owner == "node-b" and after[g][0].epoch == before[g][0].epoch
 
     # The three events, in order, with old and new owner, epoch and a reason sentence.
+    # (A data group's takeover completes once its storage is served on node-b: the
+    # reservations preempted and the tape data service started.)
+    def completed() -> bool:
+        done = {e.group for _, e in events(url, c.cfg.cluster) if e.kind == "failover.completed"}
+        return {"node-a-data", "node-a-mgmt"} <= done
+
+    c.wait_for(completed, 15, what="both takeovers to complete")
     evs = events(url, c.cfg.cluster)
     seq_of = {}
     for seq, e in evs:

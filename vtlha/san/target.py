@@ -10,7 +10,8 @@ is under the state root) and enforces SCSI-3-style persistent reservations in th
 - one node at a time **holds** a device's reservation, at an **epoch**. ``reserve``
   takes a free device (at an epoch not below the device's last one); ``preempt`` moves
   the reservation to the caller when its epoch is above the current one; ``release``
-  gives it up (only the holder, at its epoch). The device's epoch never goes down, also
+  gives it up (only the holder, at its epoch; like a preempt, it waits for the
+  holder's writes in flight). The device's epoch never goes down, also
   across a release, so a stale command from before a release is refused too;
 - a **write** is accepted only from the holder *and* at the reservation's epoch;
   anything else is refused with a reason naming holder and epoch. A preempt waits
@@ -641,8 +642,9 @@ class SanTarget:
             raise _Refused(reason, holder=r.holder, epoch=r.epoch)
         r.holder = None
         self._audit_entry("release", "accepted", conn, req.device, req.epoch)
+        drained = await self._drain_writes(req.device)  # none of its writes lands later
         await self._persist()
-        return self._res_reply(r)
+        return self._res_reply(r, drained=drained)
 
     async def _read(self, conn: _Conn, req: Read, _: bytes) -> Reply:
         b = self._device(conn, req.device)

@@ -54,8 +54,8 @@ from vtlha.protocol import takeover
 from vtlha.service import Service, service_command
 from vtlha_arbiter.election import ElectionRunner
 
-EXECUTORS = ("ip-manager",)  # storage-monitor becomes an executor with storage takeover
-ACQUIRERS = (*EXECUTORS, "heartbeat")  # the lease holder gets the acquire gate
+EXECUTORS = ("ip-manager", "storage-monitor")
+STORAGE = "storage-monitor"  # the executor of data groups with devices (storage takeover)
 ACQUIRE_DEADLINE = 10.0  # seconds an acquire is retried before the policy resumes it
 LEADER_CHECK_INTERVAL = 1.0  # seconds between checks that stream leaders sit on the witness
 #: who hears a new term: the executors, and the lease holder where it answers commands
@@ -468,7 +468,7 @@ class Arbiter(Service):
             acquired = await self._acquire_all(a.new, a.group, epoch, wait)
             released = await release
             if released and acquired and self._lease_left(a.group) > 0:
-                acquired = await self._acquire_all(a.new, a.group, epoch, 0.0, ("heartbeat",))
+                acquired = await self._acquire_all(a.new, a.group, epoch, 0.0, only="heartbeat")
             if not acquired:
                 self.takeovers.labels("acquire_failed").inc()
                 await self.emit("failover.failed", f"{a.new} did not acknowledge acquiring "
@@ -478,6 +478,16 @@ class Arbiter(Service):
                 self.takeovers.labels("not_held").inc()
                 await self.emit("failover.failed", f"{a.new}'s lease holder did not take "
                                 f"{a.group} (epoch {epoch}) in time; will retry", **common)
+                return
+            # Held: the policy may decide about the group again (its new owner could die
+            # while its storage starts); the storage is awaited on the side.
+            self.in_flight.discard(a.group)
+            problem = await self._wait_served(a.group, a.new, epoch)
+            if problem is not None:
+                self.takeovers.labels("not_served").inc()
+                await self.emit("failover.failed", f"{a.new} holds {a.group} (epoch {epoch}) "
+                                f"but does not serve its storage: {problem}",
+                                data={"storage": problem}, **common)
                 return
             took = time.monotonic() - t0
             self.takeover_seconds.observe(took)
@@ -521,6 +531,45 @@ class Arbiter(Service):
             await asyncio.sleep(0.005)
         return False
 
+    def _storage_bound(self, group: str) -> float:
+        """How long a data group's storage may take to be served: every resource's
+        start timeout, plus reservations and a report."""
+        starts = sum(r.start_timeout for r in self.config.group_resources(group))
+        return starts + 2 * self.t.probe_timeout + 2 * self.t.probe_interval + 1.0
+
+    async def _wait_served(self, group: str, owner: str, epoch: int) -> str | None:
+        """For a data group with devices: until the owner's storage-monitor reports it
+        ``served`` at ``epoch`` (None), or ``failed`` (its reason), or the bound passes."""
+        if not self.config.group_devices(group):
+            return None
+        deadline = time.monotonic() + self._storage_bound(group)
+        while time.monotonic() < deadline and not self.stopping:
+            got = self.storage.get(owner)
+            for gs in got[0].groups if got else ():
+                if gs.group == group and gs.epoch == epoch:
+                    if gs.state == "served":
+                        return None
+                    if gs.state == "failed":
+                        return gs.reason or "failed"
+            rec = self.records.get(group)
+            if rec is not None and rec[0].epoch > epoch:
+                return f"moved again (epoch {rec[0].epoch})"
+            await asyncio.sleep(0.005)
+        return (f"not reported served within {self._storage_bound(group):.1f} s "
+                f"(storage-monitor of {owner} down?)")
+
+    async def _served_event(self, kind: str, status: str, pair: str, group: str, node: str,
+                            epoch: int) -> None:
+        self.in_flight.discard(group)  # held: the policy may decide about it again
+        problem = await self._wait_served(group, node, epoch)
+        if problem is None:
+            await self.emit(kind, status, pair=pair, group=group, new=node, term=self.term,
+                            epoch=epoch)
+            return
+        await self.emit("group.not_served", f"{node} holds {group} (epoch {epoch}) but does "
+                        f"not serve its storage: {problem}", pair=pair, group=group, new=node,
+                        term=self.term, epoch=epoch, data={"storage": problem})
+
     async def _assign(self, a: Assign) -> None:
         try:
             rev = await self._cas(a.group, self._record(a.node, 1, "acquiring"), None)
@@ -528,8 +577,7 @@ class Arbiter(Service):
                 return
             if await self._acquire_all(a.node, a.group, 1, 0.0) and \
                     await self._wait_held(a.group, a.node, 1, ACQUIRE_DEADLINE):
-                await self.emit("group.assigned", a.status, pair=a.pair, group=a.group,
-                                new=a.node, term=self.term, epoch=1)
+                await self._served_event("group.assigned", a.status, a.pair, a.group, a.node, 1)
         finally:
             self.in_flight.discard(a.group)
 
@@ -539,8 +587,8 @@ class Arbiter(Service):
         try:
             if await self._acquire_all(a.node, a.group, a.epoch, None) and \
                     await self._wait_held(a.group, a.node, a.epoch, ACQUIRE_DEADLINE):
-                await self.emit("group.resumed", a.status, pair=a.pair, group=a.group,
-                                new=a.node, term=self.term, epoch=a.epoch)
+                await self._served_event("group.resumed", a.status, a.pair, a.group, a.node,
+                                         a.epoch)
         finally:
             self.in_flight.discard(a.group)
 
@@ -572,19 +620,30 @@ class Arbiter(Service):
                 return None
             await asyncio.sleep(min(0.05, self.t.command_timeout))
 
+    def executors_of(self, group: str) -> tuple[str, ...]:
+        """Who carries a group out: the ip-manager, and the storage-monitor for a data
+        group with devices."""
+        return EXECUTORS if self.config.group_devices(group) else ("ip-manager",)
+
     async def _release_all(self, node: str, group: str, epoch: int) -> bool:
         """True when every executor of ``node`` acknowledged the release."""
         deadline = time.monotonic() + self.t.command_timeout
         acks = await asyncio.gather(*(self._send(node, s, "release", group, epoch, deadline,
-                                                 give_up_if_absent=True) for s in EXECUTORS))
+                                                 give_up_if_absent=True)
+                                      for s in self.executors_of(group)))
+        for a in acks:
+            if a is not None and not a.ok:
+                self.log.warning("release not finished", extra={
+                    "group": group, "by": a.node, "service": a.service, "reason": a.reason})
         return all(a is not None and a.ok for a in acks)
 
     async def _acquire_all(self, node: str, group: str, epoch: int, wait: float | None,
-                           services: tuple[str, ...] = ACQUIRERS) -> bool:
+                           only: str | None = None) -> bool:
         """Tell the new owner's executors to hold the group (they do once its lease
         holder's notice for this epoch arrives) and its lease holder when it may start
         (``wait``; None leaves its own gate, the full lease, in place)."""
         deadline = time.monotonic() + ACQUIRE_DEADLINE
+        services = (only,) if only else (*self.executors_of(group), "heartbeat")
         acks = await asyncio.gather(*(self._send(node, s, "acquire", group, epoch, deadline,
                                                  wait=wait) for s in services))
         for a in acks:

@@ -30,7 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vtlha import bus
 from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError, VtlhaError
-from vtlha.executor import Executor
+from vtlha.executor import HoldingExecutor
 from vtlha.fence import Fence
 from vtlha.messages import GroupRecord, MgmtReport, decode, encode
 from vtlha.service import service_command
@@ -71,7 +71,7 @@ def _gauge_value(value: bool | float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-class IpManager(Executor):
+class IpManager(HoldingExecutor):
     name = "ip-manager"
     noop_kind = "address.noop"
     http_port_key = "ip_manager"

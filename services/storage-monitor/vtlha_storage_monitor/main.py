@@ -13,27 +13,47 @@ after each path's round (and at least every ``probe_interval`` meanwhile). A pat
 state changes only after ``fall`` failures or ``rise`` successes in a row; each change
 is an event (``storage.path_down`` / ``storage.path_up``), and a device with no path
 left is ``storage.device_lost``. Events are published in the background, never
-waited for. Storage takeover/release (reservations at the SAN target) comes with the
-storage issue."""
+waited for.
+
+Storage takeover and release (an :class:`~vtlha.executor.Executor`: the latest
+command AND a valid lease notice, as the ip-manager): to hold a data group it takes
+each device's reservation at the SAN target at the group's epoch (``reserve``, or
+``preempt`` when another node holds it), then runs the group's resource agents'
+``start`` (``vtlha.agents``; by default the tape data service). A refused reservation
+or a failing ``start`` leaves the group ``failed`` — reported in the storage report and
+the event ``storage.start_failed``, never "served", and not retried on its own (no
+retry storm). To stop holding it runs the agents' ``stop`` (the data service's I/O has
+stopped when it returns) and then releases the reservations; the release is
+acknowledged only when both are done (a reservation another node preempted counts as
+given up). Events ``storage.takeover`` / ``storage.release`` name device, path, node
+and epoch. While a group is served its agents' ``monitor`` runs every
+``monitor_interval``; a failure is reported (``storage.agent_failed``)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge
 
-from vtlha.config import ClusterConfig
-from vtlha.messages import PathHealth, StorageReport, encode
+from vtlha import bus
+from vtlha.agents import AgentResult, run_agent
+from vtlha.config import ClusterConfig, Resource
+from vtlha.executor import HoldingExecutor, ReleaseIncomplete
+from vtlha.messages import GroupRecord, GroupStorage, PathHealth, StorageReport, decode, encode
 from vtlha.san import SanClient, SanError, SanRefused
-from vtlha.service import Service, service_command
+from vtlha.san.multipath import Multipath
+from vtlha.service import service_command
 
 LOOPBACK = "127.0.0.1"
+RELEASE_RETRY = 1.0  # seconds before an unfinished release is tried again
+MONITOR_TICK = 0.5  # seconds between checks of which resource monitors are due
 
 
 @dataclass
@@ -44,6 +64,21 @@ class PathState:
     streak: int = 0  # results in a row that disagree with `reachable`
     latency: float | None = None
     error: str | None = None
+
+
+@dataclass
+class Serving:
+    """A data group this node holds (or is starting, or failed to start)."""
+
+    group: str
+    epoch: int
+    state: str  # starting | served | failed | stopping
+    reason: str = ""
+    started: list[Resource] = field(default_factory=list)
+    reserved: dict[str, int] = field(default_factory=dict)  # device -> path it was taken on
+    next_monitor: dict[str, float] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)  # resources stopped since the release began
+    retry_at: float = 0.0  # a release that could not be finished is tried again from then
 
 
 def default_san_host(config: ClusterConfig) -> str:
@@ -64,12 +99,18 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-class StorageMonitor(Service):
+class StorageMonitor(HoldingExecutor):
     name = "storage-monitor"
     http_port_key = "storage_monitor"
+    noop_kind = "storage.noop"
+    slow_start = True
     cli_options = [click.Option(["--san"], default=None, metavar="HOST",
                                 help="Address of the SAN target (default: the service IP "
-                                "of the cluster file's san.host; 127.0.0.1 without one)")]
+                                "of the cluster file's san.host; 127.0.0.1 without one)"),
+                   click.Option(["--portal-host"], default=None, metavar="HOST",
+                                help="Data services listen on HOST at the group home's "
+                                "loopback-mode tape port (loopback mode) instead of on the "
+                                "group's first address at ports.tape")]
 
     def __init__(self, config: ClusterConfig, node: str, nats_urls: list[str],
                  state_root: Path, options: dict[str, Any] | None = None) -> None:
@@ -95,6 +136,17 @@ class StorageMonitor(Service):
         self.reconnects = Counter("vtlha_storage_reconnects_total",
                                   "Connections (re)opened to the SAN target, by path",
                                   ["path"], registry=self.registry)
+        self.serving: dict[str, Serving] = {}
+        self.multipath: dict[str, Multipath] = {
+            g: Multipath(config, node, self.san_host, config.group_devices(g), self.timeout)
+            for g in self.executor_groups()}
+        self.agent_runs = Counter("vtlha_storage_agent_runs_total", "Resource agent runs, by "
+                                  "action and result", ["action", "result"],
+                                  registry=self.registry)
+        self.reservations = Counter("vtlha_storage_reservations_total", "Reservation "
+                                    "requests to the SAN target, by op and result",
+                                    ["op", "result"], registry=self.registry)
+        self.reconciled = False
 
     async def start(self) -> None:
         interval = self.config.timings.probe_interval
@@ -104,10 +156,218 @@ class StorageMonitor(Service):
         for i in self.clients:
             self.every(interval, functools.partial(self._probe_path, i), f"probe{i}")
         self.every(interval, self._keep_fresh, "report")
+        await bus.retry_js("reconcile", self.reconcile)
+        await self.start_executor()
+        self.every(MONITOR_TICK, self._monitor_resources, "monitor")
 
     async def stop(self) -> None:
+        await super().stop()
         # A call stuck on a connection ends at once (its reader sees the close).
-        await asyncio.gather(*(c.close() for c in self.clients.values()))
+        await asyncio.gather(*(c.close() for c in self.clients.values()),
+                             *(m.close() for m in self.multipath.values()))
+
+    def executor_groups(self) -> set[str]:
+        """Data groups with devices: the ones with storage to take over."""
+        return {g for g in self.my_groups if self.config.group_devices(g)}
+
+    def is_ready(self) -> bool:
+        return self.reconciled
+
+    # ---- storage takeover and release (the Executor's hold rule calls these) --------
+    async def reconcile(self) -> None:
+        """At start: remember the epoch of each group this node owns (KV), so that a
+        valid notice lets it hold again; stop the resources of groups it does not own
+        that an earlier run left running."""
+        kv = await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
+        for group in sorted(self.executor_groups()):
+            rec: GroupRecord | None = None
+            try:
+                entry = await kv.get(self.subjects.group_key(group))
+                if entry.value:
+                    rec = decode(GroupRecord, entry.value)
+            except (KeyNotFoundError, NotFoundError):
+                rec = None
+            if rec is not None and rec.owner == self.node:
+                self.gate.on_acquire(group, rec.epoch)
+                continue
+            for r in self.config.group_resources(group):
+                if (self._run_dir(group, r) / "pid").exists():
+                    res = await self._agent(group, 0, r, "stop")
+                    self.emit_soon("storage.reconciled", f"{self.node} stopped {r.name} of "
+                                   f"{group} at start: the group is owned by "
+                                   f"{rec.owner if rec else 'nobody'} ({res.detail})",
+                                   group=group, data={"resource": r.name, "ok": res.ok})
+        self.reconciled = True
+
+    def holds(self, group: str) -> bool:
+        return group in self.serving
+
+    def held(self, group: str) -> list[str]:
+        sv = self.serving.get(group)
+        return sorted(sv.reserved) if sv is not None and sv.state == "served" else []
+
+    def _run_dir(self, group: str, r: Resource) -> Path:
+        return self.state_dir / "resources" / group / r.name
+
+    def _portal(self, group: str) -> str:
+        home = self.config.groups()[group][0]
+        portal_host = self.options.get("portal_host")
+        if portal_host:
+            return f"{portal_host}:{self.config.port(home, 'tape')}"
+        addrs = self.config.group_addresses(group)
+        ip = addrs[0].split("/")[0] if addrs else LOOPBACK
+        return f"{ip}:{self.config.ports.tape}"
+
+    def _agent_env(self, group: str, epoch: int) -> dict[str, str]:
+        return {"VTLHA_CLUSTER": self.config.cluster, "VTLHA_NODE": self.node,
+                "VTLHA_GROUP": group, "VTLHA_EPOCH": str(epoch),
+                "VTLHA_DEVICES": ",".join(self.config.group_devices(group)),
+                "VTLHA_PORTAL": self._portal(group), "VTLHA_SAN_HOST": self.san_host,
+                "VTLHA_SAN_PORT": str(self.config.san.port),
+                "VTLHA_CONFIG": str(self.options.get("config_path", ""))}
+
+    async def _agent(self, group: str, epoch: int, r: Resource, action: str) -> AgentResult:
+        res = await run_agent(r, action, self._agent_env(group, epoch), self._run_dir(group, r))
+        self.agent_runs.labels(action, "ok" if res.ok else "failed").inc()
+        (self.log.info if res.ok or res.not_running else self.log.warning)(
+            "resource agent", extra={"group": group, "epoch": epoch, "resource": r.name,
+                                     "action": action, "ok": res.ok, "code": res.code,
+                                     "seconds": round(res.seconds, 3), "detail": res.detail})
+        return res
+
+    async def _take(self, sv: Serving, device: str) -> None:
+        """Take the device's reservation at the group's epoch: reserve when it is free
+        (or ours), preempt when another node holds it. Raises SanError."""
+        mp = self.multipath[sv.group]
+        try:
+            reply = await mp.call(lambda c: c.reserve(device, sv.epoch))
+            op = "reserve"
+        except SanRefused as exc:
+            if "conflict" not in exc.reason:
+                self.reservations.labels("reserve", "refused").inc()
+                raise
+            reply = await mp.call(lambda c: c.preempt(device, sv.epoch))
+            op = "preempt"
+        self.reservations.labels(op, "ok").inc()
+        sv.reserved[device] = mp.path
+        old = reply.get("old_holder")
+        self.emit_soon("storage.takeover", f"{self.node} holds {device} of {sv.group} at "
+                       f"epoch {sv.epoch} ({op} on path {mp.path}"
+                       f"{f', preempting {old}' if old and old != self.node else ''})",
+                       group=sv.group, epoch=sv.epoch, new=self.node,
+                       old=old if old != self.node else None,
+                       data={"device": device, "path": mp.path, "node": self.node,
+                             "op": op, "old_epoch": reply.get("old_epoch")})
+
+    async def start_holding(self, group: str, epoch: int, until: float) -> None:
+        sv = Serving(group, epoch, "starting")
+        self.serving[group] = sv
+        await self._publish()
+        try:
+            for device in self.config.group_devices(group):
+                await self._take(sv, device)
+        except SanError as exc:
+            self.reservations.labels("take", "failed").inc()
+            await self._fail(sv, f"reservation not taken: {exc}")
+            return
+        for r in self.config.group_resources(group):
+            res = await self._agent(group, epoch, r, "start")
+            if not res.ok:
+                # As Pacemaker does after a failed start: stop what may be half started.
+                await self._agent(group, epoch, r, "stop")
+                await self._fail(sv, f"resource {r.name}: start failed: {res.detail}")
+                return
+            sv.started.append(r)
+            if r.monitor_interval > 0:
+                sv.next_monitor[r.name] = time.monotonic() + r.monitor_interval
+        sv.state = "served"
+        self.log.info("serving", extra={"group": group, "epoch": epoch,
+                                        "devices": sorted(sv.reserved),
+                                        "resources": [r.name for r in sv.started]})
+        self.emit_soon("storage.served", f"{self.node} serves {group} at epoch {epoch}: "
+                       f"{len(sv.reserved)} reservation(s) held, resources "
+                       f"{', '.join(r.name for r in sv.started) or 'none'} started",
+                       group=group, epoch=epoch, new=self.node,
+                       data={"devices": sorted(sv.reserved),
+                             "resources": [r.name for r in sv.started]})
+        await self._publish()
+
+    async def _fail(self, sv: Serving, reason: str) -> None:
+        sv.state, sv.reason = "failed", reason
+        self.log.error("group not served", extra={"group": sv.group, "epoch": sv.epoch,
+                                                  "reason": reason})
+        self.emit_soon("storage.start_failed", f"{self.node} does not serve {sv.group} "
+                       f"(epoch {sv.epoch}): {reason}", group=sv.group, epoch=sv.epoch,
+                       new=self.node, data={"node": self.node, "reason": reason})
+        await self._publish()
+
+    async def keep_holding(self, group: str, until: float) -> None:
+        return None  # the reservation does not expire; the target fences by epoch
+
+    async def stop_holding(self, group: str) -> None:
+        """Stop the resources (their I/O has stopped when ``stop`` returns), then give
+        the reservations up. ReleaseIncomplete when either cannot be done."""
+        sv = self.serving.get(group)
+        if sv is None:
+            return
+        if time.monotonic() < sv.retry_at:
+            raise ReleaseIncomplete(f"{self.node} could not finish releasing {group}: "
+                                    f"{sv.reason} (tried again shortly)")
+        sv.state = "stopping"
+        problems: list[str] = []
+        for r in reversed(self.config.group_resources(group)):
+            if r.name in sv.stopped:
+                continue
+            res = await self._agent(group, sv.epoch, r, "stop")
+            if res.ok:
+                sv.stopped.add(r.name)
+            else:
+                problems.append(f"resource {r.name}: stop failed: {res.detail}")
+        mp = self.multipath[group]
+        for device in list(sv.reserved):
+            try:
+                await mp.call(functools.partial(SanClient.release, device=device, epoch=sv.epoch))
+                how = "released"
+            except SanRefused as exc:
+                how = f"not ours any more ({exc.reason})"
+            except SanError as exc:
+                problems.append(f"{device}: reservation not released: {exc}")
+                continue
+            self.reservations.labels("release", "ok").inc()
+            del sv.reserved[device]
+            self.emit_soon("storage.release", f"{self.node} gave up {device} of {group} "
+                           f"(epoch {sv.epoch}): {how}", group=group, epoch=sv.epoch,
+                           old=self.node, data={"device": device, "path": mp.path,
+                                                "node": self.node, "how": how})
+        if problems:
+            sv.reason = "; ".join(problems)
+            sv.retry_at = time.monotonic() + RELEASE_RETRY
+            raise ReleaseIncomplete(f"{self.node} could not finish releasing {group}: "
+                                    f"{sv.reason}")
+        del self.serving[group]
+        await self._publish()
+
+    async def _monitor_resources(self) -> None:
+        now = time.monotonic()
+        for group, sv in list(self.serving.items()):
+            if sv.state != "served":
+                continue
+            for r in sv.started:
+                due = sv.next_monitor.get(r.name)
+                if due is None or now < due:
+                    continue
+                sv.next_monitor[r.name] = now + r.monitor_interval
+                async with self._group_locks[group]:
+                    if self.serving.get(group) is not sv or sv.state != "served":
+                        return
+                    res = await self._agent(group, sv.epoch, r, "monitor")
+                    if not res.ok:
+                        sv.state = "failed"
+                        sv.reason = f"resource {r.name}: monitor failed: {res.detail}"
+                        self.emit_soon("storage.agent_failed", f"{self.node}: {sv.reason}",
+                                       group=group, epoch=sv.epoch,
+                                       data={"resource": r.name, "node": self.node})
+                        await self._publish()
 
     # ---- probing ---------------------------------------------------------------
     async def _connect(self, i: int, states: list[PathState]) -> None:
@@ -194,13 +454,21 @@ class StorageMonitor(Service):
         report = StorageReport(cluster=self.config.cluster, node=self.node, seq=self.seq,
                                paths=[PathHealth(device=s.device, path=s.path,
                                                  reachable=bool(s.reachable), latency=s.latency,
-                                                 error=s.error) for s in self.paths])
+                                                 error=s.error) for s in self.paths],
+                               groups=[GroupStorage(group=g, epoch=sv.epoch, state=sv.state,
+                                                    reason=sv.reason)
+                                       for g, sv in sorted(self.serving.items())])
         self.seq += 1
         self.last_report = time.monotonic()
         await self.nc.publish(self.subjects.storage(self.node), encode(report))
 
     def status(self) -> dict[str, Any]:
         return {"san": self.san_host,
+                "groups": {g: {"epoch": sv.epoch, "state": sv.state, "reason": sv.reason,
+                               "reserved": sv.reserved,
+                               "resources": [r.name for r in sv.started]}
+                           for g, sv in sorted(self.serving.items())},
+                "term": self.fencing.term, "epochs": self.fencing.epochs,
                 "paths": [{"device": s.device, "path": s.path, "reachable": s.reachable,
                            "latency": s.latency, "error": s.error} for s in self.paths]}
 

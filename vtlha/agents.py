@@ -1,0 +1,106 @@
+"""Resource agents: executables run as ``AGENT start|stop|monitor`` (as Pacemaker's
+resource agents), each with a timeout.
+
+The agent learns what to act on from its environment:
+
+=====================  ===========================================================
+``VTLHA_ACTION``       start, stop or monitor (also the first argument)
+``VTLHA_CLUSTER``      the cluster's name
+``VTLHA_NODE``         the node it runs on (the group's owner)
+``VTLHA_GROUP``        the data group
+``VTLHA_EPOCH``        the group's epoch: the data service writes at this epoch, and
+                       the SAN target refuses it once another node preempted
+``VTLHA_DEVICES``      the group's devices, comma-separated
+``VTLHA_RESOURCE``     the resource's name in the cluster file
+``VTLHA_PORTAL``       ``host:port`` the data service listens on
+``VTLHA_SAN_HOST``     the SAN target's address; ``VTLHA_SAN_PORT`` its port base
+``VTLHA_CONFIG``       the cluster file
+``VTLHA_RUN_DIR``      a directory of the resource's own (pid file, logs)
+=====================  ===========================================================
+
+Exit status: 0 is success; for ``monitor``, 0 is running and 7 (OCF_NOT_RUNNING) is
+not running; anything else, or no exit within the timeout (the agent is then killed),
+is a failure. The agent runs in the storage-monitor's process group, so what it
+starts stops with the storage-monitor's container."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtlha.config import BUILTIN_TAPE_AGENT, Resource
+
+OCF_NOT_RUNNING = 7
+OUTPUT_LIMIT = 2000  # characters of an agent's output kept for the report
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    action: str
+    resource: str
+    ok: bool
+    code: int | None  # None: timed out (killed) or could not be run
+    seconds: float
+    detail: str
+
+    @property
+    def not_running(self) -> bool:
+        return self.action == "monitor" and self.code == OCF_NOT_RUNNING
+
+
+def agent_argv(resource: Resource) -> list[str]:
+    if resource.agent == BUILTIN_TAPE_AGENT:
+        return [sys.executable, "-m", "vtlha.tape.agent"]
+    return [resource.agent]
+
+
+def _timeout(resource: Resource, action: str) -> float:
+    return {"start": resource.start_timeout, "stop": resource.stop_timeout,
+            "monitor": resource.monitor_timeout}[action]
+
+
+async def run_agent(resource: Resource, action: str, env: dict[str, str],
+                    run_dir: Path) -> AgentResult:
+    """Run one agent action with its timeout; never raises for the agent's failures."""
+    os.makedirs(run_dir, exist_ok=True)
+    argv = [*agent_argv(resource), action]
+    full_env = {**os.environ, **env, "VTLHA_ACTION": action, "VTLHA_RUN_DIR": str(run_dir),
+                "VTLHA_RESOURCE": resource.name}
+    timeout = _timeout(resource, action)
+    t0 = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=full_env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            cwd=str(run_dir))
+    except OSError as exc:
+        return AgentResult(action, resource.name, False, None, time.monotonic() - t0,
+                           f"cannot run {argv[0]}: {exc.strerror or exc}")
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 1.0)
+        return AgentResult(action, resource.name, False, None, time.monotonic() - t0,
+                           f"{action} of {resource.name} did not finish within {timeout} s "
+                           "(killed)")
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    text = out.decode(errors="replace").strip()[-OUTPUT_LIMIT:]
+    code = proc.returncode
+    ok = code == 0
+    detail = text or f"exit {code}"
+    if not ok and action == "monitor" and code == OCF_NOT_RUNNING:
+        detail = f"not running ({text})" if text else "not running"
+    elif not ok:
+        detail = f"exit {code}: {text}" if text else f"exit {code}"
+    return AgentResult(action, resource.name, ok, code, time.monotonic() - t0, detail)
