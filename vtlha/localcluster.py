@@ -33,7 +33,7 @@ from vtlha.subjects import Subjects
 
 SAN = "san"  # the SAN target's process group name (not a host of the cluster)
 NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat", "arbiter")
-DEVICE_BYTES = 256 * 1024
+DEVICE_BYTES = 16 * 1024 * 1024  # sparse: 4096 blocks of 4 KiB per device
 
 
 def service_binary(service: str) -> str:
@@ -106,7 +106,8 @@ class LocalCluster:
             p = p if p.is_absolute() else self.state_root / p
             p.parent.mkdir(parents=True, exist_ok=True)
             if not p.exists():
-                p.write_bytes(b"\0" * DEVICE_BYTES)
+                with open(p, "wb") as f:
+                    f.truncate(DEVICE_BYTES)
 
     def nats_specs(self) -> list[NatsServerSpec]:
         cluster = len(self.cfg.nats.servers) > 1

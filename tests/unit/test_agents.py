@@ -1,0 +1,98 @@
+"""The resource-agent runner (real processes, no mocks): exit codes, timeouts, the
+environment, and the builtin tape agent's idempotent stop/monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vtlha.agents import OCF_NOT_RUNNING, AgentResult, agent_argv, run_agent
+from vtlha.config import BUILTIN_TAPE_AGENT, DataGroup, Resource, parse_config
+
+
+def _script(tmp_path: Path, body: str) -> str:
+    p = tmp_path / "agent.sh"
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return str(p)
+
+
+def _run(r: Resource, action: str, tmp_path: Path,
+         env: dict[str, str] | None = None) -> AgentResult:
+    return asyncio.run(run_agent(r, action, env or {"VTLHA_GROUP": "g"}, tmp_path / "run"))
+
+
+def test_success_failure_and_not_running(tmp_path: Path) -> None:
+    agent = _script(tmp_path, 'case "$1" in start) echo started;; stop) exit 0;;'
+                              ' monitor) exit 7;; esac\n')
+    r = Resource(name="lib", agent=agent)
+    ok = _run(r, "start", tmp_path)
+    assert ok.ok and ok.code == 0 and ok.detail == "started"
+    mon = _run(r, "monitor", tmp_path)
+    assert not mon.ok and mon.not_running and mon.code == OCF_NOT_RUNNING
+    assert mon.detail == "not running"
+    bad = _run(Resource(name="lib", agent=_script(tmp_path, "echo boom; exit 3\n")),
+               "start", tmp_path)
+    assert not bad.ok and bad.code == 3 and bad.detail == "exit 3: boom"
+
+
+def test_timeout_kills_the_agent(tmp_path: Path) -> None:
+    agent = _script(tmp_path, "echo $$ > \"$VTLHA_RUN_DIR/pid\"; exec sleep 30\n")
+    r = Resource(name="slow", agent=agent, start_timeout=0.3)
+    t0 = time.monotonic()
+    res = _run(r, "start", tmp_path)
+    assert not res.ok and res.code is None
+    assert "did not finish within 0.3 s" in res.detail
+    assert time.monotonic() - t0 < 5
+    pid = int((tmp_path / "run" / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_missing_executable_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    res = _run(Resource(name="x", agent=str(tmp_path / "nope")), "start", tmp_path)
+    assert not res.ok and res.code is None and "cannot run" in res.detail
+
+
+def test_environment_and_run_dir(tmp_path: Path) -> None:
+    agent = _script(tmp_path, 'echo "$1 $VTLHA_ACTION $VTLHA_GROUP $VTLHA_EPOCH '
+                              '$VTLHA_RESOURCE $(pwd)"\n')
+    res = _run(Resource(name="lib", agent=agent), "stop", tmp_path,
+               {"VTLHA_GROUP": "node-a-data", "VTLHA_EPOCH": "7"})
+    assert res.detail == f"stop stop node-a-data 7 lib {tmp_path / 'run'}"
+
+
+def test_builtin_tape_agent_stop_and_monitor_when_nothing_runs(tmp_path: Path) -> None:
+    r = Resource()
+    assert r.agent == BUILTIN_TAPE_AGENT
+    assert agent_argv(r) == [sys.executable, "-m", "vtlha.tape.agent"]
+    assert _run(r, "monitor", tmp_path).not_running
+    stop = _run(r, "stop", tmp_path)
+    assert stop.ok and "not running" in stop.detail
+
+
+def test_default_resources_follow_devices() -> None:
+    assert [r.name for r in DataGroup(devices=["d0"]).effective_resources()] == ["tape"]
+    assert DataGroup().effective_resources() == []
+    assert DataGroup(devices=["d0"], resources=[]).effective_resources() == []
+
+
+def test_resource_config_errors_name_the_field() -> None:
+    from vtlha.errors import ConfigError
+
+    raw = {"cluster": "c", "nats": {"servers": ["witness"]}, "pairs": [{"name": "p", "nodes": [
+        {"name": "a", "service_ip": "192.0.2.1/24", "groups": {"data": {
+            "resources": [{"name": "t", "start_timeout": -1}, {"name": "t"}]}}},
+        {"name": "b", "service_ip": "192.0.2.2/24"}]}]}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "c.yaml")
+    assert "pairs[0].nodes[0].groups.data.resources[0].start_timeout" in str(e.value)
+    raw["pairs"][0]["nodes"][0]["groups"]["data"]["resources"][0]["start_timeout"] = 5
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw, "c.yaml")
+    assert "resource names must be unique" in str(e.value)
