@@ -56,6 +56,10 @@ class Timings(_Model):
         1.5, gt=0, description="a node's storage report older than this (as the arbiter "
         "received it) cannot confirm anything: its companion takes over no data group on "
         "its word. Default: 3 x probe_interval; must be >= probe_interval")
+    mgmt_stale_after: float = Field(
+        1.5, gt=0, description="a node's management-path report older than this (as the "
+        "arbiter received it) says nothing: the policy treats the path as unknown, which "
+        "moves nothing. Default: 3 x probe_interval; must be >= probe_interval")
     initial_assign_wait: float = Field(
         10.0, ge=0, description="a group nobody owns yet waits this long after the arbiter "
         "starts for its home node before it is given to the companion")
@@ -65,11 +69,14 @@ class Timings(_Model):
     @model_validator(mode="before")
     @classmethod
     def _default_storage_stale_after(cls, data: object) -> object:
-        """storage_stale_after defaults to 3 x probe_interval (whatever that is)."""
-        if isinstance(data, dict) and "storage_stale_after" not in data:
+        """storage_stale_after and mgmt_stale_after default to 3 x probe_interval
+        (whatever that is)."""
+        if isinstance(data, dict):
             interval = data.get("probe_interval", cls.model_fields["probe_interval"].default)
             if isinstance(interval, int | float) and not isinstance(interval, bool):
-                return {**data, "storage_stale_after": 3 * interval}
+                for key in ("storage_stale_after", "mgmt_stale_after"):
+                    if key not in data:
+                        data = {**data, key: 3 * interval}
         return data
 
     @model_validator(mode="after")
@@ -88,6 +95,11 @@ class Timings(_Model):
         if self.storage_stale_after < self.probe_interval:
             raise ValueError(
                 f"storage_stale_after ({self.storage_stale_after}) must be >= probe_interval "
+                f"({self.probe_interval}): a report is not stale before the next one is due"
+            )
+        if self.mgmt_stale_after < self.probe_interval:
+            raise ValueError(
+                f"mgmt_stale_after ({self.mgmt_stale_after}) must be >= probe_interval "
                 f"({self.probe_interval}): a report is not stale before the next one is due"
             )
         if self.command_timeout >= self.lease_ttl:
@@ -220,8 +232,29 @@ class Node(_Model):
 
 class Pair(_Model):
     name: Name
-    failback: Literal["manual", "auto"] = "manual"
+    failback: Literal["manual", "auto"] = Field(
+        "manual", description="manual: a group away from its home goes back only on an "
+        "operator's failback; auto: once its home has been healthy for failback_hold_time")
+    failback_hold_time: float = Field(
+        30.0, ge=0, description="seconds a home node must stay healthy (alive, no fatal "
+        "check failing, management path and storage fine for the group) before an automatic "
+        "failback; also, a group moved less than this ago is moved again only when its "
+        "owner dies or fails a fatal check")
+    flap_max: int = Field(3, ge=1, description="a node that failed this many times within "
+                          "flap_window is held down (given no group automatically) until "
+                          "an operator clears the hold")
+    flap_window: float = Field(3600.0, gt=0, description="seconds over which a node's "
+                               "failures count towards flap_max")
     nodes: list[Node] = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _flap_window(self) -> Pair:
+        if self.flap_window < self.failback_hold_time:
+            raise ValueError(
+                f"flap_window ({self.flap_window}) must be >= failback_hold_time "
+                f"({self.failback_hold_time}): failures closer together than the hold time "
+                f"count once, so a shorter window could never hold a node down")
+        return self
 
 
 class Witness(_Model):

@@ -181,9 +181,15 @@ class LeaderRecord(_Open):
 
 
 class PairRecord(_Open):
+    """``pair.<pair>``: the pair's operator state. ``hold``: nodes held down (given no
+    group automatically until an operator clears them). ``failures``: per node, the
+    wall-clock times (``time.time()``) of its recent failures, kept across arbiters;
+    the arbiter turns them into its monotonic clock for the policy."""
+
     maintenance: StrictBool = False
     hold: list[str] = Field(default_factory=list)
     failback: Literal["manual", "auto"] = "manual"
+    failures: dict[str, list[float]] = Field(default_factory=dict)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -4,19 +4,45 @@ No I/O, no clock reads, no NATS: everything the policy knows is in the snapshot,
 and ``now`` is the arbiter's monotonic clock passed in. The runner feeds it and
 carries out the actions it returns; every action carries a status sentence (as
 Patroni's loop returns one) and the name of the rule that made it, and the event
-that records it carries ``snapshot.to_inputs()`` so the decision can be re-run.
+that records it carries ``snapshot.to_inputs()`` so the decision can be re-run
+(``explain``).
 
-Storage rules (the manual's "storage device connectivity failure"): a device stays
-served while one of its paths on the owner is up (path failover, no node failover).
-When the owner's fresh view shows no path left to some device of a data group, the
-companion takes over that data group only if its own fresh view reaches every device
-of the group (the failure is local; the management group stays). Otherwise the failure
-is global: no failover, one alarm per episode, cleared when the owner reaches every
-device again. Heartbeat death keeps precedence; maintenance suspends storage moves.
+The rules (``docs/policy.md`` draws them as a tree), per group, first match wins:
+
+1. **Heartbeats stopped** (``heartbeats_stopped``): the owner is dead; the companion
+   takes over at once, whatever else holds (a recent move, a health flap).
+2. **Fatal process error** (``fatal_process_error``): a fatal check fails on a live
+   owner (after hysteresis); the companion takes over every group the owner serves,
+   at once like a death.
+3. **Storage** (``storage_local_failure``, ``storage_global_failure``): a device stays
+   served while one of its paths on the owner is up (path failover, no node failover).
+   When the owner's fresh view shows no path left to some device of a data group, the
+   companion takes over that data group only if its own fresh view reaches every device
+   of the group (the failure is local; the management group stays). Otherwise the
+   failure is global: no failover, one alarm per episode, cleared when the owner reaches
+   every device again.
+4. **Management path** (``mgmt_path_failure``): the owner's management path failed
+   (it is alive: its heartbeats travel the data network) and the companion's is known
+   healthy: the management group alone moves.
+5. **Automatic failback** (``failback``, pairs with ``failback: auto``): a group away
+   from its home goes back once the home node has been healthy for the pair's
+   ``failback_hold_time``.
+
+Everywhere: a node that is dead, held down (it failed ``flap_max`` times within
+``flap_window``) or failing a fatal check is never given a group automatically;
+maintenance suspends every automatic move (health is still reported); a group moved
+less than ``failback_hold_time`` ago moves again only for rules 1 and 2. Per node, on
+the side: ``MarkDown``/``MarkUp``, one check alarm per failing check and episode, and
+``HoldDown`` when a node has failed too often.
+
+Operator requests (``switchover``, ``failback``, ``clear_hold``, ``set_maintenance``)
+are decided by the same pure code: they return actions or a ``Refusal`` with a reason.
+They are allowed in maintenance: maintenance suspends *automatic* moves only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -31,16 +57,54 @@ class Rule(StrEnum):
     STORAGE_LOCAL_FAILURE = "storage_local_failure"
     STORAGE_GLOBAL_FAILURE = "storage_global_failure"
     STORAGE_RECOVERED = "storage_recovered"
+    FATAL_PROCESS_ERROR = "fatal_process_error"
+    CHECK_FAILED = "check_failed"
+    CHECK_RECOVERED = "check_recovered"
+    MGMT_PATH_FAILURE = "mgmt_path_failure"
+    FAILBACK = "failback"
+    FLAPPING = "flapping"
+    # operator requests
+    SWITCHOVER = "switchover"
+    OPERATOR_FAILBACK = "operator_failback"
+    HOLD_CLEARED = "hold_cleared"
+    MAINTENANCE = "maintenance"
+
+
+#: automatic moves away from a node for a fault of that node: each counts towards the
+#: node's failures (``record_failure``, ``failed_nodes``)
+FAULT_RULES = frozenset({Rule.HEARTBEATS_STOPPED, Rule.FATAL_PROCESS_ERROR,
+                         Rule.STORAGE_LOCAL_FAILURE, Rule.MGMT_PATH_FAILURE})
+#: moves made even within failback_hold_time of the group's last move
+URGENT_RULES = frozenset({Rule.HEARTBEATS_STOPPED, Rule.FATAL_PROCESS_ERROR})
+#: moves an operator asked for
+OPERATOR_RULES = frozenset({Rule.SWITCHOVER, Rule.OPERATOR_FAILBACK})
+
+DEFAULT_FAILBACK_HOLD_TIME = 30.0
+DEFAULT_FLAP_MAX = 3
+DEFAULT_FLAP_WINDOW = 3600.0
 
 
 @dataclass(frozen=True)
 class NodeView:
-    """What the arbiter knows of one node. Times are the arbiter's monotonic clock."""
+    """What the arbiter knows of one node. Times are the arbiter's monotonic clock.
+
+    The check and management fields are the state *after* hysteresis (``vtlha.health``);
+    the ``*_since`` fields are kept by the runner (``node_health`` says what each one
+    tracks; ``vtlha.health.Since`` keeps it) and are None while the input is bad."""
 
     name: str
     last_heartbeat: float | None = None
     incarnation: str | None = None
     declared_down: bool = False
+    fatal_failing: tuple[str, ...] = ()  # fatal process checks failing, by name
+    nonfatal_failing: tuple[str, ...] = ()  # the other failing process checks
+    check_alarms: tuple[str, ...] = ()  # checks whose alarm is raised (this episode)
+    #: management path: True healthy, False failed, None unknown (not monitored, no
+    #: report, or the report is stale). None never moves anything.
+    mgmt_healthy: bool | None = None
+    healthy_since: float | None = None  # alive with no fatal check failing, since
+    mgmt_ok_since: float | None = None  # management path not failed (healthy or unknown)
+    storage_ok_since: float | None = None  # fresh view reaching its home data devices
 
 
 @dataclass(frozen=True)
@@ -53,14 +117,21 @@ class GroupView:
     state: str | None = None
     revision: int = 0
     devices: tuple[str, ...] = ()  # storage devices of a data group (config)
+    moved_at: float | None = None  # when it last changed owner (None: never, or unknown)
 
 
 @dataclass(frozen=True)
 class PairView:
     name: str
     nodes: tuple[str, str]
-    failback: str = "manual"
+    failback: str = "manual"  # "manual" | "auto"
     maintenance: bool = False
+    failback_hold_time: float = DEFAULT_FAILBACK_HOLD_TIME
+    flap_max: int = DEFAULT_FLAP_MAX
+    flap_window: float = DEFAULT_FLAP_WINDOW
+    held_down: frozenset[str] = frozenset()  # nodes given no group automatically
+    #: node -> when it failed (the arbiter's monotonic clock; see ``record_failure``)
+    failures: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,21 +169,23 @@ class Snapshot:
     storage_alarms: frozenset[str] = frozenset()  # groups whose global alarm is raised
 
     def to_inputs(self) -> dict[str, Any]:
+        """Plain JSON-able data (tuples as lists, sets as sorted lists)."""
         d = asdict(self)
         d["in_flight"] = sorted(self.in_flight)
         d["storage_alarms"] = sorted(self.storage_alarms)
+        for p, pd in zip(self.pairs, d["pairs"], strict=True):
+            pd["held_down"] = sorted(p.held_down)
+            pd["failures"] = {n: list(ts) for n, ts in sorted(p.failures.items())}
         return d
 
     @classmethod
-    def from_inputs(cls, d: dict[str, Any]) -> Snapshot:
+    def from_inputs(cls, d: Mapping[str, Any]) -> Snapshot:
+        """The inverse of ``to_inputs``; fields an older event lacks take their defaults."""
         return cls(
             dead_after=d["dead_after"],
             started_at=d["started_at"],
-            pairs=tuple(
-                PairView(p["name"], tuple(p["nodes"]), p["failback"], p["maintenance"])
-                for p in d["pairs"]
-            ),
-            nodes={k: NodeView(**v) for k, v in d["nodes"].items()},
+            pairs=tuple(_pair_from(p) for p in d["pairs"]),
+            nodes={k: _node_from(v) for k, v in d["nodes"].items()},
             groups={k: _group_from(v) for k, v in d["groups"].items()},
             in_flight=frozenset(d["in_flight"]),
             initial_assign_wait=d.get("initial_assign_wait", 0.0),
@@ -122,11 +195,28 @@ class Snapshot:
         )
 
 
-def _group_from(v: dict[str, Any]) -> GroupView:
+def _pair_from(p: Mapping[str, Any]) -> PairView:
+    return PairView(
+        p["name"], (p["nodes"][0], p["nodes"][1]), p.get("failback", "manual"),
+        p.get("maintenance", False),
+        failback_hold_time=p.get("failback_hold_time", DEFAULT_FAILBACK_HOLD_TIME),
+        flap_max=p.get("flap_max", DEFAULT_FLAP_MAX),
+        flap_window=p.get("flap_window", DEFAULT_FLAP_WINDOW),
+        held_down=frozenset(p.get("held_down", ())),
+        failures={n: tuple(ts) for n, ts in p.get("failures", {}).items()},
+    )
+
+
+def _node_from(v: Mapping[str, Any]) -> NodeView:
+    tuples = ("fatal_failing", "nonfatal_failing", "check_alarms")
+    return NodeView(**{**v, **{k: tuple(v.get(k, ())) for k in tuples}})
+
+
+def _group_from(v: Mapping[str, Any]) -> GroupView:
     return GroupView(**{**v, "devices": tuple(v.get("devices", ()))})
 
 
-def _storage_from(v: dict[str, Any]) -> StorageView:
+def _storage_from(v: Mapping[str, Any]) -> StorageView:
     return StorageView(v["node"], v["received_at"],
                        {k: DevicePaths(**p) for k, p in v.get("devices", {}).items()})
 
@@ -212,7 +302,82 @@ class ClearStorageAlarm:
     rule: Rule
 
 
-Action = MarkDown | MarkUp | Assign | Takeover | Resume | RaiseStorageAlarm | ClearStorageAlarm
+@dataclass(frozen=True)
+class RaiseCheckAlarm:
+    """A process check fails on a live node (after hysteresis): an event, once per
+    episode (``NodeView.check_alarms`` remembers it). A fatal check also moves the
+    node's groups (rule ``fatal_process_error``, by its own ``Takeover``)."""
+
+    node: str
+    pair: str
+    check: str
+    fatal: bool
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class ClearCheckAlarm:
+    """The check passes again on the live node: the alarm's episode ends."""
+
+    node: str
+    pair: str
+    check: str
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class HoldDown:
+    """The node failed ``failures`` times within the pair's ``flap_window`` (at least
+    ``flap_max``): from now on it is given no group automatically, until an operator
+    clears the hold (``clear_hold``)."""
+
+    node: str
+    pair: str
+    failures: int
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class ClearHold:
+    """Operator: the node may be given groups automatically again. The runner removes it
+    from the pair's hold list and forgets its failures."""
+
+    node: str
+    pair: str
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class SetMaintenance:
+    """Operator: the pair enters (``on``) or leaves maintenance. ``changed`` is False
+    when it already was in that state (nothing to write)."""
+
+    pair: str
+    on: bool
+    changed: bool
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An operator request the policy refuses, with the reason (a sentence)."""
+
+    request: str  # e.g. "switchover node-a-data"
+    reason: str
+
+    @property
+    def status(self) -> str:
+        return f"{self.request} refused: {self.reason}"
+
+
+Action = (MarkDown | MarkUp | Assign | Takeover | Resume | RaiseStorageAlarm | ClearStorageAlarm
+          | RaiseCheckAlarm | ClearCheckAlarm | HoldDown)
+OperatorAction = Takeover | ClearHold | SetMaintenance
 
 
 @dataclass(frozen=True)
@@ -271,6 +436,69 @@ def reaches_all(view: StorageView | None, devices: tuple[str, ...]) -> bool:
     return view is not None and not unconfirmed_devices(view, devices)
 
 
+def recent_failures(pair: PairView, node: str, now: float) -> int:
+    """How many of the node's recorded failures lie within the pair's flap_window."""
+    return sum(1 for t in pair.failures.get(node, ()) if now - t <= pair.flap_window)
+
+
+def is_recently_moved(pair: PairView, g: GroupView, now: float) -> bool:
+    """Moved less than failback_hold_time ago: only a death or a fatal error moves it."""
+    return g.moved_at is not None and now - g.moved_at < pair.failback_hold_time
+
+
+def pair_of(snap: Snapshot, node: str) -> PairView | None:
+    return next((p for p in snap.pairs if node in p.nodes), None)
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """The three inputs whose "since" times the runner keeps for a node (feed each to a
+    ``vtlha.health.Since`` every tick and put the results in the NodeView)."""
+
+    up: bool  # -> healthy_since: alive and no fatal check failing
+    mgmt: bool  # -> mgmt_ok_since: management path not known failed
+    storage: bool  # -> storage_ok_since: a fresh view reaches every device of its home
+    # data group(s) (True when they have none)
+
+
+def node_health(snap: Snapshot, node: str, now: float) -> NodeHealth:
+    nv = snap.nodes[node]
+    view = fresh_storage(snap, node, now)
+    devices = tuple(d for g in snap.groups.values() if g.home == node and g.kind == "data"
+                    for d in g.devices)
+    return NodeHealth(
+        up=is_alive(nv, now, snap.dead_after) and not nv.fatal_failing,
+        mgmt=nv.mgmt_healthy is not False,
+        storage=not devices or reaches_all(view, devices),
+    )
+
+
+def record_failure(failures: Sequence[float], at: float, *, window: float,
+                   merge_within: float) -> tuple[float, ...]:
+    """A node's failure times after one more failure ``at`` (any one clock: the runner
+    keeps wall-clock times in the KV pair record). Times older than ``window`` are
+    dropped; a failure within ``merge_within`` of the latest one is the same episode
+    (both groups of one node, a claim retried) and is not counted again."""
+    kept = tuple(t for t in failures if at - t <= window)
+    if kept and at - max(kept) < merge_within:
+        return kept
+    return (*kept, at)
+
+
+def failed_nodes(actions: Sequence[Action | OperatorAction]) -> tuple[str, ...]:
+    """Nodes that lose a group in these actions by an automatic move for their own fault
+    (rules in FAULT_RULES): what the runner records as failures."""
+    return tuple(sorted({a.old for a in actions
+                         if isinstance(a, Takeover) and a.rule in FAULT_RULES}))
+
+
+def event_kind(rule: Rule) -> str:
+    """The event family of a takeover made by ``rule``: failover, failback, switchover."""
+    if rule in (Rule.FAILBACK, Rule.OPERATOR_FAILBACK):
+        return "failback"
+    return "switchover" if rule is Rule.SWITCHOVER else "failover"
+
+
 def _silence(node: NodeView, now: float) -> str:
     age = heartbeat_age(node, now)
     if age is None:
@@ -278,7 +506,32 @@ def _silence(node: NodeView, now: float) -> str:
     return f"heartbeats from {node.name} stopped {age:.2f} s ago"
 
 
+def _plural(names: Sequence[str], one: str, many: str) -> str:
+    return f"{one if len(names) == 1 else many} {', '.join(names)}"
+
+
+def _fatal_phrase(failing: Sequence[str]) -> str:
+    return _plural(failing, "a fatal check failing:", "fatal checks failing:")
+
+
 # ---- the policy --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    """One pair being decided: the snapshot, the clock, and what holds for every group."""
+
+    snap: Snapshot
+    pair: PairView
+    now: float
+    dead: frozenset[str]
+    held: frozenset[str]  # held down, including nodes held down in this very decision
+
+    def node(self, name: str) -> NodeView:
+        return self.snap.nodes[name]
+
+    def other(self, node: str) -> str:
+        return self.pair.nodes[1] if self.pair.nodes[0] == node else self.pair.nodes[0]
 
 
 def decide(snap: Snapshot, now: float) -> Decision:
@@ -289,8 +542,22 @@ def decide(snap: Snapshot, now: float) -> Decision:
 
 
 def _decide_pair(snap: Snapshot, pair: PairView, now: float) -> list[Action]:
+    dead = frozenset(n for n in pair.nodes if is_dead(snap.nodes[n], snap, now))
+    out: list[Action] = [*_marks(snap, pair, dead, now), *_check_alarms(snap, pair, now)]
+    holds = _hold_downs(pair, now)
+    out += holds
+    c = _Ctx(snap, pair, now, dead, pair.held_down | {h.node for h in holds})
+    for g in sorted(snap.groups.values(), key=lambda g: g.name):
+        if g.home not in pair.nodes or g.name in snap.in_flight:
+            continue
+        action = _decide_group(c, g)
+        if action is not None:
+            out.append(action)
+    return out
+
+
+def _marks(snap: Snapshot, pair: PairView, dead: frozenset[str], now: float) -> list[Action]:
     out: list[Action] = []
-    dead = {n for n in pair.nodes if is_dead(snap.nodes[n], snap, now)}
     for n in pair.nodes:
         view = snap.nodes[n]
         if n in dead and not view.declared_down:
@@ -300,118 +567,411 @@ def _decide_pair(snap: Snapshot, pair: PairView, now: float) -> list[Action]:
             out.append(MarkUp(n, pair.name,
                               f"{n} is back (heartbeats resumed); failback is {pair.failback}",
                               Rule.NODE_BACK))
-    for g in sorted(snap.groups.values(), key=lambda g: g.name):
-        if g.home not in pair.nodes or g.name in snap.in_flight:
-            continue
-        action = _decide_group(snap, pair, g, dead, now)
-        if action is not None:
-            out.append(action)
     return out
 
 
-def _other(pair: PairView, node: str) -> str:
-    return pair.nodes[1] if pair.nodes[0] == node else pair.nodes[0]
+def _check_alarms(snap: Snapshot, pair: PairView, now: float) -> list[Action]:
+    """One alarm per failing check and episode, cleared when it passes again; only for a
+    live node (a dead node's last results are stale: neither raised nor cleared)."""
+    out: list[Action] = []
+    for n in pair.nodes:
+        nv = snap.nodes[n]
+        if not is_alive(nv, now, snap.dead_after):
+            continue
+        failing = {c: False for c in nv.nonfatal_failing} | {c: True for c in nv.fatal_failing}
+        for check, fatal in sorted(failing.items()):
+            if check in nv.check_alarms:
+                continue
+            how = ("fatal: its companion takes over what it serves" if fatal
+                   else "not fatal: an alarm only, no failover")
+            out.append(RaiseCheckAlarm(n, pair.name, check, fatal,
+                                       f"check {check} fails on {n} ({how})", Rule.CHECK_FAILED))
+        for check in sorted(set(nv.check_alarms) - set(failing)):
+            out.append(ClearCheckAlarm(n, pair.name, check,
+                                       f"check {check} passes again on {n}: alarm cleared",
+                                       Rule.CHECK_RECOVERED))
+    return out
 
 
-def _decide_group(
-    snap: Snapshot, pair: PairView, g: GroupView, dead: set[str], now: float
-) -> Action | None:
+def _hold_downs(pair: PairView, now: float) -> list[HoldDown]:
+    out = []
+    for n in pair.nodes:
+        k = recent_failures(pair, n, now)
+        if n not in pair.held_down and k >= pair.flap_max:
+            out.append(HoldDown(
+                n, pair.name, k,
+                f"{n} is held down: it failed {k} times within {pair.flap_window:g} s "
+                f"(flap_max {pair.flap_max}); it is given no group automatically until an "
+                f"operator clears the hold", Rule.FLAPPING))
+    return out
+
+
+def _barrier(c: _Ctx, node: str, *, strict: bool = True) -> str | None:
+    """Why ``node`` may not be given a group automatically (a phrase), or None. Strict:
+    it must be alive (heard within dead_after); otherwise only not dead."""
+    nv = c.node(node)
+    if node in c.dead or (strict and not is_alive(nv, c.now, c.snap.dead_after)):
+        return f"{node} is not alive ({_silence(nv, c.now)})"
+    if node in c.held:
+        return f"{node} is held down after repeated failures (until an operator clears it)"
+    if nv.fatal_failing:
+        return f"{node} has {_fatal_phrase(nv.fatal_failing)}"
+    return None
+
+
+def _decide_group(c: _Ctx, g: GroupView) -> Action | None:
     if g.owner is None:
-        return _initial_owner(snap, pair, g, dead, now)
-    if g.owner not in dead:
-        if g.state == "acquiring" and is_alive(snap.nodes[g.owner], now, snap.dead_after):
-            return Resume(g.name, g.owner, pair.name, g.epoch, g.revision,
-                          f"{g.owner} finishes acquiring {g.name} (epoch {g.epoch})",
-                          Rule.RESUME_ACQUIRE)
-        return _decide_storage(snap, pair, g, now)
-    new = _other(pair, g.owner)
-    if new in dead or pair.maintenance:
+        return _initial_owner(c, g)
+    if g.owner in c.dead:
+        return _dead_owner(c, g)
+    if g.state == "acquiring" and is_alive(c.node(g.owner), c.now, c.snap.dead_after):
+        return Resume(g.name, g.owner, c.pair.name, g.epoch, g.revision,
+                      f"{g.owner} finishes acquiring {g.name} (epoch {g.epoch})",
+                      Rule.RESUME_ACQUIRE)
+    if g.owner not in c.pair.nodes:
+        return None
+    for rule in (_fatal_error, _decide_storage, _mgmt_path, _auto_failback):
+        action = rule(c, g)
+        if action is not None:
+            return action
+    return None
+
+
+def _dead_owner(c: _Ctx, g: GroupView) -> Action | None:
+    assert g.owner is not None
+    new = c.other(g.owner)
+    if c.pair.maintenance or _barrier(c, new, strict=False) is not None:
         return None
     return Takeover(
-        g.name, g.owner, new, pair.name, g.epoch, g.revision,
-        f"{new} takes over {g.name}: {_silence(snap.nodes[g.owner], now)}",
+        g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
+        f"{new} takes over {g.name}: {_silence(c.node(g.owner), c.now)}",
         Rule.HEARTBEATS_STOPPED,
     )
 
 
-def _initial_owner(
-    snap: Snapshot, pair: PairView, g: GroupView, dead: set[str], now: float
-) -> Action | None:
-    if is_alive(snap.nodes[g.home], now, snap.dead_after):
-        return Assign(g.name, g.home, pair.name,
+def _initial_owner(c: _Ctx, g: GroupView) -> Action | None:
+    home_bar = _barrier(c, g.home)
+    if home_bar is None:
+        return Assign(g.name, g.home, c.pair.name,
                       f"{g.home} serves its home group {g.name}", Rule.INITIAL_ASSIGN)
-    other = _other(pair, g.home)
-    waited = now - snap.started_at > snap.initial_assign_wait
-    if g.home in dead and other not in dead and waited and not pair.maintenance:
-        return Assign(g.name, other, pair.name,
-                      f"{other} serves {g.name}: its home {g.home} is down "
-                      f"({_silence(snap.nodes[g.home], now)})", Rule.INITIAL_ASSIGN)
-    return None
+    other = c.other(g.home)
+    waited = c.now - c.snap.started_at > c.snap.initial_assign_wait
+    home_out = g.home in c.dead or g.home in c.held or bool(c.node(g.home).fatal_failing)
+    if not home_out or not waited or c.pair.maintenance \
+            or _barrier(c, other, strict=False) is not None:
+        return None
+    why = (f"its home {g.home} is down ({_silence(c.node(g.home), c.now)})"
+           if g.home in c.dead else f"its home {home_bar}")
+    return Assign(g.name, other, c.pair.name, f"{other} serves {g.name}: {why}",
+                  Rule.INITIAL_ASSIGN)
+
+
+# ---- fatal process error -------------------------------------------------------
+
+
+def _fatal_error(c: _Ctx, g: GroupView) -> Action | None:
+    """A fatal check fails on the (live) owner: the companion takes over every group the
+    owner serves, at once (like a death; the recent-move hold does not apply)."""
+    assert g.owner is not None
+    failing = c.node(g.owner).fatal_failing
+    new = c.other(g.owner)
+    if not failing or c.pair.maintenance or _barrier(c, new) is not None:
+        return None
+    what = _plural(failing, "fatal check", "fatal checks")
+    return Takeover(
+        g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
+        f"{new} takes over {g.name}: {what} failing on {g.owner} (a fatal process error)",
+        Rule.FATAL_PROCESS_ERROR)
 
 
 # ---- storage rules -------------------------------------------------------------
 
 
-def _decide_storage(snap: Snapshot, pair: PairView, g: GroupView, now: float) -> Action | None:
+def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
     """The storage rules for a group whose owner is not dead. A device with one path
     left on the owner is still served (path failover): nothing to do."""
-    if not g.devices or g.owner is None or g.owner not in pair.nodes:
+    if not g.devices or g.owner is None:
         return None
-    view = fresh_storage(snap, g.owner, now)
+    view = fresh_storage(c.snap, g.owner, c.now)
     if view is None:
         return None  # the owner's own view is missing or stale: nothing to act on
     lost = lost_devices(view, g.devices)
     if not lost:
-        return _storage_recovered(snap, pair, g, view)
-    if pair.maintenance:
+        return _storage_recovered(c, g, view)
+    if c.pair.maintenance:
         return None
-    new = _other(pair, g.owner)
-    doubt = _cannot_confirm(snap, new, g.devices, now)
+    new = c.other(g.owner)
+    doubt, storage_doubt = _cannot_confirm(c, new, g.devices)
     if doubt is None:
+        if is_recently_moved(c.pair, g, c.now):
+            return None  # moved less than failback_hold_time ago: decided again after it
         return Takeover(
-            g.name, g.owner, new, pair.name, g.epoch, g.revision,
+            g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
             f"{new} takes over {g.name}: {g.owner} has no path left to {_names(lost)} and "
             f"{new} reaches all {len(g.devices)} devices of the group (a local failure; "
             f"the management group stays)", Rule.STORAGE_LOCAL_FAILURE)
-    if g.name in snap.storage_alarms:
+    if g.name in c.snap.storage_alarms:
         return None  # raised already in this episode
+    what = "is not local, no failover" if storage_doubt else "cannot fail over"
     return RaiseStorageAlarm(
-        g.name, g.owner, pair.name, lost, g.epoch,
-        f"storage failure of {g.name} is not local, no failover: {g.owner} has no path "
+        g.name, g.owner, c.pair.name, lost, g.epoch,
+        f"storage failure of {g.name} {what}: {g.owner} has no path "
         f"left to {_names(lost)} and {doubt}", Rule.STORAGE_GLOBAL_FAILURE)
 
 
-def _storage_recovered(
-    snap: Snapshot, pair: PairView, g: GroupView, view: StorageView
-) -> Action | None:
-    if g.name not in snap.storage_alarms or g.owner is None or not reaches_all(view, g.devices):
+def _storage_recovered(c: _Ctx, g: GroupView, view: StorageView) -> Action | None:
+    if g.name not in c.snap.storage_alarms or g.owner is None or not reaches_all(view, g.devices):
         return None
     return ClearStorageAlarm(
-        g.name, g.owner, pair.name, g.epoch,
+        g.name, g.owner, c.pair.name, g.epoch,
         f"{g.owner} reaches every device of {g.name} again: storage alarm cleared",
         Rule.STORAGE_RECOVERED)
 
 
-def _cannot_confirm(
-    snap: Snapshot, node: str, devices: tuple[str, ...], now: float
-) -> str | None:
+def _cannot_confirm(c: _Ctx, node: str, devices: tuple[str, ...]) -> tuple[str | None, bool]:
     """Why ``node`` cannot take over a group with ``devices`` (a phrase), or None when
-    it is alive and its fresh view reaches every one of them."""
-    nv = snap.nodes[node]
-    if not is_alive(nv, now, snap.dead_after):
-        return f"{node} cannot take over ({_silence(nv, now)})"
-    view = snap.storage.get(node)
+    it may be given a group and its fresh view reaches every one of them; and whether
+    the reason is about storage (the failure is then not local)."""
+    nv = c.node(node)
+    if not is_alive(nv, c.now, c.snap.dead_after):
+        return f"{node} cannot take over ({_silence(nv, c.now)})", False
+    bar = _barrier(c, node)
+    if bar is not None:
+        return bar, False
+    view = c.snap.storage.get(node)
     if view is None:
-        return f"{node} cannot confirm its devices (no storage report)"
-    age = storage_age(view, now)
-    if age > snap.storage_stale_after:
+        return f"{node} cannot confirm its devices (no storage report)", True
+    age = storage_age(view, c.now)
+    if age > c.snap.storage_stale_after:
         return (f"{node} cannot confirm its devices (its storage report is {age:.2f} s old, "
-                f"stale after {snap.storage_stale_after} s)")
+                f"stale after {c.snap.storage_stale_after} s)"), True
     missing = unconfirmed_devices(view, devices)
     if missing:
-        return f"{node} reaches no path to {_names(missing)}"
-    return None
+        return f"{node} reaches no path to {_names(missing)}", True
+    return None, True
 
 
 def _names(devices: tuple[str, ...]) -> str:
     return ", ".join(devices)
+
+
+# ---- management path -------------------------------------------------------------
+
+
+def _mgmt_path(c: _Ctx, g: GroupView) -> Action | None:
+    """The owner's management path failed while it is alive (its heartbeats travel the
+    data network: the data path is fine): the management group alone moves, to a
+    companion whose management path is known healthy. Unknown (None) moves nothing."""
+    assert g.owner is not None
+    if g.kind != "mgmt" or c.pair.maintenance or c.node(g.owner).mgmt_healthy is not False:
+        return None
+    new = c.other(g.owner)
+    if c.node(new).mgmt_healthy is not True or _barrier(c, new) is not None \
+            or is_recently_moved(c.pair, g, c.now):
+        return None
+    return Takeover(
+        g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
+        f"{new} takes over {g.name}: the management path of {g.owner} failed (its "
+        f"heartbeats still arrive: the data path is fine) and {new}'s is healthy",
+        Rule.MGMT_PATH_FAILURE)
+
+
+# ---- failback ----------------------------------------------------------------------
+
+
+def healthy_for(snap: Snapshot, node: str, g: GroupView, now: float,
+                held: frozenset[str] = frozenset()) -> float | None:
+    """How long ``node`` has been fit to serve ``g`` without a break (seconds), or None
+    when it is not fit now: alive, not held down, no fatal check failing; for a
+    management group its management path not failed; for a data group with devices a
+    fresh storage view reaching every one of them."""
+    nv = snap.nodes[node]
+    pair = pair_of(snap, node)
+    if not is_alive(nv, now, snap.dead_after) or nv.fatal_failing \
+            or node in held or (pair is not None and node in pair.held_down):
+        return None
+    spans = [nv.healthy_since]
+    if g.kind == "mgmt":
+        if nv.mgmt_healthy is False:
+            return None
+        spans.append(nv.mgmt_ok_since)
+    if g.devices:
+        if not reaches_all(fresh_storage(snap, node, now), g.devices):
+            return None
+        spans.append(nv.storage_ok_since)
+    if any(s is None for s in spans):
+        return None
+    return now - max(s for s in spans if s is not None)
+
+
+def _auto_failback(c: _Ctx, g: GroupView) -> Action | None:
+    """A group away from home goes back once its home has been fit to serve it for the
+    pair's failback_hold_time (pairs with failback auto; never within the hold time of
+    the group's last move)."""
+    if c.pair.failback != "auto" or c.pair.maintenance or g.owner == g.home \
+            or is_recently_moved(c.pair, g, c.now):
+        return None
+    assert g.owner is not None
+    hold = c.pair.failback_hold_time
+    span = healthy_for(c.snap, g.home, g, c.now, c.held)
+    if span is None or span < hold:
+        return None
+    return Takeover(
+        g.name, g.owner, g.home, c.pair.name, g.epoch, g.revision,
+        f"{g.home} takes back {g.name} (failback is auto): {g.home} has been healthy for "
+        f"{span:.1f} s (failback_hold_time {hold:g} s)", Rule.FAILBACK)
+
+
+# ---- operator requests ---------------------------------------------------------------
+
+
+def _target_refusal(snap: Snapshot, pair: PairView, node: str, g: GroupView,
+                    now: float) -> str | None:
+    """Why an operator may not move ``g`` to ``node`` now (a phrase), or None."""
+    nv = snap.nodes[node]
+    if not is_alive(nv, now, snap.dead_after):
+        return f"{node} is not alive ({_silence(nv, now)})"
+    if node in pair.held_down:
+        return (f"{node} is held down after repeated failures (clear the hold first: "
+                f"clear-hold {pair.name} {node})")
+    if nv.fatal_failing:
+        return f"{node} has {_fatal_phrase(nv.fatal_failing)}"
+    if g.kind == "mgmt" and nv.mgmt_healthy is False:
+        return f"the management path of {node} has failed"
+    if g.devices:
+        view = fresh_storage(snap, node, now)
+        if view is None:
+            return f"{node} cannot confirm the devices of {g.name} (no fresh storage report)"
+        missing = unconfirmed_devices(view, g.devices)
+        if missing:
+            return f"{node} reaches no path to {_names(missing)}"
+    return None
+
+
+def _busy(snap: Snapshot, g: GroupView) -> bool:
+    return g.name in snap.in_flight or g.state == "acquiring"
+
+
+def switchover(snap: Snapshot, group: str, now: float) -> Takeover | Refusal:
+    """Operator: move ``group`` to the companion of its current owner (a planned move).
+    Allowed in maintenance and within the hold time; refused when the target could not
+    serve it (not alive, held down, a fatal check failing, its management path failed
+    for a management group, not reaching every device for a data group)."""
+    req = f"switchover {group}"
+    g = snap.groups.get(group)
+    pair = None if g is None else pair_of(snap, g.home)
+    if g is None or pair is None:
+        return Refusal(req, f"there is no group {group}")
+    if _busy(snap, g):
+        return Refusal(req, f"a takeover of {group} is under way")
+    if g.owner is None or g.owner not in pair.nodes:
+        return Refusal(req, f"nobody in {pair.name} serves {group} yet")
+    new = pair.nodes[1] if pair.nodes[0] == g.owner else pair.nodes[0]
+    why = _target_refusal(snap, pair, new, g, now)
+    if why is not None:
+        return Refusal(req, why)
+    note = " (the pair stays in maintenance)" if pair.maintenance else ""
+    return Takeover(g.name, g.owner, new, pair.name, g.epoch, g.revision,
+                    f"{new} takes over {group} from {g.owner}: switchover requested by an "
+                    f"operator{note}", Rule.SWITCHOVER)
+
+
+def failback(snap: Snapshot, pair_name: str, now: float) -> tuple[Takeover, ...] | Refusal:
+    """Operator: every group of the pair away from its home goes home, all or none: if
+    one of them may not go home now, the request is refused with each reason (a
+    switchover moves one group). The hold time does not apply: the operator judged."""
+    req = f"failback {pair_name}"
+    pair = next((p for p in snap.pairs if p.name == pair_name), None)
+    if pair is None:
+        return Refusal(req, f"there is no pair {pair_name}")
+    away = [g for g in sorted(snap.groups.values(), key=lambda g: g.name)
+            if g.home in pair.nodes and g.owner in pair.nodes and g.owner != g.home]
+    if not away:
+        return Refusal(req, f"every group of {pair_name} is on its home node")
+    reasons = []
+    for g in away:
+        why = ("a takeover is under way" if _busy(snap, g)
+               else _target_refusal(snap, pair, g.home, g, now))
+        if why is not None:
+            reasons.append(f"{g.name}: {why}")
+    if reasons:
+        return Refusal(req, "; ".join(reasons))
+    return tuple(Takeover(g.name, g.owner or "", g.home, pair.name, g.epoch, g.revision,
+                          f"{g.home} takes back {g.name} from {g.owner}: failback requested "
+                          f"by an operator", Rule.OPERATOR_FAILBACK) for g in away)
+
+
+def clear_hold(snap: Snapshot, pair_name: str, node: str) -> ClearHold | Refusal:
+    """Operator: a held-down node may be given groups automatically again."""
+    req = f"clear-hold {pair_name} {node}"
+    pair = next((p for p in snap.pairs if p.name == pair_name), None)
+    if pair is None:
+        return Refusal(req, f"there is no pair {pair_name}")
+    if node not in pair.nodes:
+        return Refusal(req, f"{node} is not a node of {pair_name}")
+    if node not in pair.held_down:
+        return Refusal(req, f"{node} is not held down")
+    return ClearHold(node, pair.name, f"{node} is no longer held down: it may be given "
+                     f"groups automatically again (its failures are forgotten)",
+                     Rule.HOLD_CLEARED)
+
+
+def set_maintenance(snap: Snapshot, pair_name: str, on: bool) -> SetMaintenance | Refusal:
+    """Operator: maintenance on or off for a pair. Leaving it, the next decision acts on
+    the current state at once."""
+    req = f"maintenance {'on' if on else 'off'} {pair_name}"
+    pair = next((p for p in snap.pairs if p.name == pair_name), None)
+    if pair is None:
+        return Refusal(req, f"there is no pair {pair_name}")
+    changed = pair.maintenance != on
+    if not changed:
+        status = f"{pair_name} is already {'in' if on else 'out of'} maintenance"
+    elif on:
+        status = (f"{pair_name} enters maintenance: automatic failover suspended, health "
+                  f"still reported")
+    else:
+        status = f"{pair_name} leaves maintenance: automatic failover resumes at once"
+    return SetMaintenance(pair_name, on, changed, status, Rule.MAINTENANCE)
+
+
+Answer = tuple[OperatorAction, ...] | Refusal
+
+
+def answer(snap: Snapshot, request: Mapping[str, Any], now: float) -> Answer:
+    """One operator request, as carried in an admin message and in the event's inputs:
+    ``{"verb": "switchover", "group": G}``, ``{"verb": "failback", "pair": P}``,
+    ``{"verb": "clear-hold", "pair": P, "node": N}``,
+    ``{"verb": "maintenance", "pair": P, "on": bool}``."""
+    verb = request.get("verb")
+    result: OperatorAction | tuple[Takeover, ...] | Refusal
+    if verb == "switchover":
+        result = switchover(snap, str(request.get("group", "")), now)
+    elif verb == "failback":
+        result = failback(snap, str(request.get("pair", "")), now)
+    elif verb == "clear-hold":
+        result = clear_hold(snap, str(request.get("pair", "")), str(request.get("node", "")))
+    elif verb == "maintenance":
+        result = set_maintenance(snap, str(request.get("pair", "")), bool(request.get("on")))
+    else:
+        return Refusal(str(verb), f"unknown request {verb!r}")
+    if isinstance(result, Refusal | tuple):
+        return result
+    return (result,)
+
+
+def answer_status(result: Answer) -> str:
+    if isinstance(result, Refusal):
+        return result.status
+    return "; ".join(a.status for a in result)
+
+
+def explain(inputs: Mapping[str, Any]) -> str:
+    """Re-run the decision an event recorded and return its status sentence. ``inputs``
+    is the event's: ``{"snapshot": Snapshot.to_inputs(), "now": float}``, plus
+    ``"request"`` for an operator request (see ``answer``)."""
+    snap = Snapshot.from_inputs(inputs["snapshot"])
+    now = float(inputs["now"])
+    request = inputs.get("request")
+    if request is not None:
+        return answer_status(answer(snap, request, now))
+    return decide(snap, now).status
