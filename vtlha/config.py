@@ -52,6 +52,10 @@ class Timings(_Model):
     check_interval: float = Field(0.5, gt=0, description="how often process checks run")
     probe_interval: float = Field(0.5, gt=0, description="how often storage paths are probed")
     probe_timeout: float = Field(1.0, gt=0)
+    storage_settle: float = Field(
+        2.0, ge=0, description="after a global storage failure, the companion must reach "
+        "every device of a group this long without a break before the owner's loss counts "
+        "as local (the two recover at slightly different times: no failover on that)")
     storage_stale_after: float = Field(
         1.5, gt=0, description="a node's storage report older than this (as the arbiter "
         "received it) cannot confirm anything: its companion takes over no data group on "

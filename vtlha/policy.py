@@ -150,9 +150,13 @@ class StorageView:
     node: str
     received_at: float
     devices: dict[str, DevicePaths] = field(default_factory=dict)
+    #: device -> since when (arbiter's clock) the node has reached it without a break;
+    #: a device not reached now is absent
+    reachable_since: dict[str, float] = field(default_factory=dict)
 
 
 DEFAULT_STORAGE_STALE_AFTER = 1.5  # 3 x the default probe_interval
+DEFAULT_STORAGE_SETTLE = 2.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,9 @@ class Snapshot:
     storage: dict[str, StorageView] = field(default_factory=dict)  # node -> latest view
     storage_stale_after: float = DEFAULT_STORAGE_STALE_AFTER  # older views cannot confirm
     storage_alarms: frozenset[str] = frozenset()  # groups whose global alarm is raised
+    #: in a global-failure episode, the companion must reach every device of the group
+    #: this long without a break before the failure counts as local (recovery flaps)
+    storage_settle: float = DEFAULT_STORAGE_SETTLE
 
     def to_inputs(self) -> dict[str, Any]:
         """Plain JSON-able data (tuples as lists, sets as sorted lists)."""
@@ -192,6 +199,7 @@ class Snapshot:
             storage={k: _storage_from(v) for k, v in d.get("storage", {}).items()},
             storage_stale_after=d.get("storage_stale_after", DEFAULT_STORAGE_STALE_AFTER),
             storage_alarms=frozenset(d.get("storage_alarms", ())),
+            storage_settle=d.get("storage_settle", DEFAULT_STORAGE_SETTLE),
         )
 
 
@@ -218,7 +226,8 @@ def _group_from(v: Mapping[str, Any]) -> GroupView:
 
 def _storage_from(v: Mapping[str, Any]) -> StorageView:
     return StorageView(v["node"], v["received_at"],
-                       {k: DevicePaths(**p) for k, p in v.get("devices", {}).items()})
+                       {k: DevicePaths(**p) for k, p in v.get("devices", {}).items()},
+                       dict(v.get("reachable_since", {})))
 
 
 # ---- actions -----------------------------------------------------------------
@@ -705,6 +714,8 @@ def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
     if doubt is None:
         if is_recently_moved(c.pair, g, c.now):
             return None  # moved less than failback_hold_time ago: decided again after it
+        if g.name in c.snap.storage_alarms and not _settled(c, new, g.devices):
+            return None  # a global failure recovering: the companion's view must settle
         return Takeover(
             g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
             f"{new} takes over {g.name}: {g.owner} has no path left to {_names(lost)} and "
@@ -717,6 +728,18 @@ def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
         g.name, g.owner, c.pair.name, lost, g.epoch,
         f"storage failure of {g.name} {what}: {g.owner} has no path "
         f"left to {_names(lost)} and {doubt}", Rule.STORAGE_GLOBAL_FAILURE)
+
+
+def _settled(c: _Ctx, node: str, devices: tuple[str, ...]) -> bool:
+    """``node`` has reached every one of ``devices`` for ``storage_settle`` without a
+    break: in a global-failure episode the owner and its companion recover at slightly
+    different times, and the first to recover must not look like a local failure of the
+    other."""
+    view = c.snap.storage.get(node)
+    if view is None:
+        return False
+    return all(d in view.reachable_since
+               and c.now - view.reachable_since[d] >= c.snap.storage_settle for d in devices)
 
 
 def _storage_recovered(c: _Ctx, g: GroupView, view: StorageView) -> Action | None:

@@ -273,9 +273,9 @@ def test_alarm_stays_until_the_owner_is_seen_reaching_every_device(
 
 
 def test_raised_alarm_then_companion_confirms_takes_over() -> None:
-    """The companion's view was stale when the alarm went up; now it is fresh and reaches
-    every device: the failure was local after all."""
-    s = snap(sv(A, vtl_a0=(0, 2)), sv(B), alarms=frozenset({"node-a-data"}))
+    """The companion's view was stale when the alarm went up; now it is fresh and has
+    reached every device for storage_settle: the failure was local after all."""
+    s = snap(sv(A, vtl_a0=(0, 2)), _since(sv(B), 2.0), alarms=frozenset({"node-a-data"}))
     (t,) = decide(s, NOW).actions
     assert isinstance(t, Takeover)
     assert (t.group, t.new, t.rule) == ("node-a-data", B, Rule.STORAGE_LOCAL_FAILURE)
@@ -523,3 +523,41 @@ def test_storage_decisions_are_replayable(s: Snapshot) -> None:
     assert again == s
     assert decide(again, NOW) == decide(s, NOW)
     assert decide(again, NOW).status == decide(s, NOW).status
+
+
+# ---- recovery from a global failure: the companion's view must settle ---------
+
+
+def _since(view: StorageView, age: float) -> StorageView:
+    """The same view, every device it reaches reached for ``age`` s without a break."""
+    return replace(view, reachable_since={d: NOW - age for d, p in view.devices.items()
+                                          if p.reachable >= 1})
+
+
+@pytest.mark.parametrize(("settled_for", "moves"), [(0.0, False), (1.0, False), (1.99, False),
+                                                    (2.0, True), (5.0, True)])
+def test_global_failure_recovering_needs_a_settled_companion(settled_for: float,
+                                                             moves: bool) -> None:
+    """In a global-failure episode node-b recovers first (node-a still shows vtl-a0
+    lost for a probe or two): no takeover until node-b has reached every device of the
+    group for storage_settle (2 s by default) without a break."""
+    s = snap(sv(A, vtl_a0=(0, 2)), _since(sv(B), settled_for),
+             alarms=frozenset({"node-a-data"}))
+    assert s.storage_settle == 2.0
+    acts = decide(s, NOW).actions
+    takeovers = [a for a in acts if isinstance(a, Takeover)]
+    if moves:
+        assert [(t.group, t.new, t.rule) for t in takeovers] == [
+            ("node-a-data", B, Rule.STORAGE_LOCAL_FAILURE)]
+    else:
+        assert takeovers == []
+    # Outside an episode a local failure moves at once, settled or not.
+    plain = snap(sv(A, vtl_a0=(0, 2)), _since(sv(B), 0.0))
+    assert [a.group for a in decide(plain, NOW).actions if isinstance(a, Takeover)] == [
+        "node-a-data"]
+
+
+def test_reachable_since_round_trips_through_inputs() -> None:
+    s = snap(sv(A), _since(sv(B), 1.5), alarms=frozenset({"node-a-data"}))
+    back = Snapshot.from_inputs(orjson.loads(orjson.dumps(s.to_inputs())))
+    assert back == s

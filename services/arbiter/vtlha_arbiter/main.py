@@ -89,6 +89,8 @@ class Arbiter(Service):
         #: node -> (its latest storage report, when it arrived on the monotonic clock)
         self.storage: dict[str, tuple[StorageReport, float]] = {}
         self.storage_alarms: set[str] = set()  # groups whose global storage alarm is raised
+        #: node -> device -> since when it has reached the device without a break
+        self.reachable_since: dict[str, dict[str, float]] = {}
         self.started_at = time.monotonic()
         self.last_status = "starting"
         self.ready = False
@@ -325,7 +327,14 @@ class Arbiter(Service):
             raise InvalidMessage(f"StorageReport: unknown node {report.node!r}")
         if self.subjects.node_of(msg.subject) != report.node:
             raise InvalidMessage(f"StorageReport: node {report.node!r} sent on {msg.subject}")
-        self.storage[report.node] = (report, time.monotonic())
+        now = time.monotonic()
+        self.storage[report.node] = (report, now)
+        since = self.reachable_since.setdefault(report.node, {})
+        for dev, paths in self._storage_view(report.node, report, now).devices.items():
+            if paths.reachable >= 1:
+                since.setdefault(dev, now)
+            else:
+                since.pop(dev, None)
 
     def _storage_view(self, node: str, report: StorageReport, received: float) -> StorageView:
         """Per device the report mentions: paths up (distinct configured paths reported
@@ -341,7 +350,8 @@ class Arbiter(Service):
         for dev, paths in up.items():
             total = self.config.devices[dev].paths.get(node, 0)
             devices[dev] = DevicePaths(len({i for i in paths if i < total}), total)
-        return StorageView(node, received, devices)
+        return StorageView(node, received, devices,
+                           dict(self.reachable_since.get(node, {})))
 
     def snapshot(self) -> Snapshot:
         groups = {}
@@ -368,6 +378,7 @@ class Arbiter(Service):
             storage={n: self._storage_view(n, r, t) for n, (r, t) in self.storage.items()},
             storage_stale_after=self.t.storage_stale_after,
             storage_alarms=frozenset(self.storage_alarms),
+            storage_settle=self.t.storage_settle,
         )
 
     # ---- the loop ----------------------------------------------------------
