@@ -136,10 +136,20 @@ class PairView:
 
 @dataclass(frozen=True)
 class DevicePaths:
-    """One device as one node sees it: how many of its paths are up, of how many."""
+    """One device as one node sees it: how many of its paths are up (after rise/fall),
+    of how many; and how many of those up paths also answered their latest probe
+    (``confirmed``; None: not reported, taken as ``reachable``). An owner loses a
+    device only by hysteresis (``reachable``); a companion confirms it reaches a device
+    only with a path whose latest probe succeeded — hysteresis keeps a path "up" for a
+    few probes after the device died, which must not pass for confirmation."""
 
     reachable: int
     total: int
+    confirmed: int | None = None
+
+    @property
+    def confirmed_now(self) -> int:
+        return self.reachable if self.confirmed is None else min(self.confirmed, self.reachable)
 
 
 @dataclass(frozen=True)
@@ -437,8 +447,9 @@ def lost_devices(view: StorageView, devices: tuple[str, ...]) -> tuple[str, ...]
 
 
 def unconfirmed_devices(view: StorageView, devices: tuple[str, ...]) -> tuple[str, ...]:
-    """Devices the view does not show reachable through at least one path."""
-    return tuple(d for d in devices if d not in view.devices or view.devices[d].reachable < 1)
+    """Devices the view does not show reachable, now, through at least one path."""
+    return tuple(d for d in devices
+                 if d not in view.devices or view.devices[d].confirmed_now < 1)
 
 
 def reaches_all(view: StorageView | None, devices: tuple[str, ...]) -> bool:

@@ -363,7 +363,8 @@ def test_storage_inputs_are_plain_json() -> None:
     assert inputs["storage_alarms"] == ["node-a-data", "node-b-data"]
     assert inputs["storage_stale_after"] == STALE
     wire = orjson.loads(orjson.dumps(inputs))
-    assert wire["storage"][A]["devices"]["vtl-a0"] == {"reachable": 1, "total": 2}
+    assert wire["storage"][A]["devices"]["vtl-a0"] == {"reachable": 1, "total": 2,
+                                                       "confirmed": None}
     assert wire["storage"][A]["received_at"] == NOW - INTERVAL
     assert wire["groups"]["node-a-data"]["devices"] == ["vtl-a0", "vtl-a1"]
 
@@ -561,3 +562,21 @@ def test_reachable_since_round_trips_through_inputs() -> None:
     s = snap(sv(A), _since(sv(B), 1.5), alarms=frozenset({"node-a-data"}))
     back = Snapshot.from_inputs(orjson.loads(orjson.dumps(s.to_inputs())))
     assert back == s
+
+
+def test_companion_paths_up_by_hysteresis_only_do_not_confirm() -> None:
+    """The device died for both nodes: node-a already counts it lost (fall probes in a
+    row), node-b's paths are still "up" by hysteresis but their latest probes failed.
+    That is no confirmation: a global failure, no takeover."""
+    b = sv(B)
+    b = replace(b, devices={**b.devices, "vtl-a0": DevicePaths(2, 2, confirmed=0)})
+    acts = decide(snap(sv(A, vtl_a0=(0, 2)), b), NOW).actions
+    assert [type(a) for a in acts] == [RaiseStorageAlarm]
+    # One path whose latest probe answered is enough.
+    b = replace(b, devices={**b.devices, "vtl-a0": DevicePaths(2, 2, confirmed=1)})
+    (t,) = decide(snap(sv(A, vtl_a0=(0, 2)), b), NOW).actions
+    assert isinstance(t, Takeover) and t.new == B
+    # The owner's own loss is by hysteresis: a failed latest probe is not a loss yet.
+    a = sv(A)
+    a = replace(a, devices={**a.devices, "vtl-a0": DevicePaths(2, 2, confirmed=0)})
+    assert decide(snap(a, sv(B)), NOW).actions == ()

@@ -40,8 +40,8 @@ from vtlha.san.protocol import ProtocolError, decode_header, encode_frame, read_
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 LOST_RESERVATION = 3  # exit status: the target refused us for the reservation
-SAN_TIMEOUT = 2.0
-DRAIN_TIMEOUT = 5.0
+SAN_TIMEOUT = 1.0  # per path: a stuck path fails over to the next one
+DRAIN_TIMEOUT = 1.0  # on SIGTERM: requests in flight may finish (the target fences the rest)
 
 log = logging.getLogger("vtlha.tape")
 

@@ -331,25 +331,31 @@ class Arbiter(Service):
         self.storage[report.node] = (report, now)
         since = self.reachable_since.setdefault(report.node, {})
         for dev, paths in self._storage_view(report.node, report, now).devices.items():
-            if paths.reachable >= 1:
+            if paths.confirmed_now >= 1:
                 since.setdefault(dev, now)
             else:
                 since.pop(dev, None)
 
     def _storage_view(self, node: str, report: StorageReport, received: float) -> StorageView:
         """Per device the report mentions: paths up (distinct configured paths reported
-        reachable) of the paths the config gives this node. Unknown devices are left
-        out: a device the view does not show is neither lost nor confirmed."""
+        reachable, after rise/fall) of the paths the config gives this node, and how many
+        of those answered their latest probe. Unknown devices are left out: a device the
+        view does not show is neither lost nor confirmed."""
         up: dict[str, set[int]] = {}
+        ok: dict[str, set[int]] = {}
         for p in report.paths:
             if p.device in self.config.devices:
                 ups = up.setdefault(p.device, set())
+                oks = ok.setdefault(p.device, set())
                 if p.reachable:
                     ups.add(p.path)
+                    if p.error is None:
+                        oks.add(p.path)
         devices = {}
         for dev, paths in up.items():
             total = self.config.devices[dev].paths.get(node, 0)
-            devices[dev] = DevicePaths(len({i for i in paths if i < total}), total)
+            devices[dev] = DevicePaths(len({i for i in paths if i < total}), total,
+                                       len({i for i in ok[dev] if i < total}))
         return StorageView(node, received, devices,
                            dict(self.reachable_since.get(node, {})))
 
