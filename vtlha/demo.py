@@ -10,11 +10,13 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from vtlha import eventlog
 from vtlha.labtools import outage, read_timeline
@@ -89,6 +91,61 @@ def _start_client(c: LocalCluster, address: str) -> Path | None:
     return timeline
 
 
+def _portal(c: LocalCluster, victim: str) -> str:
+    group = f"{victim}-data"
+    if _is_lab(c):
+        return f"{c.cfg.group_addresses(group)[0].split('/')[0]}:{c.cfg.ports.tape}"
+    return f"127.0.0.1:{c.cfg.port(victim, 'tape')}"
+
+
+def _start_tape(c: LocalCluster, victim: str) -> tuple[str, Path, subprocess.Popen[bytes]]:
+    """``vtlha tape write`` to the victim's portal (from the client namespace in the lab)."""
+    from vtlha.lab import Lab
+
+    portal = _portal(c, victim)
+    log = c.work_dir / "tape-acks.jsonl"
+    argv = [str(Path(sys.executable).parent / "vtlha"), "tape", "write", portal, "--log",
+            str(log), "--interval", "0.01"]
+    if isinstance(c, Lab):
+        return portal, log, c.spawn_in("client", "tape-writer", argv)
+    return portal, log, c.procs.spawn("client", "tape-writer", argv).proc
+
+
+def _tape_acks(log: Path, node: str) -> int:
+    from vtlha.tape.client import read_acks
+
+    return sum(1 for a in read_acks(log).values() if a.get("node") == node)
+
+
+def _finish_tape(c: LocalCluster, portal: str, log: Path, proc: subprocess.Popen[bytes],
+                 survivor: str) -> str:
+    import orjson
+
+    from vtlha.lab import Lab
+    from vtlha.tape.client import read_acks
+
+    c.wait_for(lambda: _tape_acks(log, survivor) >= 20, 30,
+               what=f"the tape client's blocks acknowledged by {survivor}")
+    proc.terminate()
+    proc.wait(10)
+    acks = read_acks(log)
+    argv = [str(Path(sys.executable).parent / "vtlha"), "tape", "verify", portal, "--log",
+            str(log), "--json"]
+    if isinstance(c, Lab):
+        argv = [*c.prefix("client"), *argv]
+    out = subprocess.run(argv, capture_output=True, timeout=120)
+    res: dict[str, Any] = (orjson.loads(out.stdout) if out.stdout.strip()
+                           else {"bad": ["verify failed: " + out.stderr.decode()[-200:]],
+                                 "checked": 0})
+    by: dict[str, int] = {}
+    for a in acks.values():
+        by[str(a.get("node"))] = by.get(str(a.get("node")), 0) + 1
+    _say(f"\n  tape client: {len(acks)} numbered blocks acknowledged ("
+         + ", ".join(f"{n} by {k}" for k, n in sorted(by.items()))
+         + f"); read back through {survivor}: {res['checked']} checked, {len(res['bad'])} bad")
+    return f"; tape: {len(acks)} blocks acknowledged, {len(res['bad'])} lost or wrong"
+
+
 def run_demo(src: Path, work_dir: Path | None, keep: bool, loopback: bool = False) -> int:
     tmp = work_dir or Path(tempfile.mkdtemp(prefix="vtlha-demo-"))
 
@@ -140,6 +197,15 @@ def _run(c: LocalCluster) -> int:
         c.wait_for(lambda: c.kv_leader() == witness and c.kv_leader(events=True) == witness,
                    30, interval=0.2, what="the KV and event-stream leaders on the witness")
     timeline = _start_client(c, address)
+    c.wait_for(lambda: ((c.status(victim, "storage-monitor") if not _is_lab(c) else
+                         c.http_get(victim, "storage-monitor", "/status")) or {})
+               .get("groups", {}).get(f"{victim}-data", {}).get("state") == "served", 30,
+               what=f"{victim} to serve its data group's storage (the tape data service)")
+    portal, tape_log, tape = _start_tape(c, victim)
+    c.wait_for(lambda: _tape_acks(tape_log, victim) >= 20, 20,
+               what=f"the tape client's blocks acknowledged by {victim}")
+    _say(f"\n  tape client -> {portal}: writing numbered blocks, acknowledged by {victim} "
+         "(written through the SAN target at the group's epoch)")
     if timeline is not None:
         c.wait_for(lambda: any(e["ok"] and e["who"] == victim
                                for e in read_timeline(str(timeline))), 10,
@@ -172,6 +238,7 @@ def _run(c: LocalCluster) -> int:
              f"{c.mac(survivor)} (gratuitous ARP)" if mac == c.mac(survivor) else
              f"  client's ARP entry for {address}: {mac}")
         result += f"; client outage {gap[2] * 1000:.0f} ms"
+    result += _finish_tape(c, portal, tape_log, tape, survivor)
     _say("\n  events (stream " + Subjects(c.cfg.cluster).events_stream + "):")
     for n, e in enumerate(c.events(), 1):
         _say("    " + eventlog.format_event(n, e))
