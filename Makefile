@@ -39,6 +39,7 @@ sysdeps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for t in $(SYS_TOOLS); do \
 	    command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	  ldconfig -p | grep -q 'libfuse\.so\.2 ' || missing="$$missing libfuse2"; \
 	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi; \
