@@ -163,10 +163,13 @@ class StorageView:
     #: device -> since when (arbiter's clock) the node has reached it without a break;
     #: a device not reached now is absent
     reachable_since: dict[str, float] = field(default_factory=dict)
+    #: device -> since when the node has had no path up to it (absent: it has one)
+    lost_since: dict[str, float] = field(default_factory=dict)
 
 
 DEFAULT_STORAGE_STALE_AFTER = 1.5  # 3 x the default probe_interval
 DEFAULT_STORAGE_SETTLE = 2.0
+DEFAULT_STORAGE_CONFIRM_AFTER = 1.5  # default probe_interval + probe_timeout
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,9 @@ class Snapshot:
     #: in a global-failure episode, the companion must reach every device of the group
     #: this long without a break before the failure counts as local (recovery flaps)
     storage_settle: float = DEFAULT_STORAGE_SETTLE
+    #: a companion confirms an owner's lost device only with a report received this long
+    #: after the loss: one whole probe round (interval + timeout) that began after it
+    storage_confirm_after: float = DEFAULT_STORAGE_CONFIRM_AFTER
 
     def to_inputs(self) -> dict[str, Any]:
         """Plain JSON-able data (tuples as lists, sets as sorted lists)."""
@@ -210,6 +216,7 @@ class Snapshot:
             storage_stale_after=d.get("storage_stale_after", DEFAULT_STORAGE_STALE_AFTER),
             storage_alarms=frozenset(d.get("storage_alarms", ())),
             storage_settle=d.get("storage_settle", DEFAULT_STORAGE_SETTLE),
+            storage_confirm_after=d.get("storage_confirm_after", DEFAULT_STORAGE_CONFIRM_AFTER),
         )
 
 
@@ -237,7 +244,7 @@ def _group_from(v: Mapping[str, Any]) -> GroupView:
 def _storage_from(v: Mapping[str, Any]) -> StorageView:
     return StorageView(v["node"], v["received_at"],
                        {k: DevicePaths(**p) for k, p in v.get("devices", {}).items()},
-                       dict(v.get("reachable_since", {})))
+                       dict(v.get("reachable_since", {})), dict(v.get("lost_since", {})))
 
 
 # ---- actions -----------------------------------------------------------------
@@ -727,6 +734,8 @@ def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
             return None  # moved less than failback_hold_time ago: decided again after it
         if g.name in c.snap.storage_alarms and not _settled(c, new, g.devices):
             return None  # a global failure recovering: the companion's view must settle
+        if not _seen_after_loss(c, view, new, lost):
+            return None  # wait for a companion report from a probe round after the loss
         return Takeover(
             g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
             f"{new} takes over {g.name}: {g.owner} has no path left to {_names(lost)} and "
@@ -751,6 +760,19 @@ def _settled(c: _Ctx, node: str, devices: tuple[str, ...]) -> bool:
         return False
     return all(d in view.reachable_since
                and c.now - view.reachable_since[d] >= c.snap.storage_settle for d in devices)
+
+
+def _seen_after_loss(c: _Ctx, owner_view: StorageView, node: str,
+                     lost: tuple[str, ...]) -> bool:
+    """The companion's view was received ``storage_confirm_after`` (a whole probe round)
+    after the owner lost the devices: a device that died for both nodes has had time to
+    fail the companion's probe too, instead of the owner's loss racing the companion's
+    first failed probe."""
+    view = c.snap.storage.get(node)
+    since = [owner_view.lost_since[d] for d in lost if d in owner_view.lost_since]
+    if view is None or not since:
+        return view is not None
+    return view.received_at >= max(since) + c.snap.storage_confirm_after
 
 
 def _storage_recovered(c: _Ctx, g: GroupView, view: StorageView) -> Action | None:

@@ -351,7 +351,8 @@ def test_to_inputs_is_plain_json() -> None:
     assert inputs["dead_after"] == DEAD_AFTER
     assert set(inputs) == {"dead_after", "started_at", "pairs", "nodes", "groups", "in_flight",
                            "initial_assign_wait", "storage", "storage_stale_after",
-                           "storage_alarms", "storage_settle"}
+                           "storage_alarms", "storage_settle",
+                           "storage_confirm_after"}
     assert orjson.loads(orjson.dumps(inputs))["nodes"][A]["name"] == A
 
 

@@ -580,3 +580,24 @@ def test_companion_paths_up_by_hysteresis_only_do_not_confirm() -> None:
     a = sv(A)
     a = replace(a, devices={**a.devices, "vtl-a0": DevicePaths(2, 2, confirmed=0)})
     assert decide(snap(a, sv(B)), NOW).actions == ()
+
+
+@pytest.mark.parametrize(("lost_for", "b_age", "moves"), [
+    (0.1, INTERVAL, False),   # the companion's report cannot show a probe after the loss
+    (1.4, INTERVAL, False),
+    (1.6, 0.05, True),        # received 1.55 s after the loss: a whole round after it
+    (1.6, 0.2, False),        # the companion's latest report predates that round
+])
+def test_local_takeover_waits_for_a_companion_probe_round_after_the_loss(
+        lost_for: float, b_age: float, moves: bool) -> None:
+    """With fast failures (EIO) the owner may count a device lost before the companion's
+    first failed probe: the companion confirms only with a report received a whole probe
+    round (storage_confirm_after, 1.5 s by default) after the owner's loss."""
+    a = replace(sv(A, vtl_a0=(0, 2)), lost_since={"vtl-a0": NOW - lost_for})
+    s = snap(a, sv(B, age=b_age))
+    assert s.storage_confirm_after == 1.5
+    acts = decide(s, NOW).actions
+    if moves:
+        assert [(type(x), x.group) for x in acts] == [(Takeover, "node-a-data")]
+    else:
+        assert acts == ()  # waiting: neither a takeover nor an alarm yet

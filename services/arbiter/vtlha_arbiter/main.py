@@ -91,6 +91,8 @@ class Arbiter(Service):
         self.storage_alarms: set[str] = set()  # groups whose global storage alarm is raised
         #: node -> device -> since when it has reached the device without a break
         self.reachable_since: dict[str, dict[str, float]] = {}
+        #: node -> device -> since when it has had no path up to the device
+        self.lost_since: dict[str, dict[str, float]] = {}
         self.started_at = time.monotonic()
         self.last_status = "starting"
         self.ready = False
@@ -330,11 +332,16 @@ class Arbiter(Service):
         now = time.monotonic()
         self.storage[report.node] = (report, now)
         since = self.reachable_since.setdefault(report.node, {})
+        lost = self.lost_since.setdefault(report.node, {})
         for dev, paths in self._storage_view(report.node, report, now).devices.items():
             if paths.confirmed_now >= 1:
                 since.setdefault(dev, now)
             else:
                 since.pop(dev, None)
+            if paths.reachable < 1:
+                lost.setdefault(dev, now)
+            else:
+                lost.pop(dev, None)
 
     def _storage_view(self, node: str, report: StorageReport, received: float) -> StorageView:
         """Per device the report mentions: paths up (distinct configured paths reported
@@ -357,7 +364,8 @@ class Arbiter(Service):
             devices[dev] = DevicePaths(len({i for i in paths if i < total}), total,
                                        len({i for i in ok[dev] if i < total}))
         return StorageView(node, received, devices,
-                           dict(self.reachable_since.get(node, {})))
+                           dict(self.reachable_since.get(node, {})),
+                           dict(self.lost_since.get(node, {})))
 
     def snapshot(self) -> Snapshot:
         groups = {}
@@ -385,6 +393,7 @@ class Arbiter(Service):
             storage_stale_after=self.t.storage_stale_after,
             storage_alarms=frozenset(self.storage_alarms),
             storage_settle=self.t.storage_settle,
+            storage_confirm_after=self.t.probe_interval + self.t.probe_timeout,
         )
 
     # ---- the loop ----------------------------------------------------------
