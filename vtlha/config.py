@@ -217,6 +217,10 @@ class Node(_Model):
     mgmt_ip: str | None = None
     groups: Groups = Field(default_factory=Groups)
     checks: list[Check] = Field(default_factory=list)
+    executor_checks: bool = Field(
+        True, description="the heartbeat adds a built-in fatal check per local executor "
+        "('executor ip-manager alive', and 'executor storage-monitor alive' when the "
+        "pair has devices): a node whose executor died alone is not healthy")
 
     _ip = field_validator("service_ip")(classmethod(lambda cls, v: _check_iface(v)))
 

@@ -8,26 +8,43 @@ release of one group never interleave.
 It also keeps the hold rule (``vtlha.protocol.hold``): the latest acquire command AND
 a valid lease notice from the node's lease holder. Each group has its own enforcement
 loop (a slow resource agent of one group never delays another group's lapse), and a
-notice triggers one at once. Subclasses say how to start, keep and stop holding."""
+notice triggers one at once. Subclasses say how to start, keep and stop holding.
+
+Every executor answers liveness requests on ``ha.<cluster>.ping.<node>.<service>`` with
+a ``Pong`` (its name, pid, uptime, readiness), from the moment it takes commands until
+it stops: the heartbeat's built-in checks ("executor ip-manager alive") ask it every
+``check_interval``. The answer comes from its own subscription, so a long command never
+delays it."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
+from pydantic import Field, StrictBool
 
 from vtlha.errors import InvalidMessage, VtlhaError
 from vtlha.fencing import FencingStore
-from vtlha.messages import Ack, Command, LeaseNotice, decode, encode
+from vtlha.messages import Ack, Command, Envelope, LeaseNotice, decode, encode
 from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
 
 ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
+
+
+class Pong(Envelope):
+    """An executor's answer to a liveness request (``Subjects.ping``)."""
+
+    service: str
+    pid: int = Field(ge=0)
+    uptime: float = Field(ge=0)  # seconds since the process started taking commands
+    ready: StrictBool = True  # its /readyz verdict (connected and reconciled)
 
 
 class ReleaseIncomplete(VtlhaError):
@@ -55,6 +72,8 @@ class Executor(Service):
                                 ["action", "result"], registry=self.registry)
         self._cmd_lock = asyncio.Lock()
         self._cmd_sub: Subscription | None = None
+        self._ping_sub: Subscription | None = None
+        self._taking_commands_since: float | None = None
         pair = self.config.pair_of(self.node) if self.config.has_node(self.node) else None
         self.my_groups = (
             {g for n in pair.nodes for g in (n.data_group, n.mgmt_group)} if pair else set()
@@ -65,10 +84,27 @@ class Executor(Service):
             self.subjects.cmd(self.node, self.name),
             cb=self.subscribe_handler("command", self._on_command),
         )
+        self._taking_commands_since = time.monotonic()
+        self._ping_sub = await self.nc.subscribe(
+            self.subjects.ping(self.node, self.name),
+            cb=self.subscribe_handler("ping", self._on_ping),
+        )
 
     async def stop(self) -> None:
-        if self._cmd_sub is not None:
-            await self._cmd_sub.unsubscribe()
+        for sub in (self._ping_sub, self._cmd_sub):  # stop answering "alive" first
+            if sub is not None:
+                await sub.unsubscribe()
+
+    async def _on_ping(self, msg: Msg) -> None:
+        """Say that this executor runs. The request's body is ignored: nothing in it
+        can make this do anything but answer."""
+        if not msg.reply:
+            return
+        since = self._taking_commands_since or time.monotonic()
+        pong = Pong(cluster=self.config.cluster, node=self.node, service=self.name,
+                    pid=os.getpid(), uptime=round(time.monotonic() - since, 3),
+                    ready=self.is_ready())
+        await msg.respond(encode(pong))
 
     async def _on_command(self, msg: Msg) -> None:
         try:

@@ -37,6 +37,11 @@ class Subjects:
     def cmd(self, node: str, service: str) -> str:
         return f"{self._p}.cmd.{node}.{service}"
 
+    def ping(self, node: str, service: str) -> str:
+        """Liveness requests to one service of a node (request/reply): the heartbeat
+        asks its node's executors whether they still run."""
+        return f"{self._p}.ping.{node}.{service}"
+
     def admin(self, verb: str) -> str:
         return f"{self._p}.admin.{verb}"
 

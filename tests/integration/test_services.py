@@ -184,7 +184,12 @@ def test_heartbeat_sequence_incarnation_and_interval(local_cluster: LocalCluster
         assert b.node == "node-a"
         assert b.cluster == lc.cfg.cluster
         assert b.interval == lc.cfg.timings.heartbeat_interval
-        assert b.checks == []  # the example configures none
+        # The example configures none: only the built-in executor checks, which are
+        # "starting" (no executor runs here, and the start-up grace has not run out).
+        assert [c.name for c in b.checks] == ["executor ip-manager alive",
+                                              "executor storage-monitor alive"]
+        assert all(c.ok and c.fatal and c.detail.startswith("starting: ")
+                   for c in b.checks), b.checks
         assert b.storage is None  # no storage-monitor runs
     old = beats[0].incarnation
 

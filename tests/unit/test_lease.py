@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from vtlha.messages import GroupRecord, GroupState
+from vtlha.messages import GroupRecord, GroupState, decode, encode
 from vtlha.protocol.lease import (
     AskPromise,
     Effect,
@@ -452,6 +452,34 @@ def test_first_successful_renewal_serves_the_group() -> None:
     assert notices(out) == [Notice(G, 2, T0 + TTL)]
     assert [n.kind for n in out if isinstance(n, Note)] == ["lease.acquired"]
     assert lh.groups[G].phase is Phase.HOLDING and lh.is_valid(G, T0 + RTT)
+
+
+def test_renewals_keep_the_claims_since() -> None:
+    """``since`` is the wall clock of the claim: "when the group last moved" for the
+    arbiter. Renewals (the first one included, and after adopting our own committed
+    write or a newer revision from the watch) must carry it unchanged, never now."""
+    claimed_at = 1_700_000_000.5
+    claim = rec(B, 2, "acquiring").model_copy(update={"since": claimed_at})
+    lh = holder(B)
+    lh.on_record(G, claim, 20, T0)
+    lh.on_acquire_command(G, 2, 0.0, T0)
+    r1 = renewing(lh, T0 + TTL)
+    assert r1.record.since == claimed_at and r1.record.state == "held"
+    lh.on_renew_result(G, r1.sent_at, KvResult.OK, revision=21, now=T0 + TTL + RTT)
+    r2 = renewing(lh, T0 + TTL + INTERVAL)
+    assert r2.record.since == claimed_at
+    # its answer is lost, it committed; the next renewal conflicts with it: adopt the key
+    lh.on_renew_result(G, r2.sent_at, KvResult.UNAVAILABLE, now=T0 + TTL + INTERVAL + RTT)
+    lh.on_promise_reply(T0 + TTL + INTERVAL + RTT, None, (G,))
+    r3 = renewing(lh, T0 + TTL + 2 * INTERVAL)
+    lh.on_renew_result(G, r3.sent_at, KvResult.CONFLICT, current=r2.record,
+                       current_revision=22, now=T0 + TTL + 2 * INTERVAL + RTT)
+    # the watch delivers the same epoch at a newer revision
+    lh.on_record(G, r2.record, 23, T0 + TTL + 2 * INTERVAL + RTT)
+    r4 = renewing(lh, T0 + TTL + 3 * INTERVAL)
+    assert r4.last == 23 and r4.record.since == claimed_at
+    # and the wire keeps it (decode never defaults it when it is there)
+    assert decode(GroupRecord, encode(r4.record)).since == claimed_at
 
 
 def test_acquiring_group_is_not_valid_before_its_first_renewal() -> None:

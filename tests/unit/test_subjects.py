@@ -21,6 +21,8 @@ S = Subjects("demo")
         (S.promise("node-a"), "ha.demo.promise.node-a"),
         (S.cmd("node-a", "ip-manager"), "ha.demo.cmd.node-a.ip-manager"),
         (S.cmd("node-b", "storage-monitor"), "ha.demo.cmd.node-b.storage-monitor"),
+        (S.ping("node-a", "ip-manager"), "ha.demo.ping.node-a.ip-manager"),
+        (S.ping("node-b", "storage-monitor"), "ha.demo.ping.node-b.storage-monitor"),
         (S.admin("switchover"), "ha.demo.admin.switchover"),
         (S.admin("failback"), "ha.demo.admin.failback"),
         (S.admin("maintenance"), "ha.demo.admin.maintenance"),

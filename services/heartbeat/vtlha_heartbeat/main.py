@@ -1,8 +1,15 @@
 """heartbeat: publishes ``ha.<cluster>.hb.<node>`` every ``heartbeat_interval``.
 
 Each heartbeat carries the node's incarnation (new per process start), a sequence
-number, the latest results of the configured process checks, and the node's own
-storage verdict (summarised from its storage-monitor's reports, as the manual says)."""
+number, the process checks, and the node's own storage verdict (summarised from its
+storage-monitor's reports, as the manual says).
+
+The process checks are the configured ones plus one built-in fatal check per local
+executor ("executor ip-manager alive", "executor storage-monitor alive": a ping over
+NATS). They run every ``check_interval``; each is reported after hysteresis over its
+runs (``fall`` failing / ``rise`` passing runs in a row before its state changes; the
+first run sets it), so the arbiter takes the reported states as they are. See
+``vtlha.checks`` for the details and the executors' start-up grace."""
 
 from __future__ import annotations
 
@@ -14,7 +21,15 @@ from typing import Any
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from vtlha.checks import run_check
+from vtlha.checks import (
+    EXECUTOR_START_GRACE,
+    Debounce,
+    ExecutorLiveness,
+    checked_executors,
+    ping_executor,
+    ping_timeout,
+    run_check,
+)
 from vtlha.executor import Executor
 from vtlha.messages import CheckResult, Heartbeat, StorageReport, StorageVerdict, decode, encode
 from vtlha.service import service_command
@@ -35,7 +50,11 @@ class HeartbeatService(Executor):
         self.incarnation = uuid.uuid4().hex[:16]
         self.seq = 0
         self.node_cfg = self.config.node(self.node)
-        self.check_results: dict[str, CheckResult] = {}
+        self.check_results: dict[str, CheckResult] = {}  # reported (after hysteresis)
+        t = self.config.timings
+        self.debounce = {c.name: Debounce(t.rise, t.fall) for c in self.node_cfg.checks}
+        self.liveness: list[ExecutorLiveness] = []  # made at the first check run
+        self.executors = checked_executors(self.config, self.node)
         self.storage_report: StorageReport | None = None
         self.storage_received: float | None = None
         self.published = Counter("vtlha_heartbeats_published_total", "Heartbeats published",
@@ -48,9 +67,13 @@ class HeartbeatService(Executor):
         await self.start_executor()
         await self.nc.subscribe(self.subjects.storage(self.node),
                                 cb=self.subscribe_handler("storage", self._on_storage))
-        if self.node_cfg.checks:
+        if self.node_cfg.checks or self.executors:
+            t = self.config.timings
+            now = time.monotonic()  # the executors' start-up grace counts from here
+            self.liveness = [ExecutorLiveness(s, t.rise, t.fall, EXECUTOR_START_GRACE, now)
+                             for s in self.executors]
             await self._run_checks()
-            self.every(self.config.timings.check_interval, self._run_checks, "checks")
+            self.every(t.check_interval, self._run_checks, "checks")
         self.every(self.config.timings.heartbeat_interval, self._beat, "heartbeat")
 
     async def _on_storage(self, msg: Msg) -> None:
@@ -61,14 +84,28 @@ class HeartbeatService(Executor):
         self.storage_received = time.monotonic()
 
     async def _run_checks(self) -> None:
-        results = await asyncio.gather(*(run_check(c) for c in self.node_cfg.checks))
-        for r in results:
-            prev = self.check_results.get(r.name)
-            if prev is None or prev.ok != r.ok:
-                self.log.info("check changed", extra={"check": r.name, "ok": r.ok,
-                                                      "detail": r.detail})
-            self.check_results[r.name] = r
-            self.check_ok.labels(r.name).set(1 if r.ok else 0)
+        """One run of every check; what is reported is each check's state after
+        hysteresis over its runs."""
+        timeout = ping_timeout(self.config)
+        runs, pings = await asyncio.gather(
+            asyncio.gather(*(run_check(c) for c in self.node_cfg.checks)),
+            asyncio.gather(*(ping_executor(self.nc, self.subjects.ping(self.node, x.service),
+                                           self.node, x.service, timeout)
+                             for x in self.liveness)))
+        now = time.monotonic()
+        for run in runs:
+            d = self.debounce[run.name]
+            self._report(d.update(run), d.changed)
+        for x, (ok, detail) in zip(self.liveness, pings, strict=True):
+            self._report(x.update(ok, detail, now), x.changed)
+
+    def _report(self, r: CheckResult, changed: bool) -> None:
+        if changed:
+            (self.log.info if r.ok else self.log.warning)(
+                "check " + ("passes" if r.ok else "fails"),
+                extra={"check": r.name, "ok": r.ok, "fatal": r.fatal, "detail": r.detail})
+        self.check_results[r.name] = r
+        self.check_ok.labels(r.name).set(1 if r.ok else 0)
 
     def storage_verdict(self) -> StorageVerdict | None:
         if self.storage_report is None or self.storage_received is None:
