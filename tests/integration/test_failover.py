@@ -90,8 +90,9 @@ def test_node_that_returns_gets_no_automatic_failback(local_cluster: LocalCluste
     c.start()
     c.wait_for(c.home_held, 30, what="initial ownership")
     c.procs.kill_host("node-a")
-    c.wait_for(lambda: kv_groups(url, c.cfg.cluster)["node-a-data"][0].owner == "node-b", 10,
-               what="failover")
+    c.wait_for(lambda: {e.group for _, e in events(url, c.cfg.cluster)
+                        if e.kind == "failover.completed"} >= {"node-a-data", "node-a-mgmt"},
+               20, what="failover (node-a-data's storage served on node-b)")
     c.start_node("node-a")
     c.wait_for(lambda: any(e.kind == "node.up" and e.new == "node-a"
                            for _, e in events(url, c.cfg.cluster)), 15, what="node.up event")

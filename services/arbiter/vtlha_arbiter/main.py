@@ -554,8 +554,16 @@ class Arbiter(Service):
                 return True
             if rec is not None and rec[0].epoch > epoch:
                 return False  # someone moved it again
+            if self._gone(owner):
+                return False  # the new owner died meanwhile: the policy decides again
             await asyncio.sleep(0.005)
         return False
+
+    def _gone(self, node: str) -> bool:
+        """Declared down by the policy (its heartbeats stopped): waiting for it to answer
+        would only keep its groups "in flight", out of the policy's reach."""
+        st = self.nodes.get(node)
+        return st is not None and st.declared_down
 
     def _storage_bound(self, group: str) -> float:
         """How long a data group's storage may take to be served: every resource's
@@ -580,6 +588,8 @@ class Arbiter(Service):
             rec = self.records.get(group)
             if rec is not None and rec[0].epoch > epoch:
                 return f"moved again (epoch {rec[0].epoch})"
+            if self._gone(owner):
+                return f"{owner} went down before its storage was served"
             await asyncio.sleep(0.005)
         return (f"not reported served within {self._storage_bound(group):.1f} s "
                 f"(storage-monitor of {owner} down?)")
@@ -642,8 +652,8 @@ class Arbiter(Service):
             except InvalidMessage as exc:
                 self.invalid_messages.labels("ack").inc()
                 self.log.warning("invalid ack", extra={"error": str(exc)})
-            if time.monotonic() >= deadline or self.stopping:
-                return None
+            if time.monotonic() >= deadline or self.stopping or self._gone(node):
+                return None  # (a node declared down will not answer: stop, decide anew)
             await asyncio.sleep(min(0.05, self.t.command_timeout))
 
     def executors_of(self, group: str) -> tuple[str, ...]:
