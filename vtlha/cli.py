@@ -254,8 +254,9 @@ async def _follow_moves(nc: Any, subj: Any, reply: Any, wait_s: float) -> int:
     since = min(seqs) if len(seqs) == len(todo) else 1
     failed = False
     try:
-        async with asyncio.timeout(wait_s):
-            async for seq, e in eventlog.follow(nc.jetstream(), subj, since):
+        async with asyncio.timeout(wait_s), contextlib.aclosing(
+                eventlog.follow(nc.jetstream(), subj, since)) as stream:
+            async for seq, e in stream:
                 t = todo.get((e.group or "", e.epoch or 0))
                 if t is None or e.kind not in (f"{t.kind}.completed", f"{t.kind}.failed"):
                     continue

@@ -152,7 +152,6 @@ class Arbiter(Service):
         self.pair_watcher: KeyValue.KeyWatcher | None = None
         #: one decision at a time: the tick and operator requests take turns
         self.decide_lock = asyncio.Lock()
-        self.last_snapshot: tuple[Snapshot, float] | None = None
         self.admin = AdminServer(self)
         self.decisions = Counter("vtlha_decisions_total", "Policy actions, by rule", ["rule"],
                                  registry=self.registry)
@@ -517,7 +516,6 @@ class Arbiter(Service):
     async def _decide(self) -> None:
         now = time.monotonic()
         snap = self.snapshot(now)
-        self.last_snapshot = (snap, now)
         for n in self.nodes:
             self.node_alive.labels(n).set(1 if policy.is_alive(snap.nodes[n], now,
                                                                  self.t.dead_after) else 0)
