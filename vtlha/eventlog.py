@@ -4,7 +4,7 @@ events as they arrive (``follow``, an ordered consumer from a start sequence).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -38,7 +38,7 @@ async def read(js: JetStreamContext, subjects: Subjects, since: int = 1,
 
 
 async def follow(js: JetStreamContext, subjects: Subjects,
-                 since: int = 1) -> AsyncIterator[tuple[int, Event]]:
+                 since: int = 1) -> AsyncGenerator[tuple[int, Event], None]:
     # Ordered consumers from a start *sequence* survive a server's death (PLATFORM.md);
     # from a start time they do not.
     cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,

@@ -11,7 +11,14 @@ import time
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from vtlha.errors import InvalidMessage
 
@@ -152,6 +159,70 @@ class Event(Envelope):
     reason: str
     inputs: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- operator requests (``ha.<c>.admin.<verb>``, request/reply) --------------------
+
+AdminVerb = Literal["switchover", "failback", "maintenance", "clear-hold"]
+#: what each verb needs besides ``verb`` (the policy's request, ``policy.answer``)
+ADMIN_FIELDS: dict[str, tuple[str, ...]] = {
+    "switchover": ("group",),
+    "failback": ("pair",),
+    "maintenance": ("pair", "on"),
+    "clear-hold": ("pair", "target_node"),
+}
+
+
+class AdminRequest(Envelope):
+    """An operator's request to the active arbiter. ``node`` is the envelope's sender
+    (the host the request came from); ``target_node`` is the node a request is about
+    (clear-hold); ``operator`` says who asked (for the events)."""
+
+    verb: AdminVerb
+    operator: str = Field(min_length=1, max_length=128)
+    group: str | None = None
+    pair: str | None = None
+    target_node: str | None = None
+    on: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_verb(self) -> AdminRequest:
+        missing = [f for f in ADMIN_FIELDS[self.verb] if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{self.verb} needs {', '.join(missing)}")
+        return self
+
+    def policy_request(self) -> dict[str, Any]:
+        """The request as ``policy.answer`` takes it and events carry it."""
+        out: dict[str, Any] = {"verb": self.verb}
+        for f in ADMIN_FIELDS[self.verb]:
+            out["node" if f == "target_node" else f] = getattr(self, f)
+        return out
+
+
+class AdminTakeover(_Open):
+    """One takeover an operator request started (claimed at ``epoch``); its progress is
+    the events ``<kind>.completed`` / ``<kind>.failed`` for this group and epoch."""
+
+    group: str
+    old: str
+    new: str
+    epoch: int = Field(ge=1)
+    kind: str  # event family: switchover, failback
+    started: int | None = None  # the stream sequence of its ``<kind>.started`` event
+
+
+class AdminReply(Envelope):
+    """The active arbiter's answer: ``ok`` False for a refusal (``status`` says why) or
+    a request it could not carry out; ``status`` is the policy's sentence."""
+
+    ok: StrictBool
+    verb: str
+    status: str
+    request: dict[str, Any] = Field(default_factory=dict)
+    term: int = Field(0, ge=0)
+    events: list[int] = Field(default_factory=list)  # stream sequences of its events
+    takeovers: list[AdminTakeover] = Field(default_factory=list)
 
 
 # ---- KV values (DESIGN.md "Contracts") ---------------------------------------

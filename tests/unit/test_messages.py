@@ -17,6 +17,9 @@ from vtlha.messages import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     Ack,
+    AdminReply,
+    AdminRequest,
+    AdminTakeover,
     CheckResult,
     Command,
     Event,
@@ -80,8 +83,19 @@ def samples() -> list[BaseModel]:
         GroupRecord(owner="node-a", term=2, epoch=5, state="held", renewed_by="node-a",
                     since=12.5),
         LeaderRecord(node="witness", since=3.25),
-        PairRecord(maintenance=True, hold=["node-b"], failback="auto"),
+        PairRecord(maintenance=True, hold=["node-b"], failback="auto",
+                   failures={"node-b": [1_700_000_000.0, 1_700_000_100.5]}),
         PairRecord(),
+        AdminRequest(**ENV, verb="clear-hold", operator="ops@console", pair="pair-1",
+                     target_node="node-b"),
+        AdminReply(**ENV, ok=True, verb="switchover", status="node-b takes over node-a-data "
+                   "from node-a: switchover requested by an operator",
+                   request={"verb": "switchover", "group": "node-a-data"}, term=7,
+                   events=[41], takeovers=[AdminTakeover(group="node-a-data", old="node-a",
+                                                         new="node-b", epoch=4,
+                                                         kind="switchover", started=41)]),
+        AdminTakeover(group="node-a-mgmt", old="node-b", new="node-a", epoch=2,
+                      kind="failback"),
         CheckResult(name="c", ok=True),
         StorageVerdict(ok=True),
         PathHealth(device="vtl-b0", path=3, reachable=True),
@@ -125,7 +139,8 @@ def test_encode_is_one_json_object(model: type[BaseModel]) -> None:
     assert isinstance(json.loads(encode(sample_of(model))), dict)
 
 
-@pytest.mark.parametrize("model", [Heartbeat, StorageReport, MgmtReport, Command, Ack, Event])
+@pytest.mark.parametrize("model", [Heartbeat, StorageReport, MgmtReport, Command, Ack, Event,
+                                   AdminRequest, AdminReply])
 def test_envelope_fields(model: type[BaseModel]) -> None:
     d = as_dict(sample_of(model))
     assert d["v"] == SCHEMA_VERSION
@@ -264,6 +279,20 @@ WRONG: list[tuple[str, type[BaseModel], dict[str, Any], str]] = [
     ("pair-maintenance-string", PairRecord, {"maintenance": "yes"},
      "maintenance: Input should be a valid boolean"),
     ("pair-failback", PairRecord, {"failback": "never"}, "failback: Input should be 'manual'"),
+    ("admin-verb", AdminRequest, {"verb": "reboot"}, "verb: Input should be 'switchover'"),
+    ("admin-operator-empty", AdminRequest, {"operator": ""}, "operator: String should have"),
+    ("admin-on-string", AdminRequest, {"verb": "maintenance", "on": "yes"},
+     "on: Input should be a valid boolean"),
+    ("admin-clear-hold-no-node", AdminRequest, {"target_node": None},
+     "(top level): Value error, clear-hold needs target_node"),
+    ("admin-maintenance-no-on", AdminRequest, {"verb": "maintenance"},
+     "(top level): Value error, maintenance needs on"),
+    ("admin-switchover-no-group", AdminRequest, {"verb": "switchover"},
+     "(top level): Value error, switchover needs group"),
+    ("admin-reply-ok-int", AdminReply, {"ok": 1}, "ok: Input should be a valid boolean"),
+    ("admin-takeover-epoch", AdminReply, {"takeovers": [{"group": "g", "old": "a", "new": "b",
+                                                          "epoch": 0, "kind": "switchover"}]},
+     "takeovers.0.epoch: Input should be greater than or equal to 1"),
 ]
 
 
@@ -275,6 +304,25 @@ def test_wrong_type_or_value(
 ) -> None:
     text = invalid(model, _with(model, **changes))
     assert text.startswith(f"{model.__name__}: {expected}"), text
+
+
+@pytest.mark.parametrize(("fields", "policy_request"), [
+    ({"verb": "switchover", "group": "node-a-data"},
+     {"verb": "switchover", "group": "node-a-data"}),
+    ({"verb": "failback", "pair": "pair-1", "group": "ignored"},
+     {"verb": "failback", "pair": "pair-1"}),
+    ({"verb": "maintenance", "pair": "pair-1", "on": False},
+     {"verb": "maintenance", "pair": "pair-1", "on": False}),
+    ({"verb": "clear-hold", "pair": "pair-1", "target_node": "node-a"},
+     {"verb": "clear-hold", "pair": "pair-1", "node": "node-a"}),
+])
+def test_admin_request_as_the_policy_takes_it(fields: dict[str, Any],
+                                              policy_request: dict[str, Any]) -> None:
+    """What ``policy.answer`` takes and events carry: the verb's own fields, the target
+    node as ``node`` (the envelope's ``node`` is the sender)."""
+    req = AdminRequest(**ENV, operator="ops", **fields)
+    assert req.policy_request() == policy_request
+    assert req.node == "node-a"
 
 
 # ---- not a message at all ------------------------------------------------------

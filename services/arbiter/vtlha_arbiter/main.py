@@ -9,6 +9,18 @@ owner's executors are told to release; they ack only once it is gone), **acquire
 (once every executor of the old owner acked, or ``dead_after`` has passed since its
 last heartbeat). Events go to the JetStream event stream.
 
+What the snapshot holds, and from where: heartbeats (liveness, the failing process
+checks as the heartbeat service reports them, already debounced), management-path
+reports (``ha.<c>.mgmt.<node>``), storage reports, the group records and the pairs'
+operator state (``pair.<pair>``, ``vtlha_arbiter.pairstate``) from the KV, the check
+alarms it raised, and per node three "since" trackers (``vtlha.health.Since``) fed with
+``policy.node_health`` on every tick. Every event of a decision carries the decision's
+inputs, ``{"snapshot": ..., "now": ...}``, and its status sentence as ``reason``.
+
+Operator requests (``ha.<c>.admin.<verb>``, ``vtlha_arbiter.admin``) are answered by the
+active arbiter alone, by the policy's pure ``answer``; a granted move runs through the
+same claim -> release -> acquire.
+
 Every node and the witness run an arbiter; exactly one is **active** (the election,
 ``vtlha_arbiter.election``: the KV key ``arbiter.leader``, the witness's preferred).
 Every arbiter subscribes to heartbeats and watches the group records, so a standby is
@@ -22,8 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -34,16 +47,28 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
-from vtlha.messages import Ack, Command, GroupRecord, Heartbeat, StorageReport, decode, encode
+from vtlha.health import Since
+from vtlha.messages import (
+    Ack,
+    Command,
+    GroupRecord,
+    Heartbeat,
+    MgmtReport,
+    StorageReport,
+    decode,
+    encode,
+)
 from vtlha.policy import (
     Assign,
+    ClearCheckAlarm,
     ClearStorageAlarm,
     DevicePaths,
     GroupView,
+    HoldDown,
     MarkDown,
     MarkUp,
     NodeView,
-    PairView,
+    RaiseCheckAlarm,
     RaiseStorageAlarm,
     Resume,
     Snapshot,
@@ -52,7 +77,9 @@ from vtlha.policy import (
 )
 from vtlha.protocol import takeover
 from vtlha.service import Service, service_command
+from vtlha_arbiter.admin import AdminServer
 from vtlha_arbiter.election import ElectionRunner
+from vtlha_arbiter.pairstate import PairState, to_monotonic
 
 EXECUTORS = ("ip-manager", "storage-monitor")
 STORAGE = "storage-monitor"  # the executor of data groups with devices (storage takeover)
@@ -61,6 +88,20 @@ LEADER_CHECK_INTERVAL = 1.0  # seconds between checks that stream leaders sit on
 #: who hears a new term: the executors, and the lease holder where it answers commands
 ANNOUNCE_TO = (*EXECUTORS, "heartbeat")
 ANNOUNCE_RETRY = 0.02  # seconds between attempts of a term announcement that timed out
+CLAIM_RETRIES = 3  # an operator's claim retried when the key changed by renewals only
+#: actions that move a group: held back within lease_ttl of becoming active
+MOVES = (Takeover, Assign, Resume)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A takeover whose claim succeeded: the epoch written, when it was decided, the
+    event family and the number of its ``<kind>.started`` event."""
+
+    epoch: int
+    t0: float
+    kind: str
+    started: int | None
 
 
 @dataclass
@@ -70,6 +111,19 @@ class NodeState:
     seq: int = -1
     declared_down: bool = False
     heartbeat: Heartbeat | None = None
+    mgmt: MgmtReport | None = None  # the latest management-path report
+    mgmt_at: float | None = None  # when it arrived (monotonic)
+    alarms: set[str] = field(default_factory=set)  # checks whose alarm is raised
+    healthy: Since = field(default_factory=Since)  # -> NodeView.healthy_since
+    mgmt_ok: Since = field(default_factory=Since)  # -> mgmt_ok_since
+    storage_ok: Since = field(default_factory=Since)  # -> storage_ok_since
+
+    def failing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(fatal, non-fatal) failing process checks of the latest heartbeat. The
+        heartbeat service applies rise/fall per check run: taken as they are."""
+        checks = self.heartbeat.checks if self.heartbeat is not None else []
+        bad = sorted({(c.name, c.fatal) for c in checks if not c.ok})
+        return (tuple(n for n, f in bad if f), tuple(n for n, f in bad if not f))
 
 
 class Arbiter(Service):
@@ -96,6 +150,11 @@ class Arbiter(Service):
         self.started_at = time.monotonic()
         self.last_status = "starting"
         self.ready = False
+        self.pairs: PairState | None = None  # the pairs' operator state (KV pair.<pair>)
+        self.pair_watcher: KeyValue.KeyWatcher | None = None
+        #: one decision at a time: the tick and operator requests take turns
+        self.decide_lock = asyncio.Lock()
+        self.admin = AdminServer(self)
         self.decisions = Counter("vtlha_decisions_total", "Policy actions, by rule", ["rule"],
                                  registry=self.registry)
         self.takeovers = Counter("vtlha_takeovers_total", "Takeovers, by result", ["result"],
@@ -132,10 +191,16 @@ class Arbiter(Service):
         await bus.retry_js("group records", self._load_records)
         self.watcher = await self.kv.watch("group.>")
         self.spawn(self._watch(self.watcher), "kv-watch")
+        self.pairs = PairState(self.kv, self.subjects, self.config, self.log)
+        await bus.retry_js("pair records", self.pairs.load)
+        self.pair_watcher = await self.kv.watch("pair.>")
+        self.spawn(self.pairs.watch(self.pair_watcher), "pair-watch")
         await self.nc.subscribe(self.subjects.hb("*"),
                                 cb=self.subscribe_handler("heartbeat", self._on_heartbeat))
         await self.nc.subscribe(self.subjects.storage("*"),
                                 cb=self.subscribe_handler("storage", self._on_storage))
+        await self.nc.subscribe(self.subjects.mgmt("*"),
+                                cb=self.subscribe_handler("mgmt", self._on_mgmt))
         # Warm from here on (heartbeats, group records); the election says who decides.
         self.election = ElectionRunner(
             self.kv, self.subjects.LEADER_KEY, self.node,
@@ -183,6 +248,7 @@ class Arbiter(Service):
         assert el is not None
         if not active:
             self.announced_term = 0
+            await self.admin.close()
             leader = el.leader if el.leader != self.node else None
             await self.emit("arbiter.standby", f"{self.node}'s arbiter is no longer active "
                             f"(it held term {term}): {el.reason}", term=term, old=self.node,
@@ -198,6 +264,7 @@ class Arbiter(Service):
         if not el.is_active() or el.term != term or el.active_since != since:
             return  # lost or lapsed meanwhile: the change that follows says so
         self.announced_term = term
+        await self.admin.open()
         prev = el.previous_leader
         after = f", taking over from {prev}" if prev and prev != self.node else ""
         await self.emit("arbiter.active", f"{self.node}'s arbiter is active with term {term}"
@@ -243,20 +310,27 @@ class Arbiter(Service):
                 return "no ack"
             await asyncio.sleep(ANNOUNCE_RETRY)
 
+    def hold_off_left(self, now: float) -> float:
+        """Seconds left of the hold-off after becoming active (0: none)."""
+        if self.active_since is None:
+            return 0.0
+        return max(0.0, self.active_since + self.t.lease_ttl - now)
+
     def _hold_off(self, actions: tuple[policy.Action, ...],
                   now: float) -> tuple[policy.Action, ...]:
         """No takeover within lease_ttl of becoming active (DESIGN.md): Takeover, Assign
-        and Resume wait; MarkDown and MarkUp (bookkeeping) go ahead."""
-        if self.active_since is None or now >= self.active_since + self.t.lease_ttl:
+        and Resume wait; the bookkeeping (MarkDown, MarkUp, alarms, HoldDown) goes ahead."""
+        left = self.hold_off_left(now)
+        if left <= 0:
             return actions
-        kept = tuple(a for a in actions if isinstance(a, MarkDown | MarkUp))
+        kept = tuple(a for a in actions if not isinstance(a, MOVES))
         if len(kept) < len(actions) and not self.holdoff_logged:
             self.holdoff_logged = True
             self.log.info("holding off: no takeover within lease_ttl of becoming active",
                           extra={"term": self.term, "held_back": [
                               f"{type(a).__name__} {getattr(a, 'group', '')}"
                               for a in actions if a not in kept],
-                              "left_s": round(self.active_since + self.t.lease_ttl - now, 3)})
+                              "left_s": round(left, 3)})
         return kept
 
     async def _load_records(self) -> None:
@@ -343,6 +417,25 @@ class Arbiter(Service):
             else:
                 lost.pop(dev, None)
 
+    async def _on_mgmt(self, msg: Msg) -> None:
+        report = decode(MgmtReport, msg.data)
+        if report.cluster != self.config.cluster:
+            raise InvalidMessage(f"MgmtReport: cluster {report.cluster!r} is not ours")
+        if report.node not in self.nodes:
+            raise InvalidMessage(f"MgmtReport: unknown node {report.node!r}")
+        if self.subjects.node_of(msg.subject) != report.node:
+            raise InvalidMessage(f"MgmtReport: node {report.node!r} sent on {msg.subject}")
+        st = self.nodes[report.node]
+        st.mgmt, st.mgmt_at = report, time.monotonic()
+
+    def _mgmt_healthy(self, st: NodeState, now: float) -> bool | None:
+        """The management path as the policy wants it: None (unknown) when not
+        monitored, never reported, or the report is older than mgmt_stale_after."""
+        if st.mgmt is None or st.mgmt_at is None or not st.mgmt.monitored \
+                or now - st.mgmt_at > self.t.mgmt_stale_after:
+            return None
+        return st.mgmt.healthy
+
     def _storage_view(self, node: str, report: StorageReport, received: float) -> StorageView:
         """Per device the report mentions: paths up (distinct configured paths reported
         reachable, after rise/fall) of the paths the config gives this node, and how many
@@ -367,7 +460,10 @@ class Arbiter(Service):
                            dict(self.reachable_since.get(node, {})),
                            dict(self.lost_since.get(node, {})))
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, now: float) -> Snapshot:
+        """Everything the policy sees at ``now``. Also advances the nodes' "since"
+        trackers (so call it once per decision)."""
+        wall = time.time()
         groups = {}
         for g, (home, kind) in self.config.groups().items():
             rec = self.records.get(g)
@@ -378,14 +474,14 @@ class Arbiter(Service):
                 state=rec[0].state if rec else None,
                 revision=rec[1] if rec else 0,
                 devices=tuple(self.config.group_devices(g)),
+                moved_at=self._moved_at(rec[0], now, wall) if rec else None,
             )
-        return Snapshot(
+        assert self.pairs is not None
+        snap = Snapshot(
             dead_after=self.t.dead_after,
             started_at=self.started_at,
-            pairs=tuple(PairView(p.name, (p.nodes[0].name, p.nodes[1].name), p.failback)
-                        for p in self.config.pairs),
-            nodes={n: NodeView(n, st.last_heartbeat, st.incarnation, st.declared_down)
-                   for n, st in self.nodes.items()},
+            pairs=tuple(self.pairs.view(p, now, wall) for p in self.config.pairs),
+            nodes={n: self._node_view(n, st, now) for n, st in self.nodes.items()},
             groups=groups,
             in_flight=frozenset(self.in_flight),
             initial_assign_wait=self.t.initial_assign_wait,
@@ -395,12 +491,47 @@ class Arbiter(Service):
             storage_settle=self.t.storage_settle,
             storage_confirm_after=self.t.probe_interval + self.t.probe_timeout,
         )
+        return self._with_since(snap, now)
+
+    @staticmethod
+    def _moved_at(rec: GroupRecord, now: float, wall: float) -> float | None:
+        """When the group last changed owner, on the monotonic clock: the claim's wall
+        clock (``since``, kept by every renewal) for a group that moved (epoch > 1)."""
+        return to_monotonic(rec.since, now, wall) if rec.epoch > 1 else None
+
+    def _node_view(self, n: str, st: NodeState, now: float) -> NodeView:
+        fatal, nonfatal = st.failing()
+        return NodeView(n, st.last_heartbeat, st.incarnation, st.declared_down,
+                        fatal_failing=fatal, nonfatal_failing=nonfatal,
+                        check_alarms=tuple(sorted(st.alarms)),
+                        mgmt_healthy=self._mgmt_healthy(st, now))
+
+    def _with_since(self, snap: Snapshot, now: float) -> Snapshot:
+        """Feed each node's health (``policy.node_health``) to its trackers and put
+        their "since" times in its view."""
+        nodes = {}
+        for n, nv in snap.nodes.items():
+            h = policy.node_health(snap, n, now)
+            st = self.nodes[n]
+            nodes[n] = dataclasses.replace(
+                nv, healthy_since=st.healthy.update(h.up, now),
+                mgmt_ok_since=st.mgmt_ok.update(h.mgmt, now),
+                storage_ok_since=st.storage_ok.update(h.storage, now))
+        return dataclasses.replace(snap, nodes=nodes)
 
     # ---- the loop ----------------------------------------------------------
     async def _tick(self) -> None:
+        async with self.decide_lock:
+            await self._decide()
+
+    async def decide_now(self) -> None:
+        """A decision at once, between ticks (after leaving maintenance)."""
+        await self._tick()
+
+    async def _decide(self) -> None:
         now = time.monotonic()
-        snap = self.snapshot()
-        for n, _st in self.nodes.items():
+        snap = self.snapshot(now)
+        for n in self.nodes:
             self.node_alive.labels(n).set(1 if policy.is_alive(snap.nodes[n], now,
                                                                  self.t.dead_after) else 0)
         if not self.is_acting():
@@ -410,7 +541,8 @@ class Arbiter(Service):
             return
         decision = policy.Decision(actions)
         self.last_status = decision.status
-        self.log.info(decision.status, extra={"term": self.term})
+        self.log.info(decision.status, extra={"term": self.term,
+                                              "rules": [a.rule.value for a in actions]})
         inputs = {"snapshot": snap.to_inputs(), "now": now}
         for action in decision.actions:
             self.decisions.labels(action.rule.value).inc()
@@ -431,12 +563,14 @@ class Arbiter(Service):
                        critical=False)
         elif isinstance(action, Assign):
             self.in_flight.add(action.group)
-            self.spawn(self._assign(action), f"assign-{action.group}",
+            self.spawn(self._assign(action, inputs), f"assign-{action.group}",
                        critical=False)
         elif isinstance(action, Resume):
             self.in_flight.add(action.group)
-            self.spawn(self._resume(action), f"resume-{action.group}",
+            self.spawn(self._resume(action, inputs), f"resume-{action.group}",
                        critical=False)
+        elif isinstance(action, RaiseCheckAlarm | ClearCheckAlarm | HoldDown):
+            await self._carry_out_node(action, inputs)
         elif isinstance(action, RaiseStorageAlarm):
             self.storage_alarms.add(action.group)
             await self.emit("storage.global_failure", action.status, pair=action.pair,
@@ -448,6 +582,28 @@ class Arbiter(Service):
             await self.emit("storage.recovered", action.status, pair=action.pair,
                             group=action.group, term=self.term, epoch=action.epoch,
                             inputs=inputs, data={"rule": action.rule.value, "node": action.node})
+
+    async def _carry_out_node(self, action: RaiseCheckAlarm | ClearCheckAlarm | HoldDown,
+                              inputs: dict[str, Any]) -> None:
+        """The per-node bookkeeping: check alarms (in memory) and hold-downs (the KV)."""
+        common: dict[str, Any] = {"pair": action.pair, "term": self.term, "inputs": inputs}
+        if isinstance(action, RaiseCheckAlarm):
+            self.nodes[action.node].alarms.add(action.check)
+            await self.emit("check.alarm", action.status, old=action.node, data={
+                "rule": action.rule.value, "node": action.node, "check": action.check,
+                "fatal": action.fatal}, **common)
+        elif isinstance(action, ClearCheckAlarm):
+            self.nodes[action.node].alarms.discard(action.check)
+            await self.emit("check.recovered", action.status, new=action.node, data={
+                "rule": action.rule.value, "node": action.node, "check": action.check},
+                **common)
+        else:
+            assert self.pairs is not None
+            if await self.pairs.hold(action.pair, action.node) is None:
+                return  # not written: the next decision holds it down again
+            await self.emit("node.held_down", action.status, old=action.node, data={
+                "rule": action.rule.value, "node": action.node, "failures": action.failures},
+                **common)
 
     # ---- takeover: claim -> release -> acquire ------------------------------
     def _record(self, owner: str, epoch: int, state: str) -> GroupRecord:
@@ -471,18 +627,84 @@ class Arbiter(Service):
         return rev
 
     async def _takeover(self, a: Takeover, inputs: dict[str, Any]) -> None:
-        """Claim -> release -> acquire (DESIGN.md "Safety")."""
+        """Claim -> release -> acquire (DESIGN.md "Safety"), as the policy decided. The
+        group is in flight (added by the caller) until it is held or given up."""
+        try:
+            claimed = await self.claim(a, inputs)
+        except BaseException:
+            self.in_flight.discard(a.group)
+            raise
+        if claimed is None:
+            self.in_flight.discard(a.group)
+            return
+        await self.finish_takeover(a, claimed)
+
+    def _common(self, a: Takeover, epoch: int) -> dict[str, Any]:
+        return {"pair": a.pair, "group": a.group, "old": a.old, "new": a.new,
+                "term": self.term, "epoch": epoch}
+
+    async def claim(self, a: Takeover, inputs: dict[str, Any],
+                    data: dict[str, Any] | None = None,
+                    renewals_ok: bool = False) -> Claimed | None:
+        """Step 1: compare-and-set the group to the new owner at epoch + 1 against the
+        revision the decision saw; publish ``<kind>.started`` (failover, failback or
+        switchover: ``policy.event_kind``). A move for the old owner's own fault counts
+        as one of its failures (``PairRecord.failures``). None: the claim lost.
+
+        With ``renewals_ok`` (an operator's request: its owner is alive and renews every
+        heartbeat interval) a conflict is retried against the fresh revision when the
+        key changed only by renewals: same owner, same epoch, held."""
         t0 = time.monotonic()
         epoch = takeover.claim_epoch(a.epoch)
+        rec = self._record(a.new, epoch, "acquiring")
+        last = a.revision
+        rev = await self._cas(a.group, rec, last)
+        for _ in range(CLAIM_RETRIES if renewals_ok else 0):
+            if rev is not None:
+                break
+            await self._read_record(a.group)
+            cur = self.records.get(a.group)
+            if cur is None or cur[1] == last or (cur[0].owner, cur[0].epoch, cur[0].state) \
+                    != (a.old, a.epoch, "held"):
+                break  # not known newer, or really changed: decide again
+            last = cur[1]
+            rev = await self._cas(a.group, rec, last)
+        if rev is None:
+            self.takeovers.labels("claim_lost").inc()
+            return None
+        if a.rule in policy.FAULT_RULES and self.pairs is not None:
+            self.spawn(self._record_failure(a.pair, a.old), f"failure-{a.group}",
+                       critical=False)
+        kind = policy.event_kind(a.rule)
+        seq = await self.emit(f"{kind}.started", a.status, inputs=inputs,
+                              data={"rule": a.rule.value, **(data or {})},
+                              **self._common(a, epoch))
+        return Claimed(epoch, t0, kind, seq)
+
+    async def _record_failure(self, pair: str, node: str) -> None:
+        assert self.pairs is not None
+        await self.pairs.record_failure(pair, node, time.time())
+
+    def _is_alive(self, node: str) -> bool:
+        hb = self.nodes[node].last_heartbeat
+        return hb is not None and time.monotonic() - hb <= self.t.dead_after
+
+    async def _notify(self, a: Takeover, epoch: int) -> None:
+        """The manual's "tells the companion that it is assuming primary responsibility":
+        the release commands to the old owner's executors are that notice."""
+        await self.emit("failover.notify", f"{a.new} tells {a.old} that it is assuming "
+                        f"primary responsibility for {a.group} (epoch {epoch}): {a.old}'s "
+                        f"executors are asked to release it",
+                        data={"rule": a.rule.value,
+                              "executors": list(self.executors_of(a.group))},
+                        **self._common(a, epoch))
+
+    async def finish_takeover(self, a: Takeover, c: Claimed) -> None:
+        """Steps 2 and 3 after a successful claim; the group leaves in_flight when done."""
+        epoch, kind = c.epoch, c.kind
+        common = self._common(a, epoch)
+        ref = {"rule": a.rule.value, "started": c.started}
         try:
-            rev = await self._cas(a.group, self._record(a.new, epoch, "acquiring"), a.revision)
-            if rev is None:
-                self.takeovers.labels("claim_lost").inc()
-                return
-            common = {"pair": a.pair, "group": a.group, "old": a.old, "new": a.new,
-                      "term": self.term, "epoch": epoch}
-            await self.emit("failover.started", a.status, inputs=inputs,
-                            data={"rule": a.rule.value}, **common)
             # Release and acquire go out together: the acquire carries the safe wait (what
             # may remain of the old owner's lease); if every executor of the old owner
             # acknowledges the release first, a second acquire opens the gate at once.
@@ -491,19 +713,24 @@ class Arbiter(Service):
                 return  # lost the leader key since deciding: the new active arbiter decides
             wait = self._lease_left(a.group)
             release = asyncio.ensure_future(self._release_all(a.old, a.group, epoch))
+            notify = (asyncio.ensure_future(self._notify(a, epoch))
+                      if self._is_alive(a.old) else None)
             acquired = await self._acquire_all(a.new, a.group, epoch, wait)
             released = await release
+            if notify is not None:
+                await notify
             if released and acquired and self._lease_left(a.group) > 0:
                 acquired = await self._acquire_all(a.new, a.group, epoch, 0.0, only="heartbeat")
             if not acquired:
                 self.takeovers.labels("acquire_failed").inc()
-                await self.emit("failover.failed", f"{a.new} did not acknowledge acquiring "
-                                f"{a.group} (epoch {epoch}); will retry", **common)
+                await self.emit(f"{kind}.failed", f"{a.new} did not acknowledge acquiring "
+                                f"{a.group} (epoch {epoch}); will retry", data=ref, **common)
                 return
             if not await self._wait_held(a.group, a.new, epoch, wait + ACQUIRE_DEADLINE):
                 self.takeovers.labels("not_held").inc()
-                await self.emit("failover.failed", f"{a.new}'s lease holder did not take "
-                                f"{a.group} (epoch {epoch}) in time; will retry", **common)
+                await self.emit(f"{kind}.failed", f"{a.new}'s lease holder did not take "
+                                f"{a.group} (epoch {epoch}) in time; will retry",
+                                data=ref, **common)
                 return
             # Held: the policy may decide about the group again (its new owner could die
             # while its storage starts); the storage is awaited on the side.
@@ -511,20 +738,20 @@ class Arbiter(Service):
             problem = await self._wait_served(a.group, a.new, epoch)
             if problem is not None:
                 self.takeovers.labels("not_served").inc()
-                await self.emit("failover.failed", f"{a.new} holds {a.group} (epoch {epoch}) "
+                await self.emit(f"{kind}.failed", f"{a.new} holds {a.group} (epoch {epoch}) "
                                 f"but does not serve its storage: {problem}",
-                                data={"storage": problem}, **common)
+                                data={**ref, "storage": problem}, **common)
                 return
-            took = time.monotonic() - t0
+            took = time.monotonic() - c.t0
             self.takeover_seconds.observe(took)
             self.takeovers.labels("completed").inc()
             how = ("release acknowledged by every executor of the old owner" if released
                    else f"the old owner's lease ran out ({wait * 1000:.0f} ms to wait)")
             await self.emit(
-                "failover.completed",
+                f"{kind}.completed",
                 f"{a.new} now serves {a.group} (epoch {epoch}), taken from {a.old} in "
                 f"{took * 1000:.0f} ms; {how}",
-                data={"duration_s": round(took, 4), "released_by_ack": released,
+                data={**ref, "duration_s": round(took, 4), "released_by_ack": released,
                       "wait_s": round(wait, 4)}, **common)
         finally:
             self.in_flight.discard(a.group)
@@ -595,36 +822,37 @@ class Arbiter(Service):
                 f"(storage-monitor of {owner} down?)")
 
     async def _served_event(self, kind: str, status: str, pair: str, group: str, node: str,
-                            epoch: int) -> None:
+                            epoch: int, inputs: dict[str, Any]) -> None:
         self.in_flight.discard(group)  # held: the policy may decide about it again
         problem = await self._wait_served(group, node, epoch)
         if problem is None:
             await self.emit(kind, status, pair=pair, group=group, new=node, term=self.term,
-                            epoch=epoch)
+                            epoch=epoch, inputs=inputs)
             return
         await self.emit("group.not_served", f"{node} holds {group} (epoch {epoch}) but does "
                         f"not serve its storage: {problem}", pair=pair, group=group, new=node,
                         term=self.term, epoch=epoch, data={"storage": problem})
 
-    async def _assign(self, a: Assign) -> None:
+    async def _assign(self, a: Assign, inputs: dict[str, Any]) -> None:
         try:
             rev = await self._cas(a.group, self._record(a.node, 1, "acquiring"), None)
             if rev is None:
                 return
             if await self._acquire_all(a.node, a.group, 1, 0.0) and \
                     await self._wait_held(a.group, a.node, 1, ACQUIRE_DEADLINE):
-                await self._served_event("group.assigned", a.status, a.pair, a.group, a.node, 1)
+                await self._served_event("group.assigned", a.status, a.pair, a.group, a.node, 1,
+                                         inputs)
         finally:
             self.in_flight.discard(a.group)
 
-    async def _resume(self, a: Resume) -> None:
+    async def _resume(self, a: Resume, inputs: dict[str, Any]) -> None:
         """Finish an acquisition left half done. The arbiter does not know whether the
         old owner released: the lease holder waits the full lease (its own default)."""
         try:
             if await self._acquire_all(a.node, a.group, a.epoch, None) and \
                     await self._wait_held(a.group, a.node, a.epoch, ACQUIRE_DEADLINE):
                 await self._served_event("group.resumed", a.status, a.pair, a.group, a.node,
-                                         a.epoch)
+                                         a.epoch, inputs)
         finally:
             self.in_flight.discard(a.group)
 
@@ -689,11 +917,13 @@ class Arbiter(Service):
         return all(a is not None and a.ok for a in acks)
 
     async def stop(self) -> None:
+        await self.admin.close()
         if self.election is not None:
             self.election.stop()
-        if self.watcher is not None:
-            with contextlib.suppress(Exception):
-                await self.watcher.stop()  # type: ignore[no-untyped-call]
+        for w in (self.watcher, self.pair_watcher):
+            if w is not None:
+                with contextlib.suppress(Exception):
+                    await w.stop()  # type: ignore[no-untyped-call]
 
     # ---- http --------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -710,16 +940,40 @@ class Arbiter(Service):
             "acting": self.is_acting(),
             "election": el.status() if el is not None else None,
             "last_decision": self.last_status,
-            "nodes": {n: {"alive": st.last_heartbeat is not None
-                          and now - st.last_heartbeat <= self.t.dead_after,
-                          "heartbeat_age_s": None if st.last_heartbeat is None
-                          else round(now - st.last_heartbeat, 3),
-                          "incarnation": st.incarnation, "declared_down": st.declared_down}
-                      for n, st in self.nodes.items()},
+            "nodes": {n: self._node_status(n, st, now) for n, st in self.nodes.items()},
+            "pairs": self._pairs_status(now),
             "groups": {g: {"owner": r.owner, "epoch": r.epoch, "state": r.state, "revision": rev}
                        for g, (r, rev) in sorted(self.records.items())},
             "in_flight": sorted(self.in_flight),
         }
+
+    def _node_status(self, n: str, st: NodeState, now: float) -> dict[str, Any]:
+        fatal, nonfatal = st.failing()
+
+        def span(since: Since) -> float | None:
+            return None if since.since is None else round(now - since.since, 3)
+
+        return {"alive": st.last_heartbeat is not None
+                and now - st.last_heartbeat <= self.t.dead_after,
+                "heartbeat_age_s": None if st.last_heartbeat is None
+                else round(now - st.last_heartbeat, 3),
+                "incarnation": st.incarnation, "declared_down": st.declared_down,
+                "fatal_failing": list(fatal), "nonfatal_failing": list(nonfatal),
+                "check_alarms": sorted(st.alarms), "mgmt_healthy": self._mgmt_healthy(st, now),
+                "healthy_for_s": span(st.healthy), "mgmt_ok_for_s": span(st.mgmt_ok),
+                "storage_ok_for_s": span(st.storage_ok)}
+
+    def _pairs_status(self, now: float) -> dict[str, Any]:
+        if self.pairs is None:
+            return {}
+        out = {}
+        for p in self.config.pairs:
+            v = self.pairs.view(p, now, time.time())
+            out[p.name] = {"failback": v.failback, "maintenance": v.maintenance,
+                           "held_down": sorted(v.held_down),
+                           "recent_failures": {n: policy.recent_failures(v, n, now)
+                                               for n in v.nodes}}
+        return out
 
 
 main = service_command(Arbiter)

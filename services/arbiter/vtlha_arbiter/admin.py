@@ -1,0 +1,202 @@
+"""Operator requests: ``ha.<cluster>.admin.<verb>`` (request/reply), answered by the
+active arbiter alone.
+
+The subscription is open only while this arbiter is acting (active, its term announced):
+with no active arbiter a request finds no responders at once. A request that arrives in
+the moment between losing the leader key and closing the subscription gets no answer
+(a "not active" reply could arrive before the new active arbiter's real answer).
+
+Each request is an ``AdminRequest``; it is answered by the policy's pure ``answer`` on a
+fresh snapshot, under the same lock as the decision loop. A granted move is claimed here
+(so the reply carries its epoch and ``<kind>.started`` event) and finished in the
+background through the same claim -> release -> acquire path as an automatic one; the
+client follows the events for its completion. Every answer is an event whose inputs
+include the request (``vtlha explain`` replays it): ``switchover.*``, ``failback.*``,
+``pair.maintenance``, ``node.hold_cleared``, ``<verb>.refused``. Leaving maintenance is
+followed by a decision at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from prometheus_client import Counter
+
+from vtlha import policy
+from vtlha.errors import InvalidMessage
+from vtlha.messages import AdminReply, AdminRequest, AdminTakeover, decode, encode
+from vtlha.policy import ClearHold, Refusal, SetMaintenance, Takeover
+
+if TYPE_CHECKING:
+    from vtlha_arbiter.main import Arbiter
+
+
+class AdminServer:
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arb = arbiter
+        self.sub: Subscription | None = None
+        self.requests = Counter("vtlha_admin_requests_total", "Operator requests answered, "
+                                "by verb and result (ok, refused, failed, invalid)",
+                                ["verb", "result"], registry=arbiter.registry)
+
+    async def open(self) -> None:
+        if self.sub is None:
+            arb = self.arb
+            self.sub = await arb.nc.subscribe(arb.subjects.admin("*"),
+                                              cb=arb.subscribe_handler("admin", self._on_request))
+            arb.log.info("answering operator requests", extra={"subject": arb.subjects.admin("*")})
+
+    async def close(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:
+                self.arb.log.info("admin unsubscribe failed", extra={"error": repr(exc)})
+
+    # ---- one request ---------------------------------------------------------------
+    def _reply(self, ok: bool, verb: str, status: str, **fields: Any) -> AdminReply:
+        arb = self.arb
+        return AdminReply(cluster=arb.config.cluster, node=arb.node, ok=ok, verb=verb,
+                          status=status, term=arb.term, **fields)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not self.arb.is_acting():
+            return  # the active arbiter answers; a lapsed one stays silent
+        verb = msg.subject.rsplit(".", 1)[-1]
+        leave_maintenance = False
+        try:
+            req = self._validate(msg, verb)
+            reply = await self._answer(req)
+            leave_maintenance = reply.ok and req.verb == "maintenance" and req.on is False
+        except InvalidMessage as exc:
+            self.arb.invalid_messages.labels("admin").inc()
+            reply = self._reply(False, verb, f"{verb} refused: invalid request: {exc}")
+        except Exception as exc:
+            self.arb.log.exception("operator request failed", extra={"verb": verb})
+            reply = self._reply(False, verb, f"{verb} failed: {exc!r}")
+        self.requests.labels(verb, _result(reply)).inc()
+        if msg.reply:
+            await msg.respond(encode(reply))
+        if leave_maintenance:
+            await self.arb.decide_now()  # leaving maintenance re-evaluates at once
+
+    def _validate(self, msg: Msg, verb: str) -> AdminRequest:
+        req = decode(AdminRequest, msg.data)
+        if req.cluster != self.arb.config.cluster:
+            raise InvalidMessage(f"AdminRequest: cluster {req.cluster!r} is not ours")
+        if req.verb != verb:
+            raise InvalidMessage(f"AdminRequest: verb {req.verb!r} sent on {msg.subject}")
+        return req
+
+    async def _answer(self, req: AdminRequest) -> AdminReply:
+        arb = self.arb
+        # No move within lease_ttl of becoming active: wait that out (at most lease_ttl).
+        left = arb.hold_off_left(time.monotonic())
+        if left > 0:
+            await asyncio.sleep(left)
+        async with arb.decide_lock:
+            now = time.monotonic()
+            snap = arb.snapshot(now)
+            request = req.policy_request()
+            result = policy.answer(snap, request, now)
+            status = policy.answer_status(result)
+            inputs = {"snapshot": snap.to_inputs(), "now": now, "request": request}
+            who = {"operator": req.operator, "from": req.node, "request": request}
+            arb.log.info(status, extra={"term": arb.term, **who})
+            if isinstance(result, Refusal):
+                seq = await arb.emit(f"{req.verb}.refused", status, inputs=inputs,
+                                     term=arb.term, data=who,
+                                     **_about(req, snap))
+                return self._reply(False, req.verb, status, request=request,
+                                   events=_seqs(seq))
+            return await self._carry_out(req, result, status, inputs, who)
+
+    async def _carry_out(self, req: AdminRequest, actions: tuple[policy.OperatorAction, ...],
+                         status: str, inputs: dict[str, Any],
+                         who: dict[str, Any]) -> AdminReply:
+        arb = self.arb
+        events: list[int] = []
+        takeovers: list[AdminTakeover] = []
+        problems: list[str] = []
+        for a in actions:
+            if isinstance(a, Takeover):
+                done = await self._takeover(a, inputs, who)
+                if isinstance(done, str):
+                    problems.append(done)
+                else:
+                    takeovers.append(done)
+                    events += _seqs(done.started)
+            elif isinstance(a, ClearHold | SetMaintenance):
+                problem, seq = await self._pair_change(a, inputs, who)
+                events += _seqs(seq)
+                if problem:
+                    problems.append(problem)
+        if problems:
+            arb.log.warning("operator request not carried out", extra={"problems": problems})
+            return self._reply(False, req.verb, f"{status}; but: {'; '.join(problems)}",
+                               request=who["request"], events=events, takeovers=takeovers)
+        return self._reply(True, req.verb, status, request=who["request"], events=events,
+                           takeovers=takeovers)
+
+    async def _takeover(self, a: Takeover, inputs: dict[str, Any],
+                        who: dict[str, Any]) -> AdminTakeover | str:
+        """Claim now (the reply says the epoch); finish in the background."""
+        arb = self.arb
+        arb.in_flight.add(a.group)
+        try:
+            claimed = await arb.claim(a, inputs, data=who, renewals_ok=True)
+        except BaseException:
+            arb.in_flight.discard(a.group)
+            raise
+        if claimed is None:
+            arb.in_flight.discard(a.group)
+            return f"{a.group} changed since it was looked at (try again)"
+        arb.spawn(arb.finish_takeover(a, claimed), f"takeover-{a.group}", critical=False)
+        return AdminTakeover(group=a.group, old=a.old, new=a.new, epoch=claimed.epoch,
+                             kind=claimed.kind, started=claimed.started)
+
+    async def _pair_change(self, a: ClearHold | SetMaintenance, inputs: dict[str, Any],
+                           who: dict[str, Any]) -> tuple[str | None, int | None]:
+        arb = self.arb
+        assert arb.pairs is not None
+        common: dict[str, Any] = {"pair": a.pair, "term": arb.term, "inputs": inputs}
+        if isinstance(a, SetMaintenance):
+            if not a.changed:
+                return None, None
+            if await arb.pairs.set_maintenance(a.pair, a.on) is None:
+                return f"the KV did not take {a.pair}'s maintenance state (try again)", None
+            return None, await arb.emit("pair.maintenance", a.status, data={
+                **who, "rule": a.rule.value, "on": a.on}, **common)
+        if await arb.pairs.clear_hold(a.pair, a.node) is None:
+            return f"the KV did not take {a.pair}'s hold list (try again)", None
+        return None, await arb.emit("node.hold_cleared", a.status, new=a.node, data={
+            **who, "rule": a.rule.value, "node": a.node}, **common)
+
+
+def _result(reply: AdminReply) -> str:
+    if reply.ok:
+        return "ok"
+    if " refused: invalid request" in reply.status:
+        return "invalid"
+    return "refused" if " refused: " in reply.status else "failed"
+
+
+def _seqs(seq: int | None) -> list[int]:
+    return [] if seq is None else [seq]
+
+
+def _about(req: AdminRequest, snap: policy.Snapshot) -> dict[str, Any]:
+    """The event fields a request is about (pair, group), when they exist."""
+    out: dict[str, Any] = {}
+    if req.group is not None and req.group in snap.groups:
+        out["group"] = req.group
+        home = snap.groups[req.group].home
+        pair = policy.pair_of(snap, home)
+        out["pair"] = pair.name if pair else None
+    elif req.pair is not None and any(p.name == req.pair for p in snap.pairs):
+        out["pair"] = req.pair
+    return out

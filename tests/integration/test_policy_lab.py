@@ -1,0 +1,152 @@
+"""Rule 3 of issue 7 in the network lab (root): a management-path-only fault moves the
+management group alone; when the path heals, failback follows the pair's setting
+(manual: nothing moves back until an operator says so; auto: back after the hold time).
+
+Only node-a's management link (``eth1``, on ``br-mgmt``) goes down: its heartbeats,
+renewals and NATS traffic travel the data network (``eth0``), so node-a stays alive and
+keeps its data group."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLE, cluster_name
+from vtlha.lab import Lab
+
+pytestmark = pytest.mark.root
+
+VTLHA = str(Path(sys.executable).parent / "vtlha")
+A_MGMT = "203.0.113.101/32"
+
+
+def _lab(request: pytest.FixtureRequest, tmp_path: Path, **pair: Any) -> Lab:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["cluster"] = cluster_name(request)
+    raw["pairs"][0].update(pair)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Lab(cfg, tmp_path)
+
+
+@pytest.fixture
+def manual_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    the_lab = _lab(request, tmp_path)
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+@pytest.fixture
+def auto_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    the_lab = _lab(request, tmp_path, failback="auto", failback_hold_time=1.0)
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+def _mgmt(lab: Lab, node: str) -> bool | None:
+    st = lab.status("witness", "arbiter") or {}
+    got: bool | None = st.get("nodes", {}).get(node, {}).get("mgmt_healthy")
+    return got
+
+
+def _owners(lab: Lab) -> dict[str, str]:
+    return lab.held_by()
+
+
+def _moves(lab: Lab) -> list[Any]:
+    return [e for e in lab.events() if e.kind.split(".")[0] in ("failover", "failback",
+                                                                 "switchover")]
+
+
+def _start_and_cut(lab: Lab) -> float:
+    """Start the lab, wait for both management paths to be known healthy, cut node-a's
+    management link; wait until node-b holds node-a-mgmt. Returns the cut's wall time."""
+    lab.start()
+    lab.wait_for(lab.home_held, 30, what="every group held by its home node")
+    lab.wait_for(lambda: _mgmt(lab, "node-a") is True and _mgmt(lab, "node-b") is True, 15,
+                 what="both management paths known healthy")
+    t_cut = time.time()
+    lab.set_links("node-a", up=False, ifnames=("eth1",))
+    lab.wait_for(lambda: _owners(lab).get("node-a-mgmt") == "node-b", 15,
+                 what="node-b to hold node-a-mgmt")
+    lab.wait_for(lambda: A_MGMT in lab.floating_on("node-b"), 5,
+                 what="node-a's management address on node-b")
+    owners = _owners(lab)
+    assert owners["node-a-data"] == "node-a"  # the data path is fine: the data group stays
+    assert (owners["node-b-data"], owners["node-b-mgmt"]) == ("node-b", "node-b")
+    assert _mgmt(lab, "node-a") is False
+    moves = _moves(lab)
+    started = [e for e in moves if e.kind == "failover.started"]
+    assert [(e.group, e.data["rule"]) for e in started] == [("node-a-mgmt", "mgmt_path_failure")]
+    assert started[0].reason == ("node-b takes over node-a-mgmt: the management path of "
+                                 "node-a failed (its heartbeats still arrive: the data path "
+                                 "is fine) and node-b's is healthy")
+    assert [e.group for e in moves if e.kind == "failover.notify"] == ["node-a-mgmt"]
+    done = lab.wait_for(lambda: [e for e in lab.events() if e.kind == "failover.completed"],
+                        10, what="failover.completed")
+    print(f"\nmanagement link of node-a down -> node-a-mgmt failover.started "
+          f"{(started[0].sent_at - t_cut) * 1000:.0f} ms, completed "
+          f"{(done[0].sent_at - t_cut) * 1000:.0f} ms")
+    return t_cut
+
+
+def test_mgmt_path_fault_moves_only_the_mgmt_group_and_manual_failback_waits(
+        manual_lab: Lab) -> None:
+    lab = manual_lab
+    _start_and_cut(lab)
+    before = len(_moves(lab))
+
+    lab.set_links("node-a", up=True, ifnames=("eth1",))
+    lab.wait_for(lambda: _mgmt(lab, "node-a") is True, 15,
+                 what="node-a's management path healthy again")
+    # Failback is manual: nothing moves back by itself.
+    t_end = time.monotonic() + 2.0
+    while time.monotonic() < t_end:
+        assert _owners(lab)["node-a-mgmt"] == "node-b"
+        time.sleep(0.1)
+    assert len(_moves(lab)) == before
+
+    out = subprocess.run([VTLHA, "failback", "pair-1", "--config", str(lab.config_path),
+                          "--nats", ",".join(lab.client_urls())],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == ("node-a takes back node-a-mgmt from node-b: "
+                                          "failback requested by an operator")
+    assert _owners(lab)["node-a-mgmt"] == "node-a"
+    lab.wait_for(lambda: A_MGMT in lab.floating_on("node-a")
+                 and A_MGMT not in lab.floating_on("node-b"), 5,
+                 what="the management address back on node-a only")
+
+
+def test_mgmt_path_heals_and_auto_failback_moves_it_back_after_the_hold(
+        auto_lab: Lab) -> None:
+    lab = auto_lab
+    _start_and_cut(lab)
+
+    t_heal = time.time()
+    lab.set_links("node-a", up=True, ifnames=("eth1",))
+    lab.wait_for(lambda: _owners(lab).get("node-a-mgmt") == "node-a", 20,
+                 what="node-a-mgmt back on node-a (automatic failback)")
+    back = [e for e in lab.events() if e.kind == "failback.started"]
+    assert [(e.group, e.data["rule"]) for e in back] == [("node-a-mgmt", "failback")]
+    assert "(failback is auto): node-a has been healthy for" in back[0].reason
+    # Not before failback_hold_time (1 s) of a healthy management path.
+    assert back[0].sent_at - t_heal >= 1.0
+    print(f"\nmanagement link of node-a up -> failback.started "
+          f"{back[0].sent_at - t_heal:.2f} s (failback_hold_time 1 s)")
+    assert _owners(lab)["node-a-data"] == "node-a"
+    lab.wait_for(lambda: A_MGMT in lab.floating_on("node-a")
+                 and A_MGMT not in lab.floating_on("node-b"), 5,
+                 what="the management address back on node-a only")
