@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -59,8 +60,14 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 
 def cluster_name(request: pytest.FixtureRequest) -> str:
+    """A cluster name per test (tests of a module share a nats-server): the test's name,
+    cut to 40 characters with a digest of the whole name when longer, so that
+    parametrized tests with long names do not share one."""
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")
-    return name[:40].strip("-") or "t"
+    if len(name) > 40:
+        digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:6]
+        name = f"{name[:33].strip('-')}-{digest}"
+    return name or "t"
 
 
 @pytest.fixture
