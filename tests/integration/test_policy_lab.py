@@ -77,6 +77,10 @@ def _start_and_cut(lab: Lab) -> float:
     lab.wait_for(lab.home_held, 30, what="every group held by its home node")
     lab.wait_for(lambda: _mgmt(lab, "node-a") is True and _mgmt(lab, "node-b") is True, 15,
                  what="both management paths known healthy")
+    # As the design keeps them (and so that the events of the move are not published
+    # during the leader's step-down towards the witness).
+    lab.wait_for(lambda: lab.kv_leader() == "witness" and lab.kv_leader(events=True)
+                 == "witness", 30, interval=0.2, what="the stream leaders on the witness")
     t_cut = time.time()
     lab.set_links("node-a", up=False, ifnames=("eth1",))
     lab.wait_for(lambda: _owners(lab).get("node-a-mgmt") == "node-b", 15,
