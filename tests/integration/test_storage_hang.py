@@ -140,6 +140,11 @@ def hung_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[L
         raw["state_dir"] = str(tmp_path / "state")
         raw["cluster"] = cluster_name(request)
         raw["devices"][DEVICE]["backing"] = str(fs.file())
+        # The test stops node-b's storage-monitor for seconds on purpose (SIGTERM during
+        # the hang, restarted after it): with its built-in liveness check, that is a fatal
+        # process error and node-a would rightly take node-b's groups over (rule 8,
+        # tested in test_single_service.py); here only the storage rules are under test.
+        raw["pairs"][0]["nodes"][1]["executor_checks"] = False
         cfg = tmp_path / "cluster.yaml"
         cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
         lab = Lab(cfg, tmp_path)
