@@ -29,9 +29,11 @@ from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 from pydantic import Field, StrictBool
 
+from vtlha import bus
 from vtlha.errors import InvalidMessage, VtlhaError
 from vtlha.fencing import FencingStore
-from vtlha.messages import Ack, Command, Envelope, LeaseNotice, decode, encode
+from vtlha.messages import Ack, Command, Envelope, GroupRecord, LeaseNotice, decode, encode
+from vtlha.ownership import read_groups
 from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
 
@@ -201,6 +203,18 @@ class HoldingExecutor(Executor):
     def executor_groups(self) -> set[str]:
         """The groups this executor holds anything for (all of the pair's by default)."""
         return self.my_groups
+
+    async def recall_owned(self, groups: set[str]) -> dict[str, GroupRecord]:
+        """At start: each group's record from the KV; for the groups this node owns, the
+        record's epoch is remembered as the latest acquire, so that a valid lease notice
+        lets it hold again (and nothing is held before one arrives)."""
+        await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
+        records = {g: rec for g, (rec, _) in
+                   (await read_groups(self.js, self.subjects, sorted(groups))).items()}
+        for group, rec in records.items():
+            if rec.owner == self.node:
+                self.gate.on_acquire(group, rec.epoch)
+        return records
 
     async def start_executor(self) -> None:
         """Lease notices, commands, and one enforcement loop per group."""

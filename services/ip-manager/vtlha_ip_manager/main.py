@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from nats.js.errors import KeyNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -32,7 +31,7 @@ from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError, VtlhaError
 from vtlha.executor import HoldingExecutor
 from vtlha.fence import Fence
-from vtlha.messages import GroupRecord, MgmtReport, decode, encode
+from vtlha.messages import MgmtReport, encode
 from vtlha.service import service_command
 from vtlha_ip_manager.backend import IpBackend, RecordingBackend
 from vtlha_ip_manager.mgmt import MgmtMonitor, MgmtSnapshot, unmonitored
@@ -188,18 +187,10 @@ class IpManager(HoldingExecutor):
         """At start: remove addresses held for groups this node does not own (KV); for
         groups it owns, remember the epoch as the latest command — but hold nothing
         beyond what a valid lease notice allows (the enforcement loop sees to that)."""
-        kv = await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
+        records = await self.recall_owned(self.my_groups)
         held = await self.backend.held()
         for group in sorted(self.my_groups):
-            rec: GroupRecord | None = None
-            try:
-                entry = await kv.get(self.subjects.group_key(group))
-                if entry.value:
-                    rec = decode(GroupRecord, entry.value)
-            except (KeyNotFoundError, NotFoundError):
-                rec = None
-            if rec is not None and rec.owner == self.node:
-                self.gate.on_acquire(group, rec.epoch)
+            rec = records.get(group)
             addrs = [a for a in self.config.group_addresses(group) if a in held]
             if not addrs:
                 continue

@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from nats.js.errors import KeyNotFoundError, NotFoundError
 from prometheus_client import Counter, Gauge
 
 from vtlha import bus
 from vtlha.agents import AgentResult, run_agent
 from vtlha.config import ClusterConfig, Resource
 from vtlha.executor import HoldingExecutor, ReleaseIncomplete
-from vtlha.messages import GroupRecord, GroupStorage, PathHealth, StorageReport, decode, encode
+from vtlha.messages import GroupStorage, PathHealth, StorageReport, encode
 from vtlha.san import SanClient, SanError, SanRefused
 from vtlha.san.multipath import Multipath
 from vtlha.service import service_command
@@ -178,17 +177,10 @@ class StorageMonitor(HoldingExecutor):
         """At start: remember the epoch of each group this node owns (KV), so that a
         valid notice lets it hold again; stop the resources of groups it does not own
         that an earlier run left running."""
-        kv = await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
+        records = await self.recall_owned(self.executor_groups())
         for group in sorted(self.executor_groups()):
-            rec: GroupRecord | None = None
-            try:
-                entry = await kv.get(self.subjects.group_key(group))
-                if entry.value:
-                    rec = decode(GroupRecord, entry.value)
-            except (KeyNotFoundError, NotFoundError):
-                rec = None
+            rec = records.get(group)
             if rec is not None and rec.owner == self.node:
-                self.gate.on_acquire(group, rec.epoch)
                 continue
             for r in self.config.group_resources(group):
                 if (self._run_dir(group, r) / "pid").exists():
