@@ -8,6 +8,7 @@ keeps its data group."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -157,3 +158,107 @@ def test_mgmt_path_heals_and_auto_failback_moves_it_back_after_the_hold(
     lab.wait_for(lambda: A_MGMT in lab.floating_on("node-a")
                  and A_MGMT not in lab.floating_on("node-b"), 5,
                  what="the management address back on node-a only")
+
+
+A_DATA = "198.51.100.101/32"
+
+
+def _cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VTLHA, *args, "--config", str(lab.config_path),
+                           "--nats", ",".join(lab.client_urls())],
+                          capture_output=True, text=True, timeout=90)
+
+
+def _on(lab: Lab, node: str, addr: str) -> bool:
+    other = "node-b" if node == "node-a" else "node-a"
+    return addr in lab.floating_on(node) and addr not in lab.floating_on(other)
+
+
+def _serves(lab: Lab, node: str, group: str) -> bool:
+    try:
+        st = lab.http_get(node, "storage-monitor", "/status")
+    except OSError:
+        return False
+    return bool(st.get("groups", {}).get(group, {}).get("state") == "served")
+
+
+@pytest.fixture
+def checked_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
+    """node-a has a fatal process check: a pid file the test writes and removes."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["cluster"] = cluster_name(request)
+    raw["pairs"][0]["nodes"][0]["checks"] = [
+        {"name": "vtl-daemon", "kind": "pidfile", "path": str(tmp_path / "vtl.pid"),
+         "fatal": True}]
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    the_lab = Lab(cfg, tmp_path)
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
+def test_switchover_failback_maintenance_and_a_fatal_check_move_real_addresses(
+        checked_lab: Lab) -> None:
+    """Rules 5, 4 (by an operator), 6 and 1 in the lab: each move really moves the
+    floating addresses (configured in one namespace only) and the data group's storage."""
+    lab = checked_lab
+    pid = lab.work_dir / "vtl.pid"
+    pid.write_text(str(os.getpid()))  # the "VTL daemon" runs
+    lab.start()
+    lab.wait_for(lambda: lab.home_held() and _serves(lab, "node-a", "node-a-data"), 60,
+                 what="every group home, node-a's storage served")
+    lab.wait_for(lambda: lab.kv_leader() == "witness" and lab.kv_leader(events=True)
+                 == "witness", 30, interval=0.2, what="the stream leaders on the witness")
+
+    # Rule 5: a planned switchover of node-a's data group to node-b.
+    out = _cli(lab, "switchover", "node-a-data")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lab.wait_for(lambda: _on(lab, "node-b", A_DATA) and _serves(lab, "node-b", "node-a-data"),
+                 15, what="node-a's data address and storage on node-b")
+    assert lab.held_by()["node-a-mgmt"] == "node-a"  # only the group asked for
+
+    # Rule 4, by the operator: back home.
+    out = _cli(lab, "failback", "pair-1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lab.wait_for(lambda: _on(lab, "node-a", A_DATA) and _serves(lab, "node-a", "node-a-data"),
+                 15, what="node-a's data address and storage back on node-a")
+
+    # Rule 6 with rule 1: in maintenance a fatal check failing moves nothing ...
+    assert _cli(lab, "maintenance", "on", "pair-1").returncode == 0
+    n = len(lab.events())
+    pid.unlink()
+    lab.wait_for(lambda: [e for e in lab.events()[n:] if e.kind == "check.alarm"], 10,
+                 what="the fatal check's alarm")
+    t_end = time.monotonic() + 1.5  # a quiet period: the assertion is that nothing moves
+    while time.monotonic() < t_end:
+        assert lab.held_by()["node-a-data"] == "node-a" and _on(lab, "node-a", A_DATA)
+        time.sleep(0.1)
+    assert not [e for e in lab.events()[n:] if e.kind.startswith("failover.")]
+    # ... and leaving maintenance re-evaluates at once: node-b takes both groups.
+    t_off = time.monotonic()
+    assert _cli(lab, "maintenance", "off", "pair-1").returncode == 0
+    lab.wait_for(lambda: _on(lab, "node-b", A_DATA) and _on(lab, "node-b", A_MGMT), 15,
+                 what="node-a's addresses on node-b")
+    moved = time.monotonic() - t_off
+    started = [e for e in lab.events()[n:] if e.kind == "failover.started"]
+    assert {e.group for e in started} == {"node-a-data", "node-a-mgmt"}
+    assert all(e.data["rule"] == "fatal_process_error" for e in started)
+    assert [e for e in lab.events()[n:] if e.kind == "failover.notify"]
+    lab.wait_for(lambda: _serves(lab, "node-b", "node-a-data"), 15,
+                 what="node-a's storage served on node-b")
+
+    # The daemon is back: failback is manual (the pair's default), by the operator.
+    pid.write_text(str(os.getpid()))
+    lab.wait_for(lambda: [e for e in lab.events()[n:] if e.kind == "check.recovered"], 10,
+                 what="the check's recovery")
+    out = lab.wait_for(lambda: (lambda o: o if o.returncode == 0 else None)(
+        _cli(lab, "failback", "pair-1")), 30, interval=1.0,
+        what="failback accepted (node-a healthy again)")
+    assert "node-a takes back" in out.stdout
+    lab.wait_for(lambda: _on(lab, "node-a", A_DATA) and _on(lab, "node-a", A_MGMT)
+                 and _serves(lab, "node-a", "node-a-data"), 20,
+                 what="both groups back on node-a, storage served")
+    print(f"\nmaintenance off -> node-a's addresses on node-b in {moved:.2f} s")

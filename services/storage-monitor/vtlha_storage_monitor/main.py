@@ -422,18 +422,28 @@ class StorageMonitor(HoldingExecutor):
             return
         self.log.warning("path changed", extra={"device": st.device, "path": st.path,
                                                 "reachable": ok, "error": st.error})
-        data = {"device": st.device, "path": st.path, "error": st.error}
+        group, epoch = self._served_by_me(st.device)
+        data = {"device": st.device, "path": st.path, "node": self.node, "epoch": epoch,
+                "error": st.error}
         if ok:
             self.emit_soon("storage.path_up", f"{st.device} path {st.path} is reachable "
-                           f"again from {self.node}", data=data)
+                           f"again from {self.node}", group=group, epoch=epoch, data=data)
             return
         self.emit_soon("storage.path_down", f"{st.device} path {st.path} is unreachable "
-                       f"from {self.node}: {st.error}", data=data)
+                       f"from {self.node}: {st.error}", group=group, epoch=epoch, data=data)
         same = [s for s in self.paths if s.device == st.device]
         if all(s.reachable is False for s in same):
             self.emit_soon("storage.device_lost", f"{st.device}: no path left from "
-                           f"{self.node}", data={"device": st.device,
-                                                 "paths": [s.path for s in same]})
+                           f"{self.node}", group=group, epoch=epoch,
+                           data={"device": st.device, "paths": [s.path for s in same],
+                                 "node": self.node, "epoch": epoch})
+
+    def _served_by_me(self, device: str) -> tuple[str | None, int | None]:
+        """The data group of ``device`` and its epoch, when this node holds that group."""
+        for g, sv in self.serving.items():
+            if device in self.config.group_devices(g):
+                return g, sv.epoch
+        return None, None
 
     # ---- reports ---------------------------------------------------------------
     async def _keep_fresh(self) -> None:
