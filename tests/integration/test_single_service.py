@@ -83,7 +83,9 @@ def test_the_active_arbiter_dying_alone_moves_nothing(local_cluster: LocalCluste
                                  if c.arbiter_role(h) == "active"], 20,
                         what="a node's arbiter to become active")
     assert len(active) == 1
-    assert _events(c, "arbiter.active", new=active[0])
+    c.wait_for(lambda: _events(c, "arbiter.active", new=active[0]), 10,
+               what=f"{active[0]}'s arbiter.active event (published after its term is "
+               "announced)")
     after = c.kv_groups()
     assert {g: (r.owner, r.epoch) for g, (r, _) in after.items()} == \
            {g: (r.owner, r.epoch) for g, (r, _) in before.items()}
