@@ -6,9 +6,9 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -99,17 +99,26 @@ def lab_hygiene() -> Iterator[None]:
     assert not left, f"lab pieces left behind after the test suite: {left}"
 
 
+def lab_config(request: pytest.FixtureRequest, tmp_path: Path,
+               edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """The example cluster file for a lab under ``tmp_path`` (its own state directory,
+    a cluster name per test), changed by ``edit`` first."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["cluster"] = cluster_name(request)
+    if edit is not None:
+        edit(raw)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return cfg
+
+
 @pytest.fixture
 def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabT]:
     """A network lab (not yet started) for the example cluster; always torn down."""
     from vtlha.lab import Lab
 
-    raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["state_dir"] = str(tmp_path / "state")
-    raw["cluster"] = cluster_name(request)
-    cfg = tmp_path / "cluster.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    the_lab = Lab(cfg, tmp_path)
+    the_lab = Lab(lab_config(request, tmp_path), tmp_path)
     try:
         yield the_lab
     finally:

@@ -39,9 +39,8 @@ from nats.aio.client import Client as NATS
 
 from vtlha.config import Check, ClusterConfig
 from vtlha.errors import InvalidMessage
-from vtlha.executor import Pong
 from vtlha.health import Hysteresis
-from vtlha.messages import CheckResult, decode
+from vtlha.messages import CheckResult, Pong, decode
 
 #: seconds from the heartbeat's first check run during which an executor that has not
 #: answered yet is "starting", not failing (process start, NATS connect, its KV

@@ -27,26 +27,16 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
-from pydantic import Field, StrictBool
 
 from vtlha import bus
 from vtlha.errors import InvalidMessage, VtlhaError
 from vtlha.fencing import FencingStore
-from vtlha.messages import Ack, Command, Envelope, GroupRecord, LeaseNotice, decode, encode
+from vtlha.messages import Ack, Command, GroupRecord, LeaseNotice, Pong, decode, encode
 from vtlha.ownership import read_groups
 from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
 
 ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
-
-
-class Pong(Envelope):
-    """An executor's answer to a liveness request (``Subjects.ping``)."""
-
-    service: str
-    pid: int = Field(ge=0)
-    uptime: float = Field(ge=0)  # seconds since the process started taking commands
-    ready: StrictBool = True  # its /readyz verdict (connected and reconciled)
 
 
 class ReleaseIncomplete(VtlhaError):

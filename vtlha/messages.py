@@ -101,6 +101,15 @@ class MgmtReport(Envelope):
 Action = Literal["acquire", "release", "term"]
 
 
+class Pong(Envelope):
+    """An executor's answer to a liveness request (``Subjects.ping``)."""
+
+    service: str
+    pid: int = Field(ge=0)
+    uptime: float = Field(ge=0)  # seconds since the process started taking commands
+    ready: StrictBool = True  # its /readyz verdict (connected and reconciled)
+
+
 class Command(Envelope):
     term: int = Field(ge=0)
     epoch: int = Field(ge=0)

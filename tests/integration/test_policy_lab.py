@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import EXAMPLE, cluster_name
+from tests.conftest import lab_config
 from vtlha.lab import Lab
 
 pytestmark = pytest.mark.root
@@ -29,13 +28,8 @@ A_MGMT = "203.0.113.101/32"
 
 
 def _lab(request: pytest.FixtureRequest, tmp_path: Path, **pair: Any) -> Lab:
-    raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["state_dir"] = str(tmp_path / "state")
-    raw["cluster"] = cluster_name(request)
-    raw["pairs"][0].update(pair)
-    cfg = tmp_path / "cluster.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return Lab(cfg, tmp_path)
+    return Lab(lab_config(request, tmp_path, lambda raw: raw["pairs"][0].update(pair)),
+               tmp_path)
 
 
 @pytest.fixture
@@ -185,15 +179,12 @@ def _serves(lab: Lab, node: str, group: str) -> bool:
 @pytest.fixture
 def checked_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
     """node-a has a fatal process check: a pid file the test writes and removes."""
-    raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["state_dir"] = str(tmp_path / "state")
-    raw["cluster"] = cluster_name(request)
-    raw["pairs"][0]["nodes"][0]["checks"] = [
-        {"name": "vtl-daemon", "kind": "pidfile", "path": str(tmp_path / "vtl.pid"),
-         "fatal": True}]
-    cfg = tmp_path / "cluster.yaml"
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    the_lab = Lab(cfg, tmp_path)
+    def edit(raw: dict[str, Any]) -> None:
+        raw["pairs"][0]["nodes"][0]["checks"] = [
+            {"name": "vtl-daemon", "kind": "pidfile", "path": str(tmp_path / "vtl.pid"),
+             "fatal": True}]
+
+    the_lab = Lab(lab_config(request, tmp_path, edit), tmp_path)
     try:
         yield the_lab
     finally:

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import EXAMPLE, ROOT, cluster_name
+from tests.conftest import ROOT, lab_config
 from vtlha.lab import Lab
 from vtlha.localcluster import DEVICE_BYTES
 from vtlha.messages import Event
@@ -136,17 +135,16 @@ def hung_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[L
     assert missing is None, f"the hung-device test needs FUSE: {missing}"
     fs = HangMount.start(tmp_path)
     try:
-        raw = yaml.safe_load(EXAMPLE.read_text())
-        raw["state_dir"] = str(tmp_path / "state")
-        raw["cluster"] = cluster_name(request)
-        raw["devices"][DEVICE]["backing"] = str(fs.file())
-        # The test stops node-b's storage-monitor for seconds on purpose (SIGTERM during
-        # the hang, restarted after it): with its built-in liveness check, that is a fatal
-        # process error and node-a would rightly take node-b's groups over (rule 8,
-        # tested in test_single_service.py); here only the storage rules are under test.
-        raw["pairs"][0]["nodes"][1]["executor_checks"] = False
-        cfg = tmp_path / "cluster.yaml"
-        cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+        def edit(raw: dict[str, Any]) -> None:
+            raw["devices"][DEVICE]["backing"] = str(fs.file())
+            # The test stops node-b's storage-monitor for seconds on purpose (SIGTERM
+            # during the hang, restarted after it): with its built-in liveness check, that
+            # is a fatal process error and node-a would rightly take node-b's groups over
+            # (rule 8, tested in test_single_service.py); here only the storage rules are
+            # under test.
+            raw["pairs"][0]["nodes"][1]["executor_checks"] = False
+
+        cfg = lab_config(request, tmp_path, edit)
         lab = Lab(cfg, tmp_path)
         try:
             yield lab, fs

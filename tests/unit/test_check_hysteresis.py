@@ -25,8 +25,7 @@ from vtlha.checks import (
 )
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.errors import ConfigError
-from vtlha.executor import Pong
-from vtlha.messages import CheckResult, encode
+from vtlha.messages import CheckResult, Pong, encode
 from vtlha.natsserver import NatsServer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
