@@ -63,7 +63,7 @@ integration: venv
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 demo: venv sysdeps
-	$(BIN)/vtlha demo --config examples/cluster.yaml
+	$(BIN)/vtlha-lab demo --config examples/cluster.yaml
 
 bench: venv
 	$(BIN)/python bench/failover.py

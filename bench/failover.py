@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vtlha.localcluster import LocalCluster, prepare_config  # noqa: E402
+from vtlha_lab.localcluster import LocalCluster, prepare_config  # noqa: E402
 
 
 def trial(work: Path) -> dict[str, float]:

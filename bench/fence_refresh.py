@@ -2,7 +2,7 @@
 
 The fence (both tables, ``inet`` and ``arp``) is installed for 10 floating addresses
 (198.51.100.101-110) in a namespace created for this run and always deleted. Every
-nftables call runs in a thread that joined that namespace (vtlha.netns.in_netns), so the
+nftables call runs in a thread that joined that namespace (vtlha_lab.netns.in_netns), so the
 libnftables context and its netlink socket live there. Measured:
 
   (a) one refresh batch (both tables, one batch) of 1, 2 and 10 addresses, in-process
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vtlha.fence import FAMILIES, TABLE, Fence, Nft  # noqa: E402
-from vtlha.netns import in_netns  # noqa: E402
+from vtlha_lab.netns import in_netns  # noqa: E402
 
 FLOATING = [f"198.51.100.{101 + i}" for i in range(10)]
 SIZES = (1, 2, 10)

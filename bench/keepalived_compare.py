@@ -6,7 +6,7 @@ the backup takes over. vtl-ha's ip-manager refreshes an nftables fence only on v
 notices, so a killed ip-manager's node stops answering within lease_ttl although the
 address stays configured. "Answering" is DESIGN.md's definition (configured on an up
 link AND, where a fence table exists, in its held set), polled from inside each node's
-namespace by ``vtlha.observer`` (the same observer for both systems; keepalived's nodes
+namespace by ``vtlha_lab.observer`` (the same observer for both systems; keepalived's nodes
 have no fence table, so configured = answering), and cross-checked from the client's
 namespace: an ARP request for the address (which nodes reply) and a TCP connect through
 each node's MAC (a permanent neighbour entry): a reply or a RST is an answer, silence is
@@ -58,9 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vtlha.fence import TABLE, parse_held  # noqa: E402
-from vtlha.lab import Lab, OverlapObserver  # noqa: E402
-from vtlha.labtools import arp_responders as _arp_responders  # noqa: E402
-from vtlha.netns import socket_in  # noqa: E402
+from vtlha_lab.lab import Lab, OverlapObserver  # noqa: E402
+from vtlha_lab.netns import socket_in  # noqa: E402
+from vtlha_lab.probes import arp_responders as _arp_responders  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "cluster.yaml"
 PORT = 7000
@@ -191,7 +191,7 @@ def ours_trial(case: str, work: Path, leases: int) -> dict[str, Any]:
         lab.wait_for(lambda: lab.home_held() and configured(a_ns) and fenced(a_ns), 60,
                      what="node-a serving (configured and fenced in) its data address")
         for n in NODES:
-            lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+            lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                       "--port", str(PORT), "--name", n])
         macs = {n: lab.mac(n) for n in NODES}
         client_ip = next(a for a in lab.addresses("client")
@@ -366,8 +366,8 @@ class KaLab:
 @contextlib.contextmanager
 def observer(nodes: dict[str, str], address: str, out: Path,
              interval: float = 0.01) -> Iterator[dict[str, Any]]:
-    """``vtlha.observer`` over these namespaces (what OverlapObserver does for a Lab)."""
-    argv = [sys.executable, "-m", "vtlha.observer", "--out", str(out), "--interval",
+    """``vtlha_lab.observer`` over these namespaces (what OverlapObserver does for a Lab)."""
+    argv = [sys.executable, "-m", "vtlha_lab.observer", "--out", str(out), "--interval",
             str(interval), "--address", address]
     for n, ns in nodes.items():
         argv += ["--node", f"{n}={ns}"]
@@ -399,7 +399,7 @@ def keepalived_trial(advert: float, work: Path) -> dict[str, Any]:
         lab.build()
         a_ns, b_ns, c_ns = lab.ns["node-a"], lab.ns["node-b"], lab.ns["client"]
         for n in NODES:
-            lab.spawn(n, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+            lab.spawn(n, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                    "--port", str(PORT), "--name", n])
         lab.start_keepalived("node-a", advert, master=True)
         wait_for(lambda: configured(a_ns), 20, "node-a (keepalived master) holding the VIP",
@@ -614,7 +614,7 @@ def main() -> None:
                "keepalived": ka_version, "loadavg_before": load0, "loadavg_after": load1,
                "elapsed_s": elapsed, "args": vars(args), "stopped": stopped,
                "answering": "configured on an up link and, where the node has a fence, in "
-                            "its held set (vtlha.observer); cross-checked by ARP and TCP "
+                            "its held set (vtlha_lab.observer); cross-checked by ARP and TCP "
                             "per MAC from the client namespace",
                "rows": table}
     out = ROOT / "bench" / "results"

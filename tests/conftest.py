@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from vtlha.localcluster import LocalCluster, _port_free, prepare_config
+from vtlha_lab.localcluster import LocalCluster, _port_free, prepare_config
 
 if TYPE_CHECKING:
-    from vtlha.lab import Lab as LabT
-from vtlha.natsserver import NatsServer, NatsServerSpec
+    from vtlha_lab.lab import Lab as LabT
+from vtlha_lab.natsserver import NatsServer, NatsServerSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cluster.yaml"
@@ -92,7 +92,7 @@ def lab_hygiene() -> Iterator[None]:
     if not IS_ROOT:
         yield
         return
-    from vtlha.lab import leftovers
+    from vtlha_lab.lab import leftovers
 
     yield
     left = leftovers(only_created_here=True)
@@ -116,7 +116,7 @@ def lab_config(request: pytest.FixtureRequest, tmp_path: Path,
 @pytest.fixture
 def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabT]:
     """A network lab (not yet started) for the example cluster; always torn down."""
-    from vtlha.lab import Lab
+    from vtlha_lab.lab import Lab
 
     the_lab = Lab(lab_config(request, tmp_path), tmp_path)
     try:

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 
 from tests.integration.natsutil import events, kv_groups, metric, publish_raw, request
-from vtlha.localcluster import LocalCluster
 from vtlha.messages import Ack, Command, Heartbeat, decode, encode
 from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import LocalCluster
 
 
 def _good_hb(cluster: str, node: str, seq: int) -> dict[str, object]:

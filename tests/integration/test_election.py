@@ -18,9 +18,9 @@ import yaml
 
 from tests.integration.natsutil import events, kv_groups, request
 from vtlha.config import load_config
-from vtlha.localcluster import LocalCluster
 from vtlha.messages import Ack, Command, LeaderRecord, decode, encode
 from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import LocalCluster
 
 LEADER_TTL, STANDBY_DELAY = 1.0, 0.5
 BOUND = 0.5  # what a takeover of the leader key may take beyond ttl + delay

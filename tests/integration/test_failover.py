@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 from tests.integration.natsutil import events, kv_groups, metric
-from vtlha.localcluster import LocalCluster
+from vtlha_lab.localcluster import LocalCluster
 
 
 def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from vtlha.fence import TABLE
-from vtlha.lab import Lab, OverlapObserver
-from vtlha.labtools import arp_responders, read_timeline
+from vtlha_lab.lab import Lab, OverlapObserver
+from vtlha_lab.probes import arp_responders, read_timeline
 
 pytestmark = pytest.mark.root
 
@@ -36,10 +36,10 @@ def _start(lab: Lab) -> Path:
         f"{A_DATA}/32", "203.0.113.101/32"] and len(_fenced(lab, "node-a")) == 2, 40,
         what="node-a serving (configured and fenced in) its addresses")
     for n in ("node-a", "node-b"):
-        lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+        lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                   "--port", str(PORT), "--name", n])
     timeline = lab.work_dir / "probe.jsonl"
-    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha.labtools", "probe",
+    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha_lab.probes", "probe",
                                      "--target", f"{A_DATA}:{PORT}", "--out", str(timeline),
                                      "--interval", "0.005", "--duration", "60",
                                      "--timeout", "0.05"])

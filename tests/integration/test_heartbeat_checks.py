@@ -25,10 +25,10 @@ from typing import Any
 import nats
 
 from tests.integration.test_services import edited_cluster, wait_ready
-from vtlha.localcluster import LocalCluster
 from vtlha.messages import CheckResult, Heartbeat, decode
-from vtlha.natsserver import NatsServer
 from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import LocalCluster
+from vtlha_lab.natsserver import NatsServer
 
 START_TIMEOUT = 15.0  # service processes: interpreter, imports, NATS connect, KV
 CHANGE_TIMEOUT = 5.0  # fall/rise check runs at check_interval 0.2-0.3 s, with slack

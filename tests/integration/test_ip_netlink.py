@@ -51,8 +51,8 @@ from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.errors import FatalError
 from vtlha.messages import Ack, Command, LeaseNotice, MgmtReport, decode, encode
-from vtlha.natsserver import NatsServer, NatsServerSpec
 from vtlha.subjects import Subjects
+from vtlha_lab.natsserver import NatsServer, NatsServerSpec
 
 pytestmark = pytest.mark.root
 

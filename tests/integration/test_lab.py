@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from vtlha.lab import Lab, leftovers
-from vtlha.labtools import outage, read_timeline
 from vtlha.messages import MgmtReport, decode
 from vtlha.subjects import Subjects
+from vtlha_lab.lab import Lab, leftovers
+from vtlha_lab.probes import outage, read_timeline
 
 pytestmark = pytest.mark.root
 
@@ -35,10 +35,10 @@ def test_cut_links_moves_addresses_and_gratuitous_arp_updates_the_client(lab: La
                  what="each node to configure its own addresses (on its lease notice)")
 
     for node in ("node-a", "node-b"):
-        lab.spawn_in(node, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+        lab.spawn_in(node, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                      "--port", str(PORT), "--name", node])
     timeline = lab.work_dir / "probe.jsonl"
-    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha.labtools", "probe",
+    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha_lab.probes", "probe",
                                      "--target", f"{A_DATA}:{PORT}", "--out", str(timeline),
                                      "--interval", "0.005", "--duration", "40"])
     lab.wait_for(lambda: _answers_from(timeline, "node-a", 0), 10,

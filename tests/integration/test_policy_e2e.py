@@ -20,9 +20,9 @@ import yaml
 
 from tests.conftest import EXAMPLE, cluster_name
 from tests.integration.natsutil import events, kv_groups
-from vtlha.localcluster import LocalCluster, prepare_config
 from vtlha.messages import Event
-from vtlha.natsserver import NatsServer
+from vtlha_lab.localcluster import LocalCluster, prepare_config
+from vtlha_lab.natsserver import NatsServer
 
 VTLHA = str(Path(sys.executable).parent / "vtlha")
 A_GROUPS = ("node-a-data", "node-a-mgmt")

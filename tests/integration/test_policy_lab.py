@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import lab_config
-from vtlha.lab import Lab
+from vtlha_lab.lab import Lab
 
 pytestmark = pytest.mark.root
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from vtlha.lab import Lab, OverlapObserver
-from vtlha.labtools import read_timeline
+from vtlha_lab.lab import Lab, OverlapObserver
+from vtlha_lab.probes import read_timeline
 
 pytestmark = pytest.mark.root
 
@@ -39,7 +39,7 @@ def _start(lab: Lab) -> None:
 def _metric(lab: Lab, host: str, service: str, name: str, **labels: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from vtlha import netns
+    from vtlha_lab import netns
 
     port = getattr(lab.cfg.ports, service.replace("-", "_"))
     _, body = netns.http_get(lab.ns(host), "127.0.0.1", port, "/metrics")
@@ -53,13 +53,13 @@ def _metric(lab: Lab, host: str, service: str, name: str, **labels: str) -> floa
 
 def _probes(lab: Lab, duration: float) -> dict[str, Path]:
     for n in ("node-a", "node-b"):
-        lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+        lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                   "--port", str(PORT), "--name", n])
     out = {}
     for ip in ALL:
         out[ip] = lab.work_dir / f"probe-{ip}.jsonl"
         lab.spawn_in("client", f"probe-{ip}", [
-            sys.executable, "-m", "vtlha.labtools", "probe", "--target", f"{ip}:{PORT}",
+            sys.executable, "-m", "vtlha_lab.probes", "probe", "--target", f"{ip}:{PORT}",
             "--out", str(out[ip]), "--interval", "0.01", "--duration", str(duration),
             "--timeout", "0.1"])
     return out

@@ -24,15 +24,9 @@ import pytest
 import yaml
 
 from vtlha.config import ClusterConfig, parse_config
-from vtlha.san import (
-    SanClient,
-    SanConnectionError,
-    SanRefused,
-    SanTarget,
-    SanTimeout,
-    read_audit_log,
-)
+from vtlha.san import SanClient, SanConnectionError, SanRefused, SanTimeout
 from vtlha.san.protocol import MAX_HEADER, decode_header, encode_frame, read_frame
+from vtlha_lab.santarget import SanTarget, read_audit_log
 
 VTLHA = Path(sys.executable).parent / "vtlha"
 BS = 4096

@@ -30,10 +30,10 @@ from pydantic import BaseModel
 
 from vtlha import bus
 from vtlha.errors import InvalidMessage
-from vtlha.localcluster import DEVICE_BYTES, LocalCluster
 from vtlha.messages import Heartbeat, PathHealth, StorageReport, decode
-from vtlha.natsserver import NatsServer
 from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import DEVICE_BYTES, LocalCluster
+from vtlha_lab.natsserver import NatsServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "cluster.yaml"

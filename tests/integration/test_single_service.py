@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from vtlha.localcluster import LocalCluster
 from vtlha.messages import Event
-from vtlha.tape.client import status as tape_status
+from vtlha_lab.localcluster import LocalCluster
+from vtlha_lab.tapeclient import status as tape_status
 
 A_GROUPS = ("node-a-data", "node-a-mgmt")
 

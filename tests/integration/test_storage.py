@@ -17,10 +17,10 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLE, cluster_name
-from vtlha.localcluster import LocalCluster, prepare_config
-from vtlha.natsserver import NatsServer
-from vtlha.san import read_audit_log
-from vtlha.tape.client import read_acks, verify_blocks, write_blocks
+from vtlha_lab.localcluster import LocalCluster, prepare_config
+from vtlha_lab.natsserver import NatsServer
+from vtlha_lab.santarget import read_audit_log
+from vtlha_lab.tapeclient import read_acks, verify_blocks, write_blocks
 
 
 def _cluster(request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path,

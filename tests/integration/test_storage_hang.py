@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, lab_config
-from vtlha.lab import Lab
-from vtlha.localcluster import DEVICE_BYTES
 from vtlha.messages import Event
+from vtlha_lab.lab import Lab
+from vtlha_lab.localcluster import DEVICE_BYTES
 
 pytestmark = pytest.mark.root
 

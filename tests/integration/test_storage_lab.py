@@ -20,14 +20,14 @@ from typing import Any
 import orjson
 import pytest
 
-from vtlha.lab import Lab
-from vtlha.localcluster import DEVICE_BYTES
-from vtlha.san import read_audit_log
-from vtlha.tape.client import read_acks
+from vtlha_lab.lab import Lab
+from vtlha_lab.localcluster import DEVICE_BYTES
+from vtlha_lab.santarget import read_audit_log
+from vtlha_lab.tapeclient import read_acks
 
 pytestmark = pytest.mark.root
 
-VTLHA = str(Path(sys.executable).parent / "vtlha")
+VTLHA_LAB = str(Path(sys.executable).parent / "vtlha-lab")
 A_DEVICES = ("vtl-a0", "vtl-a1")
 
 
@@ -45,7 +45,7 @@ def _served(lab: Lab, host: str, group: str, epoch: int | None = None) -> bool:
 
 
 class Writer:
-    """``vtlha tape write`` in the client namespace, to node-a's portal."""
+    """``vtlha-lab tape write`` in the client namespace, to node-a's portal."""
 
     def __init__(self, lab: Lab, name: str) -> None:
         self.lab = lab
@@ -53,7 +53,7 @@ class Writer:
         ip = lab.cfg.group_addresses("node-a-data")[0].split("/")[0]
         self.portal = f"{ip}:{lab.cfg.ports.tape}"
         self.child = lab.procs.spawn("client", name, [
-            *lab.prefix("client"), VTLHA, "tape", "write", self.portal, "--log", str(self.log),
+            *lab.prefix("client"), VTLHA_LAB, "tape", "write", self.portal, "--log", str(self.log),
             "--interval", "0.005"])
 
     def acks(self) -> dict[int, dict[str, Any]]:
@@ -70,7 +70,7 @@ class Writer:
         return self.acks()
 
     def verify(self) -> dict[str, Any]:
-        out = subprocess.run([*self.lab.prefix("client"), VTLHA, "tape", "verify", self.portal,
+        out = subprocess.run([*self.lab.prefix("client"), VTLHA_LAB, "tape", "verify", self.portal,
                               "--log", str(self.log), "--json"], capture_output=True,
                              timeout=120)
         assert out.returncode == 0, out.stderr.decode() + out.stdout.decode()

@@ -26,7 +26,7 @@ from vtlha.checks import (
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.errors import ConfigError
 from vtlha.messages import CheckResult, Pong, encode
-from vtlha.natsserver import NatsServer
+from vtlha_lab.natsserver import NatsServer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
 

@@ -7,23 +7,20 @@ its own (stale) belief. This package is a small stand-in for that SAN, outside t
 nodes, so that the storage fence is enforced for real in tests and demos:
 
 - :mod:`vtlha.san.protocol`: length-prefixed frames (JSON header + binary payload);
-- :mod:`vtlha.san.target`: the asyncio TCP target (one port per path index), device
-  I/O off the event loop, reservations persisted by the target, an audit log of every
-  write and reservation change;
+- the target itself (asyncio TCP, one port per path index, reservations persisted, an
+  audit log of every write and reservation change) is lab infrastructure:
+  :mod:`vtlha_lab.santarget`, never imported by the runtime;
 - :mod:`vtlha.san.client`: an asyncio client for one path of one node.
 
 It is not a SCSI implementation and not meant for production data.
 """
 
 from vtlha.san.client import SanClient, SanConnectionError, SanError, SanRefused, SanTimeout
-from vtlha.san.target import SanTarget, read_audit_log
 
 __all__ = [
     "SanClient",
     "SanConnectionError",
     "SanError",
     "SanRefused",
-    "SanTarget",
     "SanTimeout",
-    "read_audit_log",
 ]

@@ -7,8 +7,9 @@
   written it with FUA.
 - :mod:`vtlha.tape.agent`: its resource agent (``builtin:tape``): start, stop,
   monitor.
-- :mod:`vtlha.tape.client`: a client that writes numbered blocks and reads them back
-  (``vtlha tape write|verify``), reconnecting across failovers.
+- :mod:`vtlha_lab.tapeclient`: a client that writes numbered blocks and reads them back
+  (``vtlha-lab tape write|verify``), reconnecting across failovers.
 
-Test and demo infrastructure standing in for the appliance's virtual tape libraries.
+The service and its agent ship with the runtime (the default resource of a data group,
+started by the storage-monitor); a site replaces it with its VTL daemon's agent.
 """

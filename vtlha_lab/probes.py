@@ -1,4 +1,4 @@
-"""Tools that run inside the lab's namespaces (``python -m vtlha.labtools ...``).
+"""Tools that run inside the lab's namespaces (``python -m vtlha_lab.probes ...``).
 
     serve --port P --name NAME          a TCP service: answers every connection with NAME
     probe --target IP:PORT --out FILE   a client: connects every --interval seconds for
@@ -62,7 +62,7 @@ def probe(target: str, out: str, interval: float, duration: float, timeout: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m vtlha.labtools")
+    ap = argparse.ArgumentParser(prog="python -m vtlha_lab.probes")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--port", type=int, required=True)
@@ -85,7 +85,7 @@ def arp_responders(ns: str, src_ip: str, target: str, ifname: str = "eth0",
     """Send ARP requests for ``target`` from namespace ``ns`` (three over ``wait``
     seconds, raw AF_PACKET) and return the MACs that replied: two MACs = two nodes
     answering for one address."""
-    from vtlha.netns import in_netns
+    from vtlha_lab.netns import in_netns
 
 
     def run() -> set[str]:

@@ -2,7 +2,7 @@
 inside each node's network namespace every ``--interval`` seconds, in a process of its
 own (at raised priority, so a loaded machine does not stretch its polls).
 
-    python -m vtlha.observer --node node-a=NS_A --node node-b=NS_B \\
+    python -m vtlha_lab.observer --node node-a=NS_A --node node-b=NS_B \\
         --address 198.51.100.101/32 ... --out FILE [--interval 0.005]
 
 A node **answers** for an address (DESIGN.md "Safety") when the address is configured in
@@ -28,7 +28,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from vtlha.fence import TABLE, FenceError, Nft, parse_held
-from vtlha.netns import CLONE_NEWNET, NETNS_RUN_DIR, _libc
+from vtlha_lab.netns import CLONE_NEWNET, NETNS_RUN_DIR, _libc
 
 LINK_EVERY = 4  # link states are re-read every 4th poll (addresses every poll)
 
@@ -155,7 +155,7 @@ def observe(nodes: dict[str, str], floating: set[str], interval: float, out: str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m vtlha.observer")
+    ap = argparse.ArgumentParser(prog="python -m vtlha_lab.observer")
     ap.add_argument("--node", action="append", required=True, help="NAME=NAMESPACE")
     ap.add_argument("--address", action="append", required=True)
     ap.add_argument("--interval", type=float, default=0.005)

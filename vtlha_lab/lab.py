@@ -19,7 +19,7 @@ For a cluster file it creates, with names unique to this lab (``vtlha-<id>-…``
 
 Everything is removed by ``down()``: processes first, then the namespaces (which takes
 their veths with them), then the uplink. The lab's record (``lab.json`` in its work
-directory and in the registry directory) lets ``vtlha lab down`` clean up a lab started
+directory and in the registry directory) lets ``vtlha-lab down`` clean up a lab started
 by another process.
 """
 
@@ -42,11 +42,11 @@ from typing import Any
 import orjson
 from pyroute2 import IPRoute, netns
 
-from vtlha import netns as ns_util
 from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError
-from vtlha.localcluster import SAN, LocalCluster, service_binary
-from vtlha.natsserver import NatsServer, NatsServerSpec
+from vtlha_lab import netns as ns_util
+from vtlha_lab.localcluster import SAN, LocalCluster, service_binary
+from vtlha_lab.natsserver import NatsServer, NatsServerSpec
 
 PREFIX = "vtlha-"
 REGISTRY = Path(os.environ.get("VTLHA_LAB_REGISTRY", "/run/vtlha-labs"))
@@ -414,7 +414,7 @@ class Lab(LocalCluster):
 
 
 class OverlapObserver:
-    """Runs ``vtlha.observer`` (a process of its own) over the lab's nodes for the
+    """Runs ``vtlha_lab.observer`` (a process of its own) over the lab's nodes for the
     duration of a ``with`` block; afterwards ``samples``, ``max_gap``, ``overlaps``
     (spans in which two nodes answered for one address: configured on an up link and in
     the fence set) and ``holders`` (per address, who answered when) hold what it saw."""
@@ -432,7 +432,7 @@ class OverlapObserver:
     def __enter__(self) -> OverlapObserver:
         floating = sorted({a for g in self.lab.cfg.groups()
                            for a in self.lab.cfg.group_addresses(g)})
-        argv = [sys.executable, "-m", "vtlha.observer", "--out", str(self.out),
+        argv = [sys.executable, "-m", "vtlha_lab.observer", "--out", str(self.out),
                 "--interval", str(self.interval)]
         for n in self.lab.cfg.nodes:
             argv += ["--node", f"{n.name}={self.lab.ns(n.name)}"]

@@ -26,10 +26,10 @@ from nats.aio.client import Client as NATS
 from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, load_config
 from vtlha.messages import Event, GroupRecord
-from vtlha.natsserver import NatsServer, NatsServerSpec
 from vtlha.ownership import read_groups
-from vtlha.procs import ProcessGroup
 from vtlha.subjects import Subjects
+from vtlha_lab.natsserver import NatsServer, NatsServerSpec
+from vtlha_lab.procs import ProcessGroup
 
 SAN = "san"  # the SAN target's process group name (not a host of the cluster)
 NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat", "arbiter")
@@ -173,7 +173,7 @@ class LocalCluster:
         return "127.0.0.1"
 
     def san_argv(self) -> list[str]:
-        return [str(Path(sys.executable).parent / "vtlha"), "san", "serve",
+        return [str(Path(sys.executable).parent / "vtlha-lab"), "san", "serve",
                 "--config", str(self.config_path), "--state-dir", str(self.state_root),
                 "--host", "127.0.0.1", "--create-size", "0"]
 

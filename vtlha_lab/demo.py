@@ -19,9 +19,9 @@ from types import FrameType
 from typing import Any
 
 from vtlha import eventlog
-from vtlha.labtools import outage, read_timeline
-from vtlha.localcluster import LocalCluster, prepare_config
 from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import LocalCluster, prepare_config
+from vtlha_lab.probes import outage, read_timeline
 
 PORT = 7000
 
@@ -31,7 +31,7 @@ def _say(msg: str = "") -> None:
 
 
 def _where(c: LocalCluster, addresses: list[str]) -> str:
-    from vtlha.lab import Lab
+    from vtlha_lab.lab import Lab
 
     if isinstance(c, Lab):
         holders = [h for h in c.cfg.hosts[:-1] if set(addresses) & set(c.floating_on(h))]
@@ -55,7 +55,7 @@ def _table(c: LocalCluster) -> None:
 
 
 def _is_lab(c: LocalCluster) -> bool:
-    from vtlha.lab import Lab
+    from vtlha_lab.lab import Lab
 
     return isinstance(c, Lab)
 
@@ -63,7 +63,7 @@ def _is_lab(c: LocalCluster) -> bool:
 def _make_cluster(src: Path, tmp: Path, loopback: bool = False) -> LocalCluster:
     cfg_path = prepare_config(src, tmp)
     if os.geteuid() == 0 and shutil.which("ip") and not loopback:
-        from vtlha.lab import Lab
+        from vtlha_lab.lab import Lab
 
         _say("  mode: NETWORK LAB — running as root: each host in its own network namespace,")
         _say("        veth links on bridges, floating addresses really configured, a client")
@@ -77,15 +77,15 @@ def _make_cluster(src: Path, tmp: Path, loopback: bool = False) -> LocalCluster:
 
 
 def _start_client(c: LocalCluster, address: str) -> Path | None:
-    from vtlha.lab import Lab
+    from vtlha_lab.lab import Lab
 
     if not isinstance(c, Lab):
         return None
     for n in c.cfg.nodes:
-        c.spawn_in(n.name, "serve", [sys.executable, "-m", "vtlha.labtools", "serve",
+        c.spawn_in(n.name, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
                                      "--port", str(PORT), "--name", n.name])
     timeline = c.work_dir / "client-probe.jsonl"
-    c.spawn_in("client", "probe", [sys.executable, "-m", "vtlha.labtools", "probe",
+    c.spawn_in("client", "probe", [sys.executable, "-m", "vtlha_lab.probes", "probe",
                                    "--target", f"{address}:{PORT}", "--out", str(timeline),
                                    "--interval", "0.005", "--duration", "60"])
     return timeline
@@ -99,12 +99,12 @@ def _portal(c: LocalCluster, victim: str) -> str:
 
 
 def _start_tape(c: LocalCluster, victim: str) -> tuple[str, Path, subprocess.Popen[bytes]]:
-    """``vtlha tape write`` to the victim's portal (from the client namespace in the lab)."""
-    from vtlha.lab import Lab
+    """``vtlha-lab tape write`` to the victim's portal (from the client namespace in the lab)."""
+    from vtlha_lab.lab import Lab
 
     portal = _portal(c, victim)
     log = c.work_dir / "tape-acks.jsonl"
-    argv = [str(Path(sys.executable).parent / "vtlha"), "tape", "write", portal, "--log",
+    argv = [str(Path(sys.executable).parent / "vtlha-lab"), "tape", "write", portal, "--log",
             str(log), "--interval", "0.01"]
     if isinstance(c, Lab):
         return portal, log, c.spawn_in("client", "tape-writer", argv)
@@ -112,7 +112,7 @@ def _start_tape(c: LocalCluster, victim: str) -> tuple[str, Path, subprocess.Pop
 
 
 def _tape_acks(log: Path, node: str) -> int:
-    from vtlha.tape.client import read_acks
+    from vtlha_lab.tapeclient import read_acks
 
     return sum(1 for a in read_acks(log).values() if a.get("node") == node)
 
@@ -121,15 +121,15 @@ def _finish_tape(c: LocalCluster, portal: str, log: Path, proc: subprocess.Popen
                  survivor: str) -> str:
     import orjson
 
-    from vtlha.lab import Lab
-    from vtlha.tape.client import read_acks
+    from vtlha_lab.lab import Lab
+    from vtlha_lab.tapeclient import read_acks
 
     c.wait_for(lambda: _tape_acks(log, survivor) >= 20, 30,
                what=f"the tape client's blocks acknowledged by {survivor}")
     proc.terminate()
     proc.wait(10)
     acks = read_acks(log)
-    argv = [str(Path(sys.executable).parent / "vtlha"), "tape", "verify", portal, "--log",
+    argv = [str(Path(sys.executable).parent / "vtlha-lab"), "tape", "verify", portal, "--log",
             str(log), "--json"]
     if isinstance(c, Lab):
         argv = [*c.prefix("client"), *argv]
@@ -224,7 +224,7 @@ def _run(c: LocalCluster) -> int:
     _table(c)
     result = f"failover of {victim} to {survivor}: {took * 1000:.0f} ms crash -> KV record held"
     if timeline is not None:
-        from vtlha.lab import Lab
+        from vtlha_lab.lab import Lab
 
         assert isinstance(c, Lab)
         c.wait_for(lambda: outage(read_timeline(str(timeline)), victim, survivor, t_kill), 10,

@@ -1,6 +1,6 @@
 """The reference SAN target: test and demo infrastructure standing in for a real SAN.
 
-A small asyncio TCP service, run outside the nodes (``vtlha san serve``), that serves
+A small asyncio TCP service, run outside the nodes (``vtlha-lab san serve``), that serves
 the cluster file's devices (files or block devices on the host; a relative ``backing``
 is under the state root) and enforces SCSI-3-style persistent reservations in the
 "Write Exclusive, registrants only" manner:
