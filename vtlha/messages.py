@@ -8,6 +8,7 @@ required fields are rejected. ``decode`` never raises anything but InvalidMessag
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -157,7 +158,19 @@ class Ack(Envelope):
     held: list[str] = Field(default_factory=list)
 
 
+def new_event_id() -> str:
+    """A unique event id (random, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
 class Event(Envelope):
+    """One event on ``ha.<c>.events.<kind>`` (docs/events.md). ``id`` is unique per
+    event and is also its JetStream message id: the stream drops a second copy within
+    its duplicate window, readers drop any later copy by ``id``. An event from a sender
+    older than ids gets a fresh one when read (it was published once, without retries)."""
+
+    id: str = Field(default_factory=new_event_id, min_length=1, max_length=64,
+                    pattern=r"^[A-Za-z0-9_.-]+$")
     kind: str
     pair: str | None = None
     group: str | None = None

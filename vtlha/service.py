@@ -198,7 +198,7 @@ class Service:
         event = Event(cluster=self.config.cluster, node=self.node, kind=kind, reason=reason,
                       **fields)
         try:
-            seq = await bus.publish_event(self.js, self.subjects, event, timeout=1.0)
+            seq, _ = await bus.publish_event(self.js, self.subjects, event, timeout=1.0)
         except Exception as exc:
             self.log.warning("event not published", extra={"kind": kind, "error": repr(exc)})
             return None
