@@ -9,8 +9,8 @@ import logging
 from typing import Any
 
 import pytest
-from vtlha_arbiter.main import NodeState
 from vtlha_arbiter.pairstate import PairState, to_monotonic
+from vtlha_arbiter.view import NodeState
 
 from tests.conftest import EXAMPLE
 from vtlha.cli import replay
