@@ -78,7 +78,8 @@ class Arbiter(Service):
         self.kv = await bus.retry_js("kv bucket", lambda: bus.ensure_kv(self.js, self.subjects,
                                                                         replicas))
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
-            self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
+            self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age,
+            n.events_duplicate_window))
         self.records.kv = self.kv
         await bus.retry_js("group records", self.records.load)
         self.watcher = await self.kv.watch("group.>")

@@ -35,12 +35,12 @@ CLAIM_RETRIES = 3  # an operator's claim retried when the key changed by renewal
 @dataclass(frozen=True)
 class Claimed:
     """A takeover whose claim succeeded: the epoch written, when it was decided, the
-    event family and the number of its ``<kind>.started`` event."""
+    event family and the id of its ``<kind>.started`` event (None: not recorded)."""
 
     epoch: int
     t0: float
     kind: str
-    started: int | None
+    started: str | None
 
 
 class Mover:
@@ -152,10 +152,10 @@ class Mover:
             self.host.spawn(self._record_failure(a.pair, a.old), f"failure-{a.group}",
                             critical=False)
         kind = policy.event_kind(a.rule)
-        seq = await self.host.emit(f"{kind}.started", a.status, inputs=inputs,
+        started = await self.host.emit(f"{kind}.started", a.status, inputs=inputs,
                                    data={"rule": a.rule.value, **(data or {})},
                                    **self._common(a, epoch))
-        return Claimed(epoch, t0, kind, seq)
+        return Claimed(epoch, t0, kind, started)
 
     async def _record_failure(self, pair: str, node: str) -> None:
         assert self.pairs is not None
