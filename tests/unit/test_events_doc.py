@@ -14,12 +14,13 @@ from vtlha.messages import ADMIN_FIELDS, event_json_schema
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "events.md"
 #: calls whose first argument is an event kind
-EMITTERS = {"emit", "emit_soon", "Note", "_served_event"}
+EMITTERS = {"emit", "emit_soon", "Note", "_served_event", "_end"}
 #: names a kind is kept in before it is emitted
 KIND_NAMES = {"kind", "noop_kind", "DROPPED_KIND"}
 #: the values of the placeholders in f-string kinds: f"{kind}.started", f"{req.verb}.refused"
 PLACEHOLDERS = {
     "kind": sorted({policy.event_kind(r) for r in policy.Rule}),
+    "m.kind": sorted({policy.event_kind(r) for r in policy.Rule}),
     "req.verb": sorted(ADMIN_FIELDS),
 }
 

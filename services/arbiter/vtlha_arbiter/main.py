@@ -32,11 +32,13 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from vtlha import bus
+from vtlha.eventstate import EventStateStore, EventStateSync
 from vtlha.messages import Heartbeat, MgmtReport, StorageReport, decode
 from vtlha.service import Service, service_command
 from vtlha_arbiter.admin import AdminServer
 from vtlha_arbiter.decider import Decider
 from vtlha_arbiter.election import ElectionRunner
+from vtlha_arbiter.eventbook import EventBook
 from vtlha_arbiter.leaders import LEADER_CHECK_INTERVAL, LeaderPlacement
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
@@ -59,6 +61,7 @@ class Arbiter(Service):
         self.decider = Decider(self, self.view, self.mover, self.act)
         self.admin = AdminServer(self, self.act, self.decider, self.mover)
         self.leaders = LeaderPlacement(self, lambda: self.js, self.act.is_active)
+        self.book = EventBook(self, self.view, self.mover)  # events.<pair> in the KV
         self.kv: KeyValue | None = None
         self.watcher: KeyValue.KeyWatcher | None = None
         self.pair_watcher: KeyValue.KeyWatcher | None = None
@@ -81,6 +84,8 @@ class Arbiter(Service):
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age,
             n.events_duplicate_window))
         self.records.kv = self.kv
+        self.book.store = EventStateStore(self.kv, self.subjects, self.book.pair_nodes,
+                                          self.log)
         await bus.retry_js("group records", self.records.load)
         self.watcher = await self.kv.watch("group.>")
         self.spawn(self.records.watch(self.watcher), "kv-watch")
@@ -105,6 +110,8 @@ class Arbiter(Service):
         self.spawn(self.election.run(), "election")
         self.ready = True
         self.every(self.t.heartbeat_interval / 2, self.decider.tick, "decide")
+        sync = EventStateSync(self.book.store, self.book.current, self.act.is_acting)
+        self.every(self.t.heartbeat_interval / 2, sync.sync, "event-state")
         if self.leaders.wanted():
             self.every(LEADER_CHECK_INTERVAL, self.leaders.check, "leaders")
 
@@ -132,6 +139,7 @@ class Arbiter(Service):
         act.announced_term = 0
         act.term, act.active_since, self.view.started_at = term, since, since
         self.decider.holdoff_logged = False
+        await self.book.adopt(deadline=self.t.leader_ttl)  # before deciding anything
         not_acked = await act.announce()
         if not act.is_current(term, since):
             return  # lost or lapsed meanwhile: the change that follows says so

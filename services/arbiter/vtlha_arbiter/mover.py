@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
+from vtlha.eventstate import StartedMove, outcome
 from vtlha.messages import Ack, GroupRecord
 from vtlha.policy import Assign, Resume, Takeover
 from vtlha.protocol import takeover
@@ -53,6 +54,9 @@ class Mover:
         self.act = activation
         self.pairs: PairState | None = None
         self.in_flight: set[str] = set()
+        #: group -> the move whose ``<kind>.started`` went out and whose end did not yet
+        #: (kept in the KV by ``eventbook``: a new active arbiter ends it)
+        self.started: dict[str, StartedMove] = {}
         self.takeovers = Counter("vtlha_takeovers_total", "Takeovers, by result", ["result"],
                                  registry=host.registry)
         self.takeover_seconds = Histogram(
@@ -153,9 +157,51 @@ class Mover:
                             critical=False)
         kind = policy.event_kind(a.rule)
         started = await self.host.emit(f"{kind}.started", a.status, inputs=inputs,
-                                   data={"rule": a.rule.value, **(data or {})},
-                                   **self._common(a, epoch))
+                                       data={"rule": a.rule.value, **(data or {})},
+                                       **self._common(a, epoch))
+        if started is not None:
+            self.started[a.group] = StartedMove(id=started, kind=kind, group=a.group,
+                                                pair=a.pair, old=a.old, new=a.new,
+                                                epoch=epoch, term=self.term)
         return Claimed(epoch, t0, kind, started)
+
+    async def _end(self, kind: str, reason: str, **fields: Any) -> None:
+        """Publish ``<family>.completed`` / ``<family>.failed`` (``kind``) and forget the
+        started move it ends (the group's, at that epoch or older)."""
+        await self.host.emit(kind, reason, **fields)
+        m = self.started.get(fields["group"])
+        if m is not None and m.epoch <= fields["epoch"]:
+            del self.started[m.group]
+
+    async def end_adopted(self, m: StartedMove) -> None:
+        """A move another active arbiter started and did not end: watch the group until
+        it is held by the new owner at the move's epoch (``.completed``), moved again or
+        its new owner went down (``.failed``), or the bound passes (``.failed``). The
+        policy decides about the group meanwhile (a half-done acquisition is resumed)."""
+        bound = 2 * (self.t.lease_ttl + self.t.margin) + 2 * ACQUIRE_DEADLINE
+        deadline = time.monotonic() + bound
+        next_read = 0.0
+        got = None
+        while got is None and time.monotonic() < deadline and not self.host.stopping:
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + self.t.heartbeat_interval
+                await self.records.read(m.group)
+            rec = self.view.records.get(m.group)
+            got = outcome(m, rec[0] if rec else None, self.view.is_gone(m.new))
+            if got is None:
+                await asyncio.sleep(0.01)
+        if self.host.stopping:
+            return
+        result, why = got or ("failed", f"not held by {m.new} within {bound:.0f} s")
+        if result == "completed":
+            problem = await self._wait_served(m.group, m.new, m.epoch)
+            if problem is not None:
+                result, why = "failed", f"{why} but does not serve its storage: {problem}"
+        kind = f"{m.kind}.completed" if result == "completed" else f"{m.kind}.failed"
+        await self._end(kind, f"{why}; started under term {m.term}, ended by the arbiter "
+                        f"on {self.host.node}", pair=m.pair, group=m.group, old=m.old,
+                        new=m.new, term=self.term, epoch=m.epoch,
+                        data={"started": m.id, "adopted": True, "started_term": m.term})
 
     async def _record_failure(self, pair: str, node: str) -> None:
         assert self.pairs is not None
@@ -195,15 +241,14 @@ class Mover:
                 acquired = await self._acquire_all(a.new, a.group, epoch, 0.0, only="heartbeat")
             if not acquired:
                 self.takeovers.labels("acquire_failed").inc()
-                await self.host.emit(f"{kind}.failed", f"{a.new} did not acknowledge acquiring "
-                                     f"{a.group} (epoch {epoch}); will retry", data=ref,
-                                     **common)
+                await self._end(f"{kind}.failed", f"{a.new} did not acknowledge acquiring "
+                                f"{a.group} (epoch {epoch}); will retry", data=ref, **common)
                 return
             if not await self._wait_held(a.group, a.new, epoch, wait + ACQUIRE_DEADLINE):
                 self.takeovers.labels("not_held").inc()
-                await self.host.emit(f"{kind}.failed", f"{a.new}'s lease holder did not take "
-                                     f"{a.group} (epoch {epoch}) in time; will retry",
-                                     data=ref, **common)
+                await self._end(f"{kind}.failed", f"{a.new}'s lease holder did not take "
+                                f"{a.group} (epoch {epoch}) in time; will retry",
+                                data=ref, **common)
                 return
             # Held: the policy may decide about the group again (its new owner could die
             # while its storage starts); the storage is awaited on the side.
@@ -211,16 +256,16 @@ class Mover:
             problem = await self._wait_served(a.group, a.new, epoch)
             if problem is not None:
                 self.takeovers.labels("not_served").inc()
-                await self.host.emit(f"{kind}.failed", f"{a.new} holds {a.group} (epoch "
-                                     f"{epoch}) but does not serve its storage: {problem}",
-                                     data={**ref, "storage": problem}, **common)
+                await self._end(f"{kind}.failed", f"{a.new} holds {a.group} (epoch "
+                                f"{epoch}) but does not serve its storage: {problem}",
+                                data={**ref, "storage": problem}, **common)
                 return
             took = time.monotonic() - c.t0
             self.takeover_seconds.observe(took)
             self.takeovers.labels("completed").inc()
             how = ("release acknowledged by every executor of the old owner" if released
                    else f"the old owner's lease ran out ({wait * 1000:.0f} ms to wait)")
-            await self.host.emit(
+            await self._end(
                 f"{kind}.completed",
                 f"{a.new} now serves {a.group} (epoch {epoch}), taken from {a.old} in "
                 f"{took * 1000:.0f} ms; {how}",
