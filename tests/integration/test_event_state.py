@@ -113,3 +113,42 @@ def test_every_started_move_ends_once_when_the_arbiter_dies_in_the_middle(
 def _ends(c: LocalCluster, group: str) -> list[Event]:
     return [e for e in c.events() if e.group == group
             and e.kind in ("failover.completed", "failover.failed")]
+
+
+async def test_the_store_writes_by_compare_and_set_and_a_conflict_reads_again(
+        nats_server: Any, request: pytest.FixtureRequest) -> None:
+    import logging
+
+    import nats
+
+    from tests.conftest import cluster_name
+    from vtlha import bus
+    from vtlha.eventstate import EventStateStore, EventStateSync, make_state
+
+    subj = Subjects(cluster_name(request))
+    nc = await nats.connect(nats_server.spec.url)
+    try:
+        kv = await bus.ensure_kv(nc.jetstream(), subj, replicas=1)
+        log = logging.getLogger("test")
+        mine = EventStateStore(kv, subj, ["pair-1"], log)
+        other = EventStateStore(kv, subj, ["pair-1"], log)
+        assert await mine.load() == {"pair-1": EventState()}
+        down = make_state(["node-a"], {}, [], [])
+        assert await mine.write("pair-1", down)
+        assert (await other.load())["pair-1"] == down
+        # another arbiter wrote in between: refused, read again, the next sync writes
+        await other.write("pair-1", make_state([], {"node-b": ["x"]}, [], []))
+        wanted = make_state(["node-a", "node-b"], {}, [], [])
+        assert not await mine.write("pair-1", wanted)
+        assert mine.written["pair-1"].alarms == {"node-b": ["x"]}
+        acting = True
+        sync = EventStateSync(mine, lambda: {"pair-1": wanted}, lambda: acting)
+        await sync.sync()
+        assert (await other.load())["pair-1"] == wanted
+        # not acting: nothing is written
+        acting = False
+        sync.current = lambda: {"pair-1": EventState()}
+        await sync.sync()
+        assert (await other.load())["pair-1"] == wanted
+    finally:
+        await nc.close()
