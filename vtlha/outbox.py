@@ -16,9 +16,10 @@ counted in ``vtlha_events_dropped_total``, and remembered (durably, ``dropped.js
 once there is room again an ``events.dropped`` event says how many of which kinds were
 lost and when. The oldest pending events are kept: they explain how the outage began.
 
-A publish the stream refuses for good (not "unavailable": a bad request) is retried a
-few times, then moved to ``rejected/`` and counted, so one bad event cannot block the
-others behind it.
+A publish the stream refuses for good (a bad request, code 400) is retried a few times,
+then moved to ``rejected/`` and counted, so one bad event cannot block the others behind
+it. Every other answer (no responders, a timeout, 503, or any other API error, such as
+a server cut off from the stream's quorum gives) means "unavailable": retried for ever.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential
 
@@ -49,6 +50,9 @@ from vtlha.subjects import Subjects
 Publish = Callable[[Event], Awaitable[bool]]
 
 PUBLISH_TIMEOUT = 1.0  # seconds one publish attempt may take
+#: what a publish raises while the stream cannot store (BadRequestError, a 400, is
+#: caught before: it is a refusal for good)
+UNAVAILABLE: tuple[type[BaseException], ...] = (*bus.JS_UNAVAILABLE, APIError)
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DROPPED_KIND = "events.dropped"
@@ -71,8 +75,12 @@ def stream_publisher(js: Callable[[], JetStreamContext], subjects: Subjects,
             _, duplicate = await bus.publish_event(js(), subjects, event, timeout=timeout)
         except NoStreamResponseError as exc:
             raise Unavailable("no event stream (not created yet?)") from exc
-        except bus.JS_UNAVAILABLE as exc:
-            raise Unavailable(repr(exc)) from exc
+        except BadRequestError:
+            raise  # refused for good: the outbox tries a few times, then sets it aside
+        except UNAVAILABLE as exc:
+            # any other answer (no quorum on this side of a partition, no leader, a server
+            # starting) is the stream being unavailable: retried for ever
+            raise Unavailable(str(exc) or repr(exc)) from exc
         return duplicate
 
     return _publish
@@ -208,11 +216,12 @@ class Outbox:
                     self.retries.inc()
                     if failures < REJECT_AFTER:
                         self.log.warning("event refused by the stream, retrying", extra={
-                            "kind": entry.event.kind, "id": entry.event.id, "error": repr(exc)})
+                            "kind": entry.event.kind, "id": entry.event.id,
+                            "error": str(exc) or repr(exc)})
                         raise
                     self._pending.popleft()
                     self._bytes -= entry.size
-                    self._set_aside(entry.path, repr(exc))
+                    self._set_aside(entry.path, str(exc) or repr(exc))
                     self.dropped.labels("refused").inc()
                     return True
         self.published.labels("duplicate" if duplicate else "stored").inc()
