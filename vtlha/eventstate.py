@@ -114,6 +114,15 @@ class EventStateStore:
             out[pair] = await self._read(pair)
         return out
 
+    async def load_changed(self) -> dict[str, EventState]:
+        """Like ``load``, but only the pairs whose key changed since this store last
+        wrote or read it (all of them the first time): for the others what the arbiter
+        holds in memory is at least as new (its own writes may not have gone through)."""
+        known = dict(self.revisions)
+        states = await self.load()
+        return {p: st for p, st in states.items()
+                if p not in known or known[p] != self.revisions.get(p)}
+
     async def _read(self, pair: str) -> EventState:
         key = self.subjects.event_state_key(pair)
         try:

@@ -145,6 +145,13 @@ async def test_the_store_writes_by_compare_and_set_and_a_conflict_reads_again(
         sync = EventStateSync(mine, lambda: {"pair-1": wanted}, lambda: acting)
         await sync.sync()
         assert (await other.load())["pair-1"] == wanted
+        # load_changed: only what someone else changed since this store last saw it
+        assert await mine.load_changed() == {}
+        await other.write("pair-1", EventState())
+        assert await mine.load_changed() == {"pair-1": EventState()}
+        assert await EventStateStore(kv, subj, ["pair-1"], log).load_changed() == {
+            "pair-1": EventState()}  # a fresh store: everything
+        await mine.write("pair-1", wanted)
         # not acting: nothing is written
         acting = False
         sync.current = lambda: {"pair-1": EventState()}

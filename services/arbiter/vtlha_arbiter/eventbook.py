@@ -43,12 +43,16 @@ class EventBook:
 
     async def adopt(self, deadline: float) -> int:
         """Take the KV's state as this arbiter's own (a new active arbiter, before it
-        decides); start ending every move left unfinished. Returns how many moves it
-        adopted; -1 when the KV could not be read within ``deadline`` seconds (this
-        arbiter then goes on with what it knows, and may repeat an event)."""
+        decides) for every pair whose key another arbiter changed since this one last
+        wrote or read it (for the others its memory is as new, and may hold what it could
+        not write yet). Returns how many moves are left unfinished (``end_unfinished``
+        ends them once this arbiter acts); -1 when the KV could not be read within
+        ``deadline`` seconds (this arbiter then goes on with what it knows, and may
+        repeat an event)."""
         assert self.store is not None
         try:
-            states = await bus.retry_js("event state", self.store.load, deadline=deadline)
+            states = await bus.retry_js("event state", self.store.load_changed,
+                                        deadline=deadline)
         except Exception as exc:
             self.host.log.warning("event state not read: events may repeat", extra={
                 "error": repr(exc)})
@@ -60,13 +64,21 @@ class EventBook:
             groups = self.pair_groups[pair]
             self.view.storage_alarms = ({g for g in self.view.storage_alarms
                                          if g not in groups} | set(st.storage_alarms))
-        moves = unfinished(states)
-        self.mover.started = {m.group: m for m in moves}
-        for m in moves:
+        for pair in states:  # the moves of those pairs are the KV's
+            for g in self.pair_groups[pair]:
+                self.mover.started.pop(g, None)
+        self.mover.started.update({m.group: m for m in unfinished(states)})
+        moves = sorted(self.mover.started.values(), key=lambda m: m.group)
+        self.host.log.info("event state adopted", extra={
+            "from_kv": sorted(states),
+            "down": sorted(n for n, st in self.view.nodes.items() if st.declared_down),
+            "unfinished": [f"{m.kind} {m.group} epoch {m.epoch}" for m in moves]})
+        return len(moves)
+
+    def end_unfinished(self) -> None:
+        """Once acting: end every move started and not ended that no task of this
+        arbiter drives (adopted from the KV, or its own from before it lapsed)."""
+        for m in sorted(self.mover.started.values(), key=lambda m: m.group):
             if m.group not in self.mover.in_flight:
                 self.host.spawn(self.mover.end_adopted(m), f"adopted-{m.group}",
                                 critical=False)
-        self.host.log.info("event state adopted", extra={
-            "down": sorted(n for s in states.values() for n in s.down),
-            "unfinished": [f"{m.kind} {m.group} epoch {m.epoch}" for m in moves]})
-        return len(moves)

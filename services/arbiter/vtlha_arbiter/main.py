@@ -144,6 +144,7 @@ class Arbiter(Service):
         if not act.is_current(term, since):
             return  # lost or lapsed meanwhile: the change that follows says so
         act.announced_term = term
+        self.book.end_unfinished()
         await self.admin.open()
         prev = el.previous_leader
         after = f", taking over from {prev}" if prev and prev != self.node else ""

@@ -57,6 +57,7 @@ class Mover:
         #: group -> the move whose ``<kind>.started`` went out and whose end did not yet
         #: (kept in the KV by ``eventbook``: a new active arbiter ends it)
         self.started: dict[str, StartedMove] = {}
+        self.ending: set[str] = set()  # groups whose adopted move is being ended
         self.takeovers = Counter("vtlha_takeovers_total", "Takeovers, by result", ["result"],
                                  registry=host.registry)
         self.takeover_seconds = Histogram(
@@ -178,6 +179,15 @@ class Mover:
         it is held by the new owner at the move's epoch (``.completed``), moved again or
         its new owner went down (``.failed``), or the bound passes (``.failed``). The
         policy decides about the group meanwhile (a half-done acquisition is resumed)."""
+        if m.group in self.ending:
+            return
+        self.ending.add(m.group)
+        try:
+            await self._end_adopted(m)
+        finally:
+            self.ending.discard(m.group)
+
+    async def _end_adopted(self, m: StartedMove) -> None:
         bound = 2 * (self.t.lease_ttl + self.t.margin) + 2 * ACQUIRE_DEADLINE
         deadline = time.monotonic() + bound
         next_read = 0.0
@@ -197,6 +207,8 @@ class Mover:
             problem = await self._wait_served(m.group, m.new, m.epoch)
             if problem is not None:
                 result, why = "failed", f"{why} but does not serve its storage: {problem}"
+        if not self.act.is_acting() or self.started.get(m.group) != m:
+            return  # lapsed (the next active arbiter ends it), or ended meanwhile
         kind = f"{m.kind}.completed" if result == "completed" else f"{m.kind}.failed"
         await self._end(kind, f"{why}; started under term {m.term}, ended by the arbiter "
                         f"on {self.host.node}", pair=m.pair, group=m.group, old=m.old,
