@@ -36,19 +36,24 @@ class GroupRecords:
             if entry.value and entry.revision is not None:
                 self._apply(group, decode(GroupRecord, entry.value), entry.revision)
 
-    async def read(self, group: str) -> None:
-        """Read one key directly (the watch may lag); errors leave the view as it is."""
+    async def read(self, group: str) -> tuple[GroupRecord, int] | None:
+        """Read one key directly (the watch may lag) and apply it; returns what was read
+        (None: absent, unreadable or invalid; the view stays as it is)."""
         assert self.kv is not None
         try:
             entry = await asyncio.wait_for(self.kv.get(self.host.subjects.group_key(group)),
                                            self.host.config.timings.command_timeout)
         except Exception:
-            return
-        if entry.value and entry.revision is not None:
-            try:
-                self._apply(group, decode(GroupRecord, entry.value), entry.revision)
-            except InvalidMessage:
-                self.host.invalid_messages.labels("group-record").inc()
+            return None
+        if not entry.value or entry.revision is None:
+            return None
+        try:
+            rec = decode(GroupRecord, entry.value)
+        except InvalidMessage:
+            self.host.invalid_messages.labels("group-record").inc()
+            return None
+        self._apply(group, rec, entry.revision)
+        return rec, entry.revision
 
     async def watch(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
