@@ -217,6 +217,7 @@ class Mover:
         self.released: bool | None = None  # None: no answer yet
         self.acquired = False
         self.gate_opened = False
+        self.seen_held = False  # the latest record shows the new owner holding our epoch
         self.deadline = 0.0
         self.next_read = 0.0
 
@@ -284,7 +285,8 @@ class Mover:
         if self.phase in (Phase.HOLDING, Phase.MOVING, Phase.SERVING) and rec is not None:
             if rec.epoch > self.epoch:
                 return self._fail(f"{self.m.group} moved again (epoch {rec.epoch})", "moved")
-            if self.phase is Phase.HOLDING and self._is_held(rec):
+            self.seen_held = self._is_held(rec)
+            if self.phase is Phase.HOLDING and self.seen_held:
                 return self._held(now)
         return []
 
@@ -346,6 +348,8 @@ class Mover:
         self.phase = Phase.HOLDING
         self.deadline = max(now, self.gate_at) + self.t.acquire_deadline
         self.next_read = now + self.t.read_every
+        if self.seen_held:  # held already (a resume of a group its owner renews)
+            return self._held(now)
         return self._open_gate(now)
 
     def _held(self, now: float) -> list[Output]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -30,6 +30,11 @@ from vtlha_arbiter.pairstate import PairState
 from vtlha_arbiter.term import Activation
 from vtlha_arbiter.view import ClusterView
 
+
+class Reconciling(Protocol):
+    def tick(self, now: float) -> None: ...
+
+
 MOVES = policy.MOVES  # actions that move a group: carried out by the mover
 
 
@@ -41,6 +46,7 @@ class Decider:
         self.mover = mover
         self.act = activation
         self.pairs: PairState | None = None
+        self.reconciler: Reconciling | None = None  # a new activation's reconciliation
         self.last_status = "starting"
         self.holdoff_logged = False
         #: one decision at a time: the tick and operator requests take turns
@@ -66,11 +72,14 @@ class Decider:
 
     async def _decide(self) -> None:
         now = time.monotonic()
-        snap = self.snapshot(now)
         for n in self.view.nodes:
             self.node_alive.labels(n).set(1 if self.view.is_alive(n, now) else 0)
         if not self.act.is_acting():
+            self.snapshot(now)  # a standby keeps its "since" trackers warm
             return  # a standby (or not yet announced): watch, never decide
+        if self.reconciler is not None:
+            self.reconciler.tick(now)  # before the policy: its moves are then in flight
+        snap = self.snapshot(now)
         decision = policy.decide(snap, now)
         if decision.held_back and not self.holdoff_logged:
             self.holdoff_logged = True  # once per activation

@@ -40,7 +40,8 @@ from vtlha_arbiter.election import ElectionRunner
 from vtlha_arbiter.leaders import LEADER_CHECK_INTERVAL, LeaderPlacement
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
-from vtlha_arbiter.records import GroupRecords
+from vtlha_arbiter.reconcile import Reconciler
+from vtlha_arbiter.records import STALL_INTERVALS, GroupRecords
 from vtlha_arbiter.term import Activation
 from vtlha_arbiter.view import ClusterView
 
@@ -58,9 +59,10 @@ class Arbiter(Service):
         self.mover = Mover(self, self.view, self.records, self.act)
         self.decider = Decider(self, self.view, self.mover, self.act)
         self.admin = AdminServer(self, self.act, self.decider, self.mover)
+        self.reconciler = Reconciler(self, self.view, self.mover, self.act, lambda: self.js)
+        self.decider.reconciler = self.reconciler
         self.leaders = LeaderPlacement(self, lambda: self.js, self.act.is_active)
         self.kv: KeyValue | None = None
-        self.watcher: KeyValue.KeyWatcher | None = None
         self.pair_watcher: KeyValue.KeyWatcher | None = None
         self.election: ElectionRunner | None = None
         self.ready = False
@@ -81,8 +83,9 @@ class Arbiter(Service):
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
         self.records.kv = self.kv
         await bus.retry_js("group records", self.records.load)
-        self.watcher = await self.kv.watch("group.>")
-        self.spawn(self.records.watch(self.watcher), "kv-watch")
+        await self.records.start_watch()
+        self.every(STALL_INTERVALS * self.t.heartbeat_interval, self.records.check,
+                   "records")
         pairs = PairState(self.kv, self.subjects, self.config, self.log)
         self.view.pairs = self.mover.pairs = self.decider.pairs = self.admin.pairs = pairs
         await bus.retry_js("pair records", pairs.load)
@@ -135,6 +138,7 @@ class Arbiter(Service):
         if not act.is_current(term, since):
             return  # lost or lapsed meanwhile: the change that follows says so
         act.announced_term = term
+        self.reconciler.on_active()
         await self.admin.open()
         prev = el.previous_leader
         after = f", taking over from {prev}" if prev and prev != self.node else ""
@@ -162,10 +166,10 @@ class Arbiter(Service):
         await self.admin.close()
         if self.election is not None:
             self.election.stop()
-        for w in (self.watcher, self.pair_watcher):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    await w.stop()  # type: ignore[no-untyped-call]
+        await self.records.stop_watch()
+        if self.pair_watcher is not None:
+            with contextlib.suppress(Exception):
+                await self.pair_watcher.stop()  # type: ignore[no-untyped-call]
 
     # ---- http --------------------------------------------------------------
     def is_ready(self) -> bool:
