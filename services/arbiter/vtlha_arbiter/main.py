@@ -186,6 +186,10 @@ class Arbiter(Service):
         replicas = n.stream_replicas
         self.kv = await bus.retry_js("kv bucket", lambda: bus.ensure_kv(self.js, self.subjects,
                                                                         replicas))
+        # The bucket's identity goes into every command (``Command.bucket``): executors
+        # compare terms and epochs only within one bucket (issue 14).
+        self.kv_bucket_id = await bus.retry_js("kv identity", lambda: bus.kv_identity(
+            self.nc, self.subjects), not_found_too=True)
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
         await bus.retry_js("group records", self._load_records)
@@ -860,7 +864,8 @@ class Arbiter(Service):
     def _command(self, node: str, action: str, group: str, epoch: int,
                  wait: float | None = None) -> Command:
         return Command(cluster=self.config.cluster, node=self.node, term=self.term, epoch=epoch,
-                       group=group, action=action, wait=wait)
+                       group=group, action=action, wait=wait,
+                       bucket=getattr(self, "kv_bucket_id", ""))
 
     async def _send(self, node: str, svc: str, action: str, group: str, epoch: int,
                     deadline: float, give_up_if_absent: bool = False,
