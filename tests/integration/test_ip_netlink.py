@@ -289,6 +289,28 @@ async def test_remove_cancels_the_repeats(topo: Topo) -> None:
         await b.close()
 
 
+async def test_no_gratuitous_arp_once_the_group_is_no_longer_held(topo: Topo) -> None:
+    """Issue 14: an ip-manager frozen just after adding an address and resumed after its
+    lease ran out (the group moved) must not send the repeats that fell due meanwhile.
+    The freeze is a blocking sleep of the whole event loop (as SIGSTOP: every timer is
+    due at once on resume, before the enforcement loop could remove the address); the
+    lease is ``may_send``, as the ip-manager wires it to its hold rule."""
+    s = _arp_sniffer(topo)
+    b = await backend_in(topo, make_config(garp_count=5, garp_interval=0.05))
+    lease_until = time.monotonic() + 0.1
+    b.garp.may_send = lambda address: time.monotonic() < lease_until
+    try:
+        await b.add("198.51.100.101/32")  # the first announcement goes out at once
+        time.sleep(0.4)  # frozen: the lease runs out, four repeats fall due  # noqa: ASYNC251
+        await poll(lambda: _done(b), "the repeats to end", timeout=2.0)
+        n = await _count_garps(s, "198.51.100.101", topo.macs["vd0"], time.monotonic() + 0.2)
+        assert (n, b.garp.sent) == (1, 1)
+        assert b.garp.withheld == 1  # the first due repeat is withheld and ends the rest
+    finally:
+        s.close()
+        await b.close()
+
+
 async def _sent_at_least(b: NetlinkBackend, n: int) -> bool:
     return b.garp.sent >= n
 
