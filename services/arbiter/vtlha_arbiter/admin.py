@@ -77,9 +77,13 @@ class AdminServer:
             return  # the active arbiter answers; a lapsed one stays silent
         verb = msg.subject.rsplit(".", 1)[-1]
         leave_maintenance = False
+        token = self.act.token()
         try:
             req = self._validate(msg, verb)
-            reply = await self._answer(req)
+            answered = await self._answer(req, token)
+            if answered is None:
+                return  # deposed meanwhile: the active arbiter answers, this one is silent
+            reply = answered
             leave_maintenance = reply.ok and req.verb == "maintenance" and req.on is False
         except InvalidMessage as exc:
             self.host.invalid_messages.labels("admin").inc()
@@ -101,13 +105,21 @@ class AdminServer:
             raise InvalidMessage(f"AdminRequest: verb {req.verb!r} sent on {msg.subject}")
         return req
 
-    async def _answer(self, req: AdminRequest) -> AdminReply:
+    async def _answer(self, req: AdminRequest,
+                      token: tuple[int, float | None]) -> AdminReply | None:
+        """The answer, or None when this arbiter is no longer the activation that took the
+        request: it is carried out only by an arbiter still active when it claims (the
+        mover checks again right before the claim)."""
         host = self.host
         # No move within lease_ttl of becoming active: wait that out (at most lease_ttl).
         left = self.act.hold_off_left(time.monotonic())
         if left > 0:
             await asyncio.sleep(left)
         async with self.decider.lock:
+            if not self.act.is_acting_as(token):
+                host.log.info("operator request dropped: no longer active",
+                              extra={"verb": req.verb})
+                return None
             now = time.monotonic()
             snap = self.decider.snapshot(now)
             request = req.policy_request()

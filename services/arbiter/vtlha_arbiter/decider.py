@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
 from vtlha import policy
 from vtlha.policy import (
-    Assign,
     ClearCheckAlarm,
     ClearStorageAlarm,
     HoldDown,
@@ -23,9 +22,7 @@ from vtlha.policy import (
     MarkUp,
     RaiseCheckAlarm,
     RaiseStorageAlarm,
-    Resume,
     Snapshot,
-    Takeover,
 )
 from vtlha_arbiter.host import Host
 from vtlha_arbiter.mover import Mover
@@ -33,8 +30,12 @@ from vtlha_arbiter.pairstate import PairState
 from vtlha_arbiter.term import Activation
 from vtlha_arbiter.view import ClusterView
 
-#: actions that move a group: held back within lease_ttl of becoming active
-MOVES = (Takeover, Assign, Resume)
+
+class Reconciling(Protocol):
+    def tick(self, now: float) -> None: ...
+
+
+MOVES = policy.MOVES  # actions that move a group: carried out by the mover
 
 
 class Decider:
@@ -45,6 +46,7 @@ class Decider:
         self.mover = mover
         self.act = activation
         self.pairs: PairState | None = None
+        self.reconciler: Reconciling | None = None  # a new activation's reconciliation
         self.last_status = "starting"
         self.holdoff_logged = False
         #: one decision at a time: the tick and operator requests take turns
@@ -57,7 +59,8 @@ class Decider:
     def snapshot(self, now: float) -> Snapshot:
         """The policy's inputs at ``now`` (advances the "since" trackers: once per
         decision)."""
-        return self.view.snapshot(now, time.time(), frozenset(self.mover.in_flight))
+        return self.view.snapshot(now, time.time(), frozenset(self.mover.in_flight),
+                                  self.act.hold_off_until())
 
     async def tick(self) -> None:
         async with self.lock:
@@ -67,34 +70,23 @@ class Decider:
         """A decision at once, between ticks (after leaving maintenance)."""
         await self.tick()
 
-    def _hold_off(self, actions: tuple[policy.Action, ...],
-                  now: float) -> tuple[policy.Action, ...]:
-        """No takeover within lease_ttl of becoming active (DESIGN.md): Takeover, Assign
-        and Resume wait; the bookkeeping (MarkDown, MarkUp, alarms, HoldDown) goes ahead."""
-        left = self.act.hold_off_left(now)
-        if left <= 0:
-            return actions
-        kept = tuple(a for a in actions if not isinstance(a, MOVES))
-        if len(kept) < len(actions) and not self.holdoff_logged:
-            self.holdoff_logged = True
-            self.host.log.info("holding off: no takeover within lease_ttl of becoming active",
-                               extra={"term": self.act.term, "held_back": [
-                                   f"{type(a).__name__} {getattr(a, 'group', '')}"
-                                   for a in actions if a not in kept],
-                                   "left_s": round(left, 3)})
-        return kept
-
     async def _decide(self) -> None:
         now = time.monotonic()
-        snap = self.snapshot(now)
         for n in self.view.nodes:
             self.node_alive.labels(n).set(1 if self.view.is_alive(n, now) else 0)
         if not self.act.is_acting():
+            self.snapshot(now)  # a standby keeps its "since" trackers warm
             return  # a standby (or not yet announced): watch, never decide
-        actions = self._hold_off(policy.decide(snap, now).actions, now)
+        if self.reconciler is not None:
+            self.reconciler.tick(now)  # before the policy: its moves are then in flight
+        snap = self.snapshot(now)
+        decision = policy.decide(snap, now)
+        if decision.held_back and not self.holdoff_logged:
+            self.holdoff_logged = True  # once per activation
+            self.host.log.info(decision.status, extra={"term": self.act.term})
+        actions = decision.actions
         if not actions:
             return
-        decision = policy.Decision(actions)
         self.last_status = decision.status
         self.host.log.info(decision.status, extra={"term": self.act.term,
                                                    "rules": [a.rule.value for a in actions]})

@@ -76,9 +76,8 @@ class EventBook:
         return len(moves)
 
     def end_unfinished(self) -> None:
-        """Once acting: end every move started and not ended that no task of this
-        arbiter drives (adopted from the KV, or its own from before it lapsed)."""
+        """Once acting: end every move started and not ended (adopted from the KV, or
+        its own from before it lapsed); a move a run of this arbiter still drives is
+        left to that run (``Mover.end_adopted``)."""
         for m in sorted(self.mover.started.values(), key=lambda m: m.group):
-            if m.group not in self.mover.in_flight:
-                self.host.spawn(self.mover.end_adopted(m), f"adopted-{m.group}",
-                                critical=False)
+            self.host.spawn(self.mover.end_adopted(m), f"adopted-{m.group}", critical=False)

@@ -42,7 +42,8 @@ from vtlha_arbiter.eventbook import EventBook
 from vtlha_arbiter.leaders import LEADER_CHECK_INTERVAL, LeaderPlacement
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
-from vtlha_arbiter.records import GroupRecords
+from vtlha_arbiter.reconcile import Reconciler
+from vtlha_arbiter.records import STALL_INTERVALS, GroupRecords
 from vtlha_arbiter.term import Activation
 from vtlha_arbiter.view import ClusterView
 
@@ -60,10 +61,11 @@ class Arbiter(Service):
         self.mover = Mover(self, self.view, self.records, self.act)
         self.decider = Decider(self, self.view, self.mover, self.act)
         self.admin = AdminServer(self, self.act, self.decider, self.mover)
+        self.reconciler = Reconciler(self, self.view, self.mover, self.act)
+        self.decider.reconciler = self.reconciler
         self.leaders = LeaderPlacement(self, lambda: self.js, self.act.is_active)
         self.book = EventBook(self, self.view, self.mover)  # events.<pair> in the KV
         self.kv: KeyValue | None = None
-        self.watcher: KeyValue.KeyWatcher | None = None
         self.pair_watcher: KeyValue.KeyWatcher | None = None
         self.election: ElectionRunner | None = None
         self.ready = False
@@ -83,12 +85,17 @@ class Arbiter(Service):
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age,
             n.events_duplicate_window))
+        # The bucket's identity goes into every command (``Command.bucket``): executors
+        # compare terms and epochs only within one bucket (issue 14).
+        self.act.bucket = await bus.retry_js("kv identity", lambda: bus.kv_identity(
+            self.nc, self.subjects), not_found_too=True)
         self.records.kv = self.kv
         self.book.store = EventStateStore(self.kv, self.subjects, self.book.pair_nodes,
                                           self.log)
         await bus.retry_js("group records", self.records.load)
-        self.watcher = await self.kv.watch("group.>")
-        self.spawn(self.records.watch(self.watcher), "kv-watch")
+        await self.records.start_watch()
+        self.every(STALL_INTERVALS * self.t.heartbeat_interval, self.records.check,
+                   "records")
         pairs = PairState(self.kv, self.subjects, self.config, self.log)
         self.view.pairs = self.mover.pairs = self.decider.pairs = self.admin.pairs = pairs
         await bus.retry_js("pair records", pairs.load)
@@ -172,10 +179,10 @@ class Arbiter(Service):
         await self.admin.close()
         if self.election is not None:
             self.election.stop()
-        for w in (self.watcher, self.pair_watcher):
-            if w is not None:
-                with contextlib.suppress(Exception):
-                    await w.stop()  # type: ignore[no-untyped-call]
+        await self.records.stop_watch()
+        if self.pair_watcher is not None:
+            with contextlib.suppress(Exception):
+                await self.pair_watcher.stop()  # type: ignore[no-untyped-call]
 
     # ---- http --------------------------------------------------------------
     def is_ready(self) -> bool:

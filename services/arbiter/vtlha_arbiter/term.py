@@ -34,6 +34,7 @@ class Activation:
         self.term = 0
         self.active_since: float | None = None  # when this arbiter last became active
         self.announced_term = 0  # the term announced to the executors (0: none yet)
+        self.bucket = ""  # the KV bucket's identity (``bus.kv_identity``), read at start
 
     def is_active(self) -> bool:
         return self.election is not None and self.election.is_active()
@@ -44,11 +45,24 @@ class Activation:
         return (el is not None and el.is_active() and self.announced_term == el.term
                 and el.active_since == self.active_since)
 
+    def token(self) -> tuple[int, float | None]:
+        """This activation: (term, when it became active)."""
+        return self.term, self.active_since
+
+    def is_acting_as(self, token: tuple[int, float | None]) -> bool:
+        """Acting, and still the activation ``token`` names (a move decided by an earlier
+        activation is never carried on by a later one: it reconciles instead)."""
+        return self.is_acting() and token == (self.term, self.active_since)
+
     def is_current(self, term: int, since: float) -> bool:
         """Still the activation that began at ``since`` with ``term``."""
         el = self.election
         return el is not None and el.is_active() and el.term == term \
             and el.active_since == since
+
+    def hold_off_until(self) -> float | None:
+        """When the hold-off after becoming active ends (monotonic; None: never active)."""
+        return None if self.active_since is None else self.active_since + self.t.lease_ttl
 
     def hold_off_left(self, now: float) -> float:
         """Seconds left of the hold-off after becoming active (0: none)."""
@@ -58,9 +72,11 @@ class Activation:
 
     def command(self, action: str, group: str, epoch: int,
                 wait: float | None = None) -> Command:
-        """A command carrying this term (the fencing token with ``epoch``)."""
+        """A command carrying this term (the fencing token with ``epoch`` and the KV
+        bucket's identity)."""
         return Command(cluster=self.host.config.cluster, node=self.host.node, term=self.term,
-                       epoch=epoch, group=group, action=action, wait=wait)
+                       epoch=epoch, group=group, action=action, wait=wait,
+                       bucket=self.bucket)
 
     async def announce(self) -> list[str]:
         """Announce ``self.term`` to every executor of every node (DESIGN.md: a new

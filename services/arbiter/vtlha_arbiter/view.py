@@ -183,9 +183,11 @@ class ClusterView:
                            dict(self.reachable_since.get(node, {})),
                            dict(self.lost_since.get(node, {})))
 
-    def snapshot(self, now: float, wall: float, in_flight: frozenset[str]) -> Snapshot:
-        """Everything the policy sees at ``now`` (``wall``: the wall clock then). Also
-        advances the nodes' "since" trackers (so call it once per decision)."""
+    def snapshot(self, now: float, wall: float, in_flight: frozenset[str],
+                 hold_off_until: float | None = None) -> Snapshot:
+        """Everything the policy sees at ``now`` (``wall``: the wall clock then; the moves
+        in flight; the end of a new active arbiter's hold-off). Also advances the nodes'
+        "since" trackers (so call it once per decision)."""
         groups = {}
         for g, (home, kind) in self.config.groups().items():
             rec = self.records.get(g)
@@ -212,6 +214,7 @@ class ClusterView:
             storage_alarms=frozenset(self.storage_alarms),
             storage_settle=self.t.storage_settle,
             storage_confirm_after=self.t.probe_interval + self.t.probe_timeout,
+            hold_off_until=hold_off_until,
         )
         return self._with_since(snap, now)
 
