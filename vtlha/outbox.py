@@ -122,7 +122,10 @@ class Outbox:
 
     # ---- the caller's side ---------------------------------------------------
     def load(self) -> int:
-        """Read what a previous process left (in order); returns how many events."""
+        """Read what a previous process left (in order); returns how many events. Once:
+        a second call changes nothing."""
+        if self._loaded:
+            return len(self._pending)
         self.dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)  # killed mid-write: never acknowledged to anyone

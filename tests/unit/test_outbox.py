@@ -81,6 +81,7 @@ async def test_a_restart_drains_what_was_left_in_order_and_removes_it(tmp_path: 
     (tmp_path / "00000000000000000099-x.tmp").write_bytes(b'{"half')
     again = _outbox(tmp_path)
     assert again.load() == 20
+    assert again.load() == 20 and len(again.pending()) == 20  # loaded once
     stream = Stream()
     await _drain(again, stream, 20)
     assert [e.id for e in stream.stored] == [e.id for e in events]
