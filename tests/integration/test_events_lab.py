@@ -129,6 +129,9 @@ def _downs(lab: Lab) -> int:
 
 def test_an_arbiter_change_during_a_node_outage_sends_no_second_node_down(lab: Lab) -> None:
     _started(lab)
+    # node-b's arbiter must be up (standing by) to take over
+    lab.wait_for(lambda: lab.arbiter_role("node-b") == "standby", 30,
+                 what="node-b's arbiter standing by")
     before = _downs(lab)  # (a loaded machine may have flapped at the start)
     lab.crash("node-a")
     lab.wait_for(lambda: _downs(lab) == before + 1, 30, what="node.down for node-a")
