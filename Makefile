@@ -15,6 +15,7 @@ help:
 	@echo "make lint   - ruff and mypy only"
 	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
+	@echo "make bench-events - failover time with the event stream healthy vs its leader killed (root)"
 	@echo "make clean  - remove the venv and caches"
 
 $(BIN)/python:
@@ -73,6 +74,11 @@ clean:
 
 # Fence refresh cost and the SIGKILL comparison with keepalived (root: network
 # namespaces, nftables; keepalived_compare.py installs keepalived itself when missing).
+# Failover time with the event stream healthy vs its leader killed (lab, root).
+.PHONY: bench-events
+bench-events: venv sysdeps
+	$(BIN)/python bench/events_failover.py
+
 # A long run (minutes), kept out of `make test`. Results: bench/results/*.json.
 .PHONY: bench-fence
 bench-fence: venv sysdeps

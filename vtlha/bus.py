@@ -140,9 +140,52 @@ async def ensure_kv(js: JetStreamContext, subjects: Subjects, replicas: int) -> 
         return await js.key_value(subjects.kv_bucket)
 
 
-async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
-                               max_bytes: int, max_age: float) -> None:
-    cfg = StreamConfig(
+async def kv_identity(nc: NATS, subjects: Subjects, timeout: float = 1.0) -> str:
+    """The identity of the KV bucket as it exists now: its stream's creation time as the
+    server reports it (RFC 3339, nanoseconds; the same on every replica, and new when
+    the bucket is deleted and created again). Raises NotFoundError when the bucket does
+    not exist, and what a request raises (timeout, no responders) otherwise."""
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{kv_stream(subjects)}", b"",
+                             timeout=timeout)
+    data = orjson.loads(reply.data)
+    err = data.get("error")
+    if err:
+        if err.get("code") == 404:
+            raise NotFoundError(code=404, description=str(err.get("description", "")))
+        raise ServiceUnavailableError(code=err.get("code"),
+                                      description=str(err.get("description", "")))
+    created = data.get("created")
+    if not isinstance(created, str) or not created:
+        raise ServiceUnavailableError(description="stream info without a creation time")
+    return created
+
+
+async def wait_for_kv(js: JetStreamContext, subjects: Subjects, what: str) -> KeyValue:
+    """The KV bucket, once it exists: only the arbiter (or an operator's admin command)
+    creates it, never a node's services at start. Retried with backoff, forever, with a
+    log line per try (a missing bucket is worth seeing: no arbiter has run yet, or the
+    bucket was lost)."""
+    attempt = 0
+    retryable: tuple[type[BaseException], ...] = (NotFoundError, *JS_UNAVAILABLE)
+    while True:
+        try:
+            return await js.key_value(subjects.kv_bucket)
+        except retryable as exc:
+            attempt += 1
+            delay = min(2.0, 0.05 * 2 ** min(attempt, 6))
+            log.info("waiting for the KV bucket", extra={
+                "what": what, "bucket": subjects.kv_bucket, "attempt": attempt,
+                "error": type(exc).__name__})
+            await asyncio.sleep(delay)
+
+
+#: seconds within which the event stream drops a second message with the same id
+EVENTS_DUPLICATE_WINDOW = 120.0
+
+
+def events_stream_config(subjects: Subjects, replicas: int, max_bytes: int, max_age: float,
+                         duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> StreamConfig:
+    return StreamConfig(
         name=subjects.events_stream,
         subjects=[subjects.events_all],
         retention=RetentionPolicy.LIMITS,
@@ -151,14 +194,30 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replica
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
         num_replicas=replicas,
+        duplicate_window=duplicate_window,
     )
+
+
+async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
+                               max_bytes: int, max_age: float,
+                               duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> None:
+    """Create the event stream, or bring an existing one's limits and duplicate window
+    to these (a stream created before the window was set has the server's default)."""
+    cfg = events_stream_config(subjects, replicas, max_bytes, max_age, duplicate_window)
     try:
-        await js.stream_info(subjects.events_stream)
+        info = await js.stream_info(subjects.events_stream)
     except NotFoundError:
         try:
             await js.add_stream(cfg)
+            return
         except BadRequestError:
-            await js.stream_info(subjects.events_stream)
+            info = await js.stream_info(subjects.events_stream)
+    have = info.config
+    if (abs((have.duplicate_window or 0) - duplicate_window) > 1e-3
+            or have.max_bytes != max_bytes or abs((have.max_age or 0) - max_age) > 1e-3):
+        log.info("updating the event stream's limits", extra={
+            "duplicate_window": duplicate_window, "was": have.duplicate_window})
+        await js.update_stream(cfg.evolve(num_replicas=have.num_replicas or replicas))
 
 
 def kv_stream(subjects: Subjects) -> str:
@@ -183,11 +242,18 @@ async def prefer_leader(nc: NATS, js: JetStreamContext, stream: str, preferred: 
     return leader
 
 
+#: the JetStream header that names a message for the stream's duplicate detection
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
 async def publish_event(js: JetStreamContext, subjects: Subjects, event: Event,
-                        timeout: float = 2.0) -> int:
-    """Publish an event to the stream; returns its stream sequence (its number)."""
-    ack = await js.publish(subjects.event(event.kind), encode(event), timeout=timeout)
-    return int(ack.seq)
+                        timeout: float = 2.0) -> tuple[int, bool]:
+    """Publish an event to the stream with its id as the message id; returns its stream
+    sequence (its number) and whether the stream already had it (a duplicate within the
+    window: an earlier attempt that timed out at the client had been stored)."""
+    ack = await js.publish(subjects.event(event.kind), encode(event), timeout=timeout,
+                           headers={MSG_ID_HEADER: event.id})
+    return int(ack.seq), bool(ack.duplicate)
 
 
 async def send_command(nc: NATS, subject: str, cmd: Command, timeout: float) -> Ack:

@@ -1,5 +1,6 @@
-"""ip-manager: carries out address takeover and release on the arbiter's commands, and
-reports the node's management-path health.
+"""ip-manager: holds the floating addresses of each group exactly while its lease
+holder's notice for the group is valid (level-triggered; the arbiter's commands make it
+converge sooner), and reports the node's management-path health.
 
 Backends (``--backend`` or the cluster file's ``ip.backend``): ``netlink`` configures
 the floating addresses for real in the network namespace the process runs in (it
@@ -99,6 +100,7 @@ class IpManager(HoldingExecutor):
             self.fence = Fence([ip_of(a) for g in sorted(self.my_groups)
                                 for a in self.config.group_addresses(g)])
             self.backend.lifetime = address_lifetime(self.config.timings.lease_ttl)
+            self.backend.garp.may_send = self.may_announce
         self.fence_writes = Counter("vtlha_fence_writes_total", "Fence writes, by kind",
                                     ["kind"], registry=self.registry)
         self.fence_write_seconds = Histogram(
@@ -184,9 +186,9 @@ class IpManager(HoldingExecutor):
 
     # ---- addresses ----------------------------------------------------------------
     async def reconcile(self) -> None:
-        """At start: remove addresses held for groups this node does not own (KV); for
-        groups it owns, remember the epoch as the latest command — but hold nothing
-        beyond what a valid lease notice allows (the enforcement loop sees to that)."""
+        """At start (once the KV bucket exists): remove addresses held for groups this
+        node does not own (KV); for groups it owns, hold nothing beyond what a valid
+        lease notice allows (the enforcement loop sees to that)."""
         records = await self.recall_owned(self.my_groups)
         held = await self.backend.held()
         for group in sorted(self.my_groups):
@@ -205,6 +207,14 @@ class IpManager(HoldingExecutor):
                             f"the group is owned by {owner or 'nobody'}", group=group,
                             data={"removed": addrs, "owner": owner})
         self.reconciled = True
+
+    def may_announce(self, address: str) -> bool:
+        """A gratuitous ARP for ``address`` only while its group is held by a valid lease
+        right now (asked before every send: a frozen and resumed process whose group
+        moved meanwhile announces nothing)."""
+        now = time.monotonic()
+        return any(address in self.config.group_addresses(g) and self.gate.should_hold(g, now)
+                   for g in self.my_groups)
 
     # ---- holding (the Executor's hold rule calls these) ------------------------
     def holds(self, group: str) -> bool:
@@ -299,7 +309,7 @@ class IpManager(HoldingExecutor):
                 "backend_status": self.backend.status(), "held": self.held_groups,
                 "term": self.fencing.term, "epochs": self.fencing.epochs,
                 "leases": {g: {"verdict": self.gate.verdict(g, time.monotonic()).value,
-                               "epoch": self.gate.desired.get(g)} for g in sorted(self.my_groups)},
+                               "epoch": self.gate.epoch(g)} for g in sorted(self.my_groups)},
                 "mgmt": self.mgmt_last.to_dict() if self.mgmt_last else None,
                 "fence": (sorted(self.fence.held()) if self.fence is not None
                           else "none: loopback mode (recording backend)")}
