@@ -35,6 +35,7 @@ from prometheus_client import (
 from vtlha import bus
 from vtlha.config import ClusterConfig, load_config
 from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
+from vtlha.homeserver import HomeServer
 from vtlha.log import setup_logging
 from vtlha.messages import Event
 from vtlha.subjects import Subjects
@@ -81,6 +82,8 @@ class Service:
         )
         self.up = Gauge("vtlha_up", "1 while the service runs", registry=self.registry)
         self._nc: NATS | None = None
+        #: keeps the connection on a server that reaches the KV leader, own one first
+        self.home: HomeServer | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -218,6 +221,10 @@ class Service:
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}")
         self.log.info("connected to nats", extra={"server": bus.server_url(self._nc)})
+        if len(self.nats_urls) > 1:  # back to its own server, away from one cut off
+            self.home = HomeServer(self._nc, self.nats_urls, self.subjects,
+                                   f"{self.name}@{self.node}")
+            self.spawn(self.home.run(self._stopping), "nats-home", critical=False)
         yield
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._nc.drain(), timeout=1.0)
@@ -271,7 +278,8 @@ class Service:
 
     async def _status(self, request: web.Request) -> web.Response:
         body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,
-                "nats": bus.server_url(self._nc) if self._nc else None, **self.status()}
+                "nats": bus.server_url(self._nc) if self._nc else None,
+                **({"nats_home": self.home.status()} if self.home else {}), **self.status()}
         return web.json_response(body, dumps=_dumps)
 
     async def run(self, http_host: str, http_port: int) -> int:
