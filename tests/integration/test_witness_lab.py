@@ -185,8 +185,16 @@ def test_leaders_return_to_the_witness_after_restarts_and_a_link_cut_costs_b_not
     lab.wait_for(lambda: _serving(lab), 30, what="every node serving its home groups")
     # every service back on its own node's server (nats-py alone stays where its last
     # reconnect took it: after this rolling restart, on another node's server)
-    lab.wait_for(lambda: _away(lab) == [], 30, interval=0.1,
-                 what="every service on its own node's server")
+    away: list[list[str]] = [[]]
+
+    def all_home() -> bool:
+        away[0] = _away(lab)
+        return away[0] == []
+
+    try:
+        lab.wait_for(all_home, 30, interval=0.1, what="every service on its own server")
+    except TimeoutError:
+        raise AssertionError(f"services not on their own node's server: {away[0]}") from None
     home = time.monotonic() - t0
     lab.wait_for(lambda: _serving(lab), 30, what="every node serving its home groups")
     # the bounds of docs/safety.md ("Liveness bounds"): leaders: the check interval
