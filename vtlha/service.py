@@ -259,6 +259,7 @@ class Service:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/nats", self._nats)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -276,10 +277,15 @@ class Service:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _nats(self, request: web.Request) -> web.Response:
+        """Which server the connection uses and which servers reach the KV leader."""
+        body = self.home.status() if self.home else {
+            "server": bus.server_url(self._nc) if self._nc else None}
+        return web.json_response(body, dumps=_dumps)
+
     async def _status(self, request: web.Request) -> web.Response:
         body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,
-                "nats": bus.server_url(self._nc) if self._nc else None,
-                **({"nats_home": self.home.status()} if self.home else {}), **self.status()}
+                "nats": bus.server_url(self._nc) if self._nc else None, **self.status()}
         return web.json_response(body, dumps=_dumps)
 
     async def run(self, http_host: str, http_port: int) -> int:
