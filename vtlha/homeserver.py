@@ -97,7 +97,8 @@ class HomeServer:
         if not self.nc.is_connected or self.nc.connected_url is None:
             return None
         now = self.nc.connected_url.netloc
-        return next((u for u in self.urls if netloc(u) == now), None)
+        # a server nats-py discovered (INFO connect_urls) is none of ours: never home
+        return next((u for u in self.urls if netloc(u) == now), f"nats://{now}")
 
     def status(self) -> dict[str, object]:
         return {"server": self.current(), "moves": self.moves,

@@ -23,6 +23,8 @@ URLS = [OWN, B, W]
     (B, {OWN: False, B: False, W: False}, None),
     (None, {OWN: True, B: True, W: True}, None),  # nats-py is reconnecting: leave it
     (B, {OWN: None, B: True, W: True}, None),  # not every server asked yet
+    ("nats://198.51.100.1:4222", {OWN: True, B: True, W: True}, OWN),  # a discovered one
+    ("nats://198.51.100.1:4222", {OWN: False, B: True, W: True}, None),
 ])
 def test_choose(current: str | None, good: dict[str, bool | None], to: str | None) -> None:
     assert choose(URLS, current, good) == to
