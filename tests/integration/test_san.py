@@ -28,7 +28,7 @@ from vtlha.san import SanClient, SanConnectionError, SanRefused, SanTimeout
 from vtlha.san.protocol import MAX_HEADER, decode_header, encode_frame, read_frame
 from vtlha_lab.santarget import SanTarget, read_audit_log
 
-VTLHA = Path(sys.executable).parent / "vtlha"
+VTLHA_LAB = Path(sys.executable).parent / "vtlha-lab"
 BS = 4096
 DEV_BYTES = 64 * BS
 
@@ -469,14 +469,14 @@ def test_cli_serve_status_and_sigterm(tmp_path: Path) -> None:
     cfg_path.write_text(yaml.safe_dump(_raw_config(base)))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [str(VTLHA), "san", "serve", "--config", str(cfg_path), "--state-dir",
+        [str(VTLHA_LAB), "san", "serve", "--config", str(cfg_path), "--state-dir",
          str(tmp_path / "state"), "--host", "127.0.0.1", "--create-size", str(DEV_BYTES)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 15
         out = None
         while time.monotonic() < deadline:
-            out = subprocess.run([str(VTLHA), "san", "status", "--config", str(cfg_path),
+            out = subprocess.run([str(VTLHA_LAB), "san", "status", "--config", str(cfg_path),
                                   "--timeout", "1"], capture_output=True, text=True,
                                  timeout=15)
             if out.returncode == 0:
@@ -485,7 +485,7 @@ def test_cli_serve_status_and_sigterm(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert out is not None and out.returncode == 0, out.stderr if out else None
         assert "dev0" in out.stdout and "dev2" in out.stdout and "santest" in out.stdout
-        helps = subprocess.run([str(VTLHA), "san", "serve", "--help"], capture_output=True,
+        helps = subprocess.run([str(VTLHA_LAB), "san", "serve", "--help"], capture_output=True,
                                text=True, timeout=15).stdout
         assert "reference SAN target" in helps and "--port-base" in helps
     finally:
