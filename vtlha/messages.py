@@ -145,12 +145,17 @@ class PromiseRequest(Envelope):
 
     groups: list[str] = Field(min_length=1)
     duration: float = Field(gt=0)
+    #: the requester accepts a grant of some of ``groups`` (the reply lists them); an
+    #: older requester does not ask for it and gets all or nothing
+    partial: StrictBool = False
 
 
 class PromiseReply(Envelope):
     granted: StrictBool
     duration: float = Field(0.0, ge=0)
     reason: str = ""
+    #: the groups granted when the request was ``partial``; None: every group asked for
+    groups: list[str] | None = None
 
 
 class Ack(Envelope):

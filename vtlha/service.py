@@ -35,6 +35,7 @@ from prometheus_client import (
 from vtlha import bus
 from vtlha.config import ClusterConfig, load_config
 from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
+from vtlha.homeserver import HomeServer
 from vtlha.log import setup_logging
 from vtlha.messages import Event
 from vtlha.outbox import Outbox, stream_publisher
@@ -87,6 +88,8 @@ class Service:
                              log=logging.getLogger(f"vtlha.{self.name}.outbox"),
                              max_events=n.outbox_max_events, max_bytes=n.outbox_max_bytes)
         self._nc: NATS | None = None
+        #: keeps the connection on a server that reaches the KV leader, own one first
+        self.home: HomeServer | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -218,6 +221,10 @@ class Service:
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}")
         self.log.info("connected to nats", extra={"server": bus.server_url(self._nc)})
+        if len(self.nats_urls) > 1:  # back to its own server, away from one cut off
+            self.home = HomeServer(self._nc, self.nats_urls, self.subjects,
+                                   f"{self.name}@{self.node}")
+            self.spawn(self.home.run(self._stopping), "nats-home", critical=False)
         yield
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._nc.drain(), timeout=1.0)
@@ -255,6 +262,7 @@ class Service:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/nats", self._nats)
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -271,6 +279,12 @@ class Service:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _nats(self, request: web.Request) -> web.Response:
+        """Which server the connection uses and which servers reach the KV leader."""
+        body = self.home.status() if self.home else {
+            "server": bus.server_url(self._nc) if self._nc else None}
+        return web.json_response(body, dumps=_dumps)
 
     async def _status(self, request: web.Request) -> web.Response:
         body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,

@@ -286,6 +286,20 @@ class Lab(LocalCluster):
 }}
 """)
 
+    def cut_nats(self, host: str, peer: str) -> None:
+        """Drop NATS traffic only (client and route ports, either direction) between
+        ``host`` and ``peer``, inside ``host``'s namespace; everything else (the SAN,
+        ARP, the data and management networks) stays up. ``heal_path`` undoes it."""
+        ip = self.service_ip(peer).split("/")[0]
+        ports = f"{{ {self.cfg.ports.nats_client}, {self.cfg.ports.nats_cluster} }}"
+        self.nft(host, f"""table inet vtlha_cut {{
+  chain in {{ type filter hook input priority -300;
+    ip saddr {ip} tcp sport {ports} drop; ip saddr {ip} tcp dport {ports} drop; }}
+  chain out {{ type filter hook output priority -300;
+    ip daddr {ip} tcp dport {ports} drop; ip daddr {ip} tcp sport {ports} drop; }}
+}}
+""")
+
     def heal_path(self, host: str) -> None:
         self.nft(host, "delete table inet vtlha_cut\n")
 

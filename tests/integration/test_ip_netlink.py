@@ -43,13 +43,14 @@ import yaml
 from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2 import netns as pr_netns
 from vtlha_ip_manager.main import NOT_ROOT
-from vtlha_ip_manager.mgmt import Hysteresis, MgmtMonitor, MgmtSnapshot
+from vtlha_ip_manager.mgmt import MgmtMonitor, MgmtSnapshot
 from vtlha_ip_manager.netlink import NetlinkBackend
 
 from tests.integration.natsutil import metric
 from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.errors import FatalError
+from vtlha.health import Hysteresis
 from vtlha.messages import Ack, Command, LeaseNotice, MgmtReport, decode, encode
 from vtlha.subjects import Subjects
 from vtlha_lab.natsserver import NatsServer, NatsServerSpec
@@ -553,12 +554,18 @@ async def test_mgmt_without_gateway_watches_the_link_only(topo: Topo) -> None:
 
 
 def test_hysteresis_needs_rise_and_fall_in_a_row() -> None:
+    """The management path's health uses vtlha.health.Hysteresis (one implementation)."""
     h = Hysteresis(rise=2, fall=3)
-    assert h.feed(True) and h.state is True  # the first sample sets it
-    assert [h.feed(x) for x in (False, False, True, False, False)] == [False] * 5
+
+    def feed(ok: bool) -> bool:
+        h.update(ok)
+        return h.changed
+
+    assert feed(True) and h.state is True  # the first sample sets it
+    assert [feed(x) for x in (False, False, True, False, False)] == [False] * 5
     assert h.state is True
-    assert h.feed(False) and h.state is False  # third bad in a row
-    assert not h.feed(True) and h.feed(True) and h.state is True
+    assert feed(False) and h.state is False  # third bad in a row
+    assert not feed(True) and feed(True) and h.state is True
 
 
 # ---- the service -----------------------------------------------------------------------

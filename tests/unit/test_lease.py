@@ -346,6 +346,35 @@ def test_promise_never_given_for_a_group_held_or_being_acquired(phase: Phase) ->
     assert lh.promises_given == {}  # not even for the other group of the request
 
 
+def test_partial_promise_leaves_out_the_groups_held_and_grants_the_rest() -> None:
+    """node-b took node-a's group G while node-a was cut off from the KV; node-a never
+    heard of the claim and still lists G. During a KV outage node-b asks node-a for a
+    promise for G and its own K: node-a must not refuse K because of G (node-b would
+    self-fence its own group), and must never promise G."""
+    K = "node-b-data"
+    lh = holder(B)  # plays node-a's part: B's companion is A
+    lh.on_record(G, rec(B, 1, "held"), 9, T0)
+    lh.on_probe_result(KvResult.UNAVAILABLE)
+    assert not lh.on_promise_request(A, [G, K], TTL, T0).granted  # all or nothing
+    ans = lh.on_promise_request(A, [G, K], TTL, T0, partial=True)
+    assert ans.granted and ans.groups == (K,) and G in ans.reason
+    assert lh.promises_given == {K: T0 + TTL}
+    only_held = lh.on_promise_request(A, [G], TTL, T0, partial=True)
+    assert not only_held.granted and only_held.groups is None
+
+
+def test_partial_grant_extends_only_the_groups_it_covers() -> None:
+    lh = holding(T0, groups=(G, H))
+    r = renews(lh.tick(T0 + INTERVAL))[0]
+    [ask] = asks(lh.on_renew_result(r.group, r.sent_at, KvResult.UNAVAILABLE,
+                                    now=T0 + INTERVAL + RTT))
+    assert set(ask.groups) == {G, H}
+    out = lh.on_promise_reply(ask.sent_at, PromiseAnswer(True, TTL, "ok", (H,)), ask.groups)
+    assert out == [Notice(H, 1, ask.sent_at + TTL, reason="failsafe promise")]
+    assert lh.groups[H].valid_until == ask.sent_at + TTL
+    assert lh.groups[G].valid_until == T0 + TTL  # G self-fences at its lease
+
+
 @pytest.mark.parametrize("asked", [TTL, 4 * TTL, 0.125])
 def test_promise_never_longer_than_lease_ttl(asked: float) -> None:
     lh = unreachable_companion()

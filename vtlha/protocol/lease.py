@@ -113,6 +113,8 @@ class PromiseAnswer:
     granted: bool
     duration: float
     reason: str
+    #: the groups the grant covers; None: every group asked for
+    groups: tuple[str, ...] | None = None
 
 
 # ---- state -----------------------------------------------------------------------
@@ -287,7 +289,7 @@ class LeaseHolder:
             return []
         until = sent_at + min(answer.duration, self.lease_ttl)
         out: list[Effect] = []
-        for grp in groups:
+        for grp in groups if answer.groups is None else set(groups) & set(answer.groups):
             g = self.groups.get(grp)
             if g is None or g.phase is not Phase.HOLDING:
                 continue
@@ -297,7 +299,12 @@ class LeaseHolder:
         return out
 
     def on_promise_request(self, requester: str, groups: list[str], duration: float,
-                           now: float) -> PromiseAnswer:
+                           now: float, partial: bool = False) -> PromiseAnswer:
+        """Grant or refuse a promise. With ``partial`` (the requester accepts a grant of
+        some of its groups) the groups this node holds or is acquiring are left out and
+        the rest granted: a node cut off from the KV that still lists a group its
+        companion took from it (it never heard of the claim) must not make the companion
+        self-fence the companion's own groups during a KV outage."""
         if requester != self.companion:
             return PromiseAnswer(False, 0.0, f"{requester} is not {self.node}'s companion")
         if self.kv_reachable is not False:
@@ -305,14 +312,16 @@ class LeaseHolder:
                                  "one cut off" if self.kv_reachable else
                                  f"{self.node} does not know yet whether it reaches the KV")
         mine = [g for g in groups if g in self.groups]
-        if mine:
+        rest = [g for g in groups if g not in self.groups]
+        if mine and not (partial and rest):
             return PromiseAnswer(False, 0.0, f"{self.node} holds or is acquiring "
                                  f"{', '.join(sorted(mine))}")
         d = min(duration, self.lease_ttl)
-        for g in groups:
+        for g in rest:
             self.promises_given[g] = max(self.promises_given.get(g, 0.0), now + d)
-        return PromiseAnswer(True, d, f"{self.node} will not serve {', '.join(groups)} "
-                             f"for {d:.3f} s")
+        but = f" (not {', '.join(sorted(mine))}: it holds or is acquiring them)" if mine else ""
+        return PromiseAnswer(True, d, f"{self.node} will not serve {', '.join(rest)} "
+                             f"for {d:.3f} s{but}", tuple(rest) if partial else None)
 
     def on_new_bucket(self) -> list[Effect]:
         """The KV bucket was recreated: its revisions and epochs start again. Forget

@@ -233,10 +233,11 @@ class LeaseRunner:
         if req.cluster != self.svc.config.cluster:
             raise InvalidMessage(f"PromiseRequest: cluster {req.cluster!r} is not ours")
         ans = self.lh.on_promise_request(req.node, list(req.groups), req.duration,
-                                         time.monotonic())
+                                         time.monotonic(), partial=req.partial)
         self.promises.labels("given", "granted" if ans.granted else "refused").inc()
         reply = PromiseReply(cluster=self.svc.config.cluster, node=self.svc.node,
-                             granted=ans.granted, duration=ans.duration, reason=ans.reason)
+                             granted=ans.granted, duration=ans.duration, reason=ans.reason,
+                             groups=None if ans.groups is None else list(ans.groups))
         if msg.reply:
             await msg.respond(encode(reply))
         self.svc.log.info("promise " + ("granted" if ans.granted else "refused"),
@@ -308,13 +309,14 @@ class LeaseRunner:
 
     async def _ask(self, a: AskPromise) -> None:
         req = PromiseRequest(cluster=self.svc.config.cluster, node=self.svc.node,
-                             groups=list(a.groups), duration=a.duration)
+                             groups=list(a.groups), duration=a.duration, partial=True)
         answer: PromiseAnswer | None = None
         try:
             raw = await self.svc.nc.request(self.svc.subjects.promise(a.companion), encode(req),
                                             timeout=self.op_timeout)
             rep = decode(PromiseReply, raw.data)
-            answer = PromiseAnswer(rep.granted, rep.duration, rep.reason)
+            answer = PromiseAnswer(rep.granted, rep.duration, rep.reason,
+                                   None if rep.groups is None else tuple(rep.groups))
         except (nats.errors.Error, TimeoutError, InvalidMessage) as exc:
             self.svc.log.info("no promise answer", extra={"from": a.companion,
                                                           "error": repr(exc)})

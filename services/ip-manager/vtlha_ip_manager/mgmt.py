@@ -41,6 +41,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from vtlha.errors import VtlhaError
+from vtlha.health import Hysteresis
 from vtlha_ip_manager.garp import open_socket
 from vtlha_ip_manager.netlink import RTNL_TIMEOUT, dump_links, open_rtnl
 
@@ -48,34 +49,6 @@ IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000  # carrier, as the driver says (IFF_RUNNING lags behind linkwatch)
 ICMP_ECHO_REPLY = 0
 ICMP_ECHO_REQUEST = 8
-
-
-class Hysteresis:
-    """A boolean that changes only after ``rise`` good or ``fall`` bad samples in a
-    row; the first sample sets it."""
-
-    def __init__(self, rise: int, fall: int) -> None:
-        if rise < 1 or fall < 1:
-            raise ValueError("rise and fall must be >= 1")
-        self.rise = rise
-        self.fall = fall
-        self.state: bool | None = None
-        self.streak = 0  # samples in a row that disagree with the state
-
-    def feed(self, ok: bool) -> bool:
-        """Take one sample; True when the state changed."""
-        if self.state is None:
-            self.state = ok
-            return True
-        if ok == self.state:
-            self.streak = 0
-            return False
-        self.streak += 1
-        if self.streak >= (self.rise if ok else self.fall):
-            self.state = ok
-            self.streak = 0
-            return True
-        return False
 
 
 @dataclass(frozen=True)
@@ -388,7 +361,8 @@ class MgmtMonitor:
                       if latency is not None else f"{detail}; {err}")
         self._set_gateway(gw_ok, latency, detail)
         ok = up and gw_ok is not False
-        if self.health.feed(ok):
+        self.health.update(ok)
+        if self.health.changed:
             log = self.log.info if ok else self.log.warning
             log(f"management path {'healthy' if ok else 'failed'}",
                 extra={"interface": self.interface, "healthy": ok, "detail": detail,

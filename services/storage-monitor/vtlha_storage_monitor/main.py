@@ -45,6 +45,7 @@ from vtlha import bus
 from vtlha.agents import AgentResult, run_agent
 from vtlha.config import ClusterConfig, Resource
 from vtlha.executor import HoldingExecutor, ReleaseIncomplete
+from vtlha.health import Hysteresis
 from vtlha.messages import GroupStorage, PathHealth, StorageReport, encode
 from vtlha.san import SanClient, SanError, SanRefused
 from vtlha.san.multipath import Multipath
@@ -59,8 +60,9 @@ MONITOR_TICK = 0.5  # seconds between checks of which resource monitors are due
 class PathState:
     device: str
     path: int
-    reachable: bool | None = None  # None until the first result
-    streak: int = 0  # results in a row that disagree with `reachable`
+    #: rise/fall over the path's probe results (``vtlha.health.Hysteresis``)
+    health: Hysteresis = field(default_factory=lambda: Hysteresis(1, 1))
+    reachable: bool | None = None  # the health's state: None until the first result
     latency: float | None = None
     error: str | None = None
 
@@ -117,11 +119,11 @@ class StorageMonitor(HoldingExecutor):
         t = self.config.timings
         self.san_host: str = self.options.get("san") or default_san_host(config)
         self.paths: list[PathState] = [
-            PathState(dev, i)
+            PathState(dev, i, Hysteresis(t.rise, t.fall))
             for dev, d in sorted(self.config.devices.items())
             for i in range(d.paths.get(self.node, 0))
         ]
-        self.rise, self.fall, self.timeout = t.rise, t.fall, t.probe_timeout
+        self.timeout = t.probe_timeout
         n_paths = max((s.path + 1 for s in self.paths), default=0)
         self.clients: dict[int, SanClient] = {
             i: SanClient(self.san_host, config.san.port + i, node, i, timeout=self.timeout)
@@ -406,17 +408,10 @@ class StorageMonitor(HoldingExecutor):
         await self._publish()
 
     def _apply(self, st: PathState, ok: bool) -> None:
-        changed = False
-        if st.reachable is None:
-            st.reachable = ok
-            changed = not ok
-        elif ok == st.reachable:
-            st.streak = 0
-        else:
-            st.streak += 1
-            if st.streak >= (self.rise if ok else self.fall):
-                st.reachable, st.streak = ok, 0
-                changed = True
+        first = st.health.state is None
+        st.reachable = st.health.update(ok)
+        # the first result sets the state; only a failing one is worth a change event
+        changed = (not ok) if first else st.health.changed
         self.path_up.labels(st.device, str(st.path)).set(1 if st.reachable else 0)
         if not changed:
             return

@@ -1,0 +1,83 @@
+"""A service's NATS connection goes back to its own node's server (``vtlha.homeserver``),
+with three real nats-servers on loopback: nats-py alone stays on the server its last
+reconnect took it to, which after a rolling restart is the companion's (issue 14)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from tests.conftest import _free_port
+from vtlha import bus
+from vtlha.homeserver import HomeServer, netloc
+from vtlha.subjects import Subjects
+from vtlha_lab.natsserver import NatsServer, NatsServerSpec
+
+NAMES = ("own", "other", "witness")
+INTERVAL = 0.2
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[dict[str, NatsServer]]:
+    ports = {n: (_free_port(), _free_port(), _free_port()) for n in NAMES}
+    routes = [f"127.0.0.1:{p[1]}" for p in ports.values()]
+    out = {}
+    for n, (client, cluster, monitor) in ports.items():
+        spec = NatsServerSpec(name=n, client_port=client, monitor_port=monitor,
+                              store_dir=tmp_path / n / "jetstream", cluster_port=cluster,
+                              routes=routes)
+        out[n] = NatsServer(spec, tmp_path / f"{n}.log")
+        out[n].start()
+    try:
+        for s in out.values():
+            s.wait_ready(timeout=30, jetstream=False)
+        yield out
+    finally:
+        for s in out.values():
+            s.stop()
+
+
+async def _wait(pred: Callable[[], bool], timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_connection_returns_to_its_own_server_after_it_restarts(
+        servers: dict[str, NatsServer]) -> None:
+    urls = [servers[n].spec.url for n in NAMES]
+    subjects = Subjects("homeserver")
+    nc = await bus.connect(urls, name="test@own")
+    admin = await nats.connect(urls[1:])
+    home = HomeServer(nc, urls, subjects, "test@own", interval=INTERVAL)
+    stop = asyncio.Event()
+    try:
+        await bus.retry_js("kv", lambda: bus.ensure_kv(admin.jetstream(timeout=2), subjects, 3))
+        task = asyncio.create_task(home.run(stop))
+        assert home.current() == urls[0]
+
+        servers["own"].kill()
+        await _wait(lambda: home.current() == urls[1], 10, "nats-py's reconnect elsewhere")
+        servers["own"].start()  # the same store: a restart
+        took = await _wait(lambda: home.current() == urls[0], 30, "back on its own server")
+        print(f"\nback on its own server {took:.2f} s after it was started again (rise "
+              f"{home.states[urls[0]].rise} x interval {INTERVAL} s + catching up)")
+        assert home.moves == 1
+        assert nc.connected_url is not None and nc.connected_url.netloc == netloc(urls[0])
+        # still a working connection: a request through it is answered
+        kv = await nc.jetstream(timeout=2).key_value(subjects.kv_bucket)
+        await kv.put("probe.test", b"x")
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        stop.set()
+        await admin.close()
+        await nc.close()

@@ -1,0 +1,168 @@
+"""Keep a service connected to a NATS server that reaches the KV's raft leader, its own
+node's server first (issue 14; ``docs/safety.md``, "Which server a service uses").
+
+nats-py reconnects to the next server of its list when its server dies, and stays there.
+Two faults follow from that alone:
+
+- after a rolling restart of the servers a node's services sit on the companion's
+  server, so a fault of the companion (even a 0.5 s link cut) cuts them off from the bus
+  as well: the companion's fault costs this node its own groups;
+- a server that is up but cannot reach the KV's leader (its node cut from the witness
+  only: NATS routes do not forward from one server to another, so the node's server
+  reaches the witness's through no one) keeps its clients, which then cannot renew,
+  although the companion's server, one hop away, reaches everything.
+
+``HomeServer`` asks each configured server every ``interval`` for the KV's last
+``arbiter.leader`` record (``$JS.API.STREAM.MSG.GET``, which only the stream's raft leader
+answers; a stream-info request is not enough: a server cut off from the leader answers it
+itself), over a small connection of its own per server (no reconnects; re-made when it
+breaks): an answer in time ("not found" included) means that server reaches the leader.
+Each server's answers go through a ``Hysteresis`` (``rise`` answers in a row to become
+good, ``fall`` misses to become bad), and ``choose`` (pure) decides where the service's
+connection belongs:
+
+- the own server is good and the connection is elsewhere: go home;
+- the server in use is bad and another is good: go to the first good one, in the
+  configured order (own node's first).
+
+Moving is ``set_server_pool`` with the chosen server first, then ``force_reconnect``
+(~5 ms; subscriptions are re-made by nats-py). Nothing moves while every server is bad
+(a KV election: no server would do better) or before each server has been asked once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import nats
+import nats.errors
+import orjson
+from nats.aio.client import Client as NATS
+
+from vtlha.health import Hysteresis
+from vtlha.subjects import Subjects
+
+log = logging.getLogger("vtlha.homeserver")
+
+#: defaults: ask every second; good after 3 answers in a row, bad after 2 misses
+INTERVAL = 1.0
+RISE = 3
+FALL = 2
+
+
+def netloc(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def choose(urls: Sequence[str], current: str | None,
+           good: dict[str, bool | None]) -> str | None:
+    """Where the connection belongs: a URL of ``urls`` to move to, or None to stay.
+    ``urls`` is the configured order (own node's server first), ``current`` the URL in
+    use (None: not connected; nats-py's own reconnect is at work), ``good`` each URL's
+    state after hysteresis (None: not known yet)."""
+    if current is None or any(good.get(u) is None for u in urls):
+        return None
+    home = urls[0]
+    if current != home and good[home]:
+        return home
+    if good.get(current) is False:
+        for u in urls:
+            if u != current and good[u]:
+                return u
+    return None
+
+
+class HomeServer:
+    """Runs ``choose`` over the service connection ``nc`` (see the module's doc)."""
+
+    def __init__(self, nc: NATS, urls: Sequence[str], subjects: Subjects, name: str,
+                 interval: float = INTERVAL, rise: int = RISE, fall: int = FALL) -> None:
+        self.nc = nc
+        self.urls = list(urls)
+        self.subject = f"$JS.API.STREAM.MSG.GET.KV_{subjects.kv_bucket}"
+        self.body = orjson.dumps(
+            {"last_by_subj": f"$KV.{subjects.kv_bucket}.{Subjects.LEADER_KEY}"})
+        self.name = name
+        self.interval = interval
+        self.timeout = min(1.0, interval / 2)
+        self.states = {u: Hysteresis(rise, fall) for u in self.urls}
+        self.probes: dict[str, NATS] = {}
+        self.moves = 0
+
+    def current(self) -> str | None:
+        if not self.nc.is_connected or self.nc.connected_url is None:
+            return None
+        now = self.nc.connected_url.netloc
+        # a server nats-py discovered (INFO connect_urls) is none of ours: never home
+        return next((u for u in self.urls if netloc(u) == now), f"nats://{now}")
+
+    def status(self) -> dict[str, object]:
+        return {"server": self.current(), "moves": self.moves,
+                "reaches_kv_leader": {u: h.state for u, h in self.states.items()}}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                await self.step()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.interval)
+        finally:
+            for p in self.probes.values():
+                with contextlib.suppress(Exception):
+                    await p.close()
+
+    async def step(self) -> str | None:
+        """Ask every server once, then move if ``choose`` says so; returns the URL moved
+        to (None: stayed)."""
+        answers = await asyncio.gather(*(self._ask(u) for u in self.urls))
+        for u, ok in zip(self.urls, answers, strict=True):
+            h = self.states[u]
+            h.update(ok)
+            if h.changed:
+                log.info("nats server " + ("reaches" if ok else "does not reach")
+                         + " the KV leader", extra={"server": u, "client": self.name})
+        cur = self.current()
+        to = choose(self.urls, cur, {u: h.state for u, h in self.states.items()})
+        if to is None or self.nc.is_closed or self.nc.is_reconnecting:
+            return None
+        log.warning("moving to another nats server", extra={
+            "from": cur, "to": to, "client": self.name,
+            "why": "own node's server reaches the KV leader again" if to == self.urls[0]
+            else "the server in use does not reach the KV leader"})
+        self.nc.set_server_pool([to, *[u for u in self.urls if u != to]])
+        await self.nc.force_reconnect()
+        self.moves += 1
+        return to
+
+    async def _ask(self, url: str) -> bool:
+        try:
+            p = self.probes.get(url)
+            if p is None or not p.is_connected:
+                if p is not None:
+                    with contextlib.suppress(Exception):
+                        await p.close()
+                p = self.probes[url] = await asyncio.wait_for(nats.connect(
+                    servers=[url], name=f"{self.name}-probe", connect_timeout=self.timeout,
+                    allow_reconnect=False, error_cb=_quiet), self.timeout * 2)
+            reply = await p.request(self.subject, self.body, timeout=self.timeout)
+            body = orjson.loads(reply.data)
+        except (OSError, nats.errors.Error, TimeoutError, ValueError):
+            return False
+        return is_leader_answer(body)
+
+
+def is_leader_answer(body: object) -> bool:
+    """A MSG.GET reply from the stream's leader: the message, or "no message found"
+    (404); anything else (503 no leader, a timeout) is not."""
+    if not isinstance(body, dict):
+        return False
+    err = body.get("error")
+    return err is None or (isinstance(err, dict) and err.get("code") == 404)
+
+
+async def _quiet(exc: Exception) -> None:
+    pass
