@@ -140,6 +140,45 @@ async def ensure_kv(js: JetStreamContext, subjects: Subjects, replicas: int) -> 
         return await js.key_value(subjects.kv_bucket)
 
 
+async def kv_identity(nc: NATS, subjects: Subjects, timeout: float = 1.0) -> str:
+    """The identity of the KV bucket as it exists now: its stream's creation time as the
+    server reports it (RFC 3339, nanoseconds; the same on every replica, and new when
+    the bucket is deleted and created again). Raises NotFoundError when the bucket does
+    not exist, and what a request raises (timeout, no responders) otherwise."""
+    reply = await nc.request(f"$JS.API.STREAM.INFO.{kv_stream(subjects)}", b"",
+                             timeout=timeout)
+    data = orjson.loads(reply.data)
+    err = data.get("error")
+    if err:
+        if err.get("code") == 404:
+            raise NotFoundError(code=404, description=str(err.get("description", "")))
+        raise ServiceUnavailableError(code=err.get("code"),
+                                      description=str(err.get("description", "")))
+    created = data.get("created")
+    if not isinstance(created, str) or not created:
+        raise ServiceUnavailableError(description="stream info without a creation time")
+    return created
+
+
+async def wait_for_kv(js: JetStreamContext, subjects: Subjects, what: str) -> KeyValue:
+    """The KV bucket, once it exists: only the arbiter (or an operator's admin command)
+    creates it, never a node's services at start. Retried with backoff, forever, with a
+    log line per try (a missing bucket is worth seeing: no arbiter has run yet, or the
+    bucket was lost)."""
+    attempt = 0
+    retryable: tuple[type[BaseException], ...] = (NotFoundError, *JS_UNAVAILABLE)
+    while True:
+        try:
+            return await js.key_value(subjects.kv_bucket)
+        except retryable as exc:
+            attempt += 1
+            delay = min(2.0, 0.05 * 2 ** min(attempt, 6))
+            log.info("waiting for the KV bucket", extra={
+                "what": what, "bucket": subjects.kv_bucket, "attempt": attempt,
+                "error": type(exc).__name__})
+            await asyncio.sleep(delay)
+
+
 async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
                                max_bytes: int, max_age: float) -> None:
     cfg = StreamConfig(

@@ -5,10 +5,18 @@ cluster, group of this node's pair, fencing tokens), carries it out and replies 
 an Ack. Commands are handled one at a time, in arrival order, so an acquire and a
 release of one group never interleave.
 
-It also keeps the hold rule (``vtlha.protocol.hold``): the latest acquire command AND
-a valid lease notice from the node's lease holder. Each group has its own enforcement
-loop (a slow resource agent of one group never delays another group's lapse), and a
-notice triggers one at once. Subclasses say how to start, keep and stop holding.
+Holding executors keep the hold rule (``vtlha.protocol.hold``), level-triggered: a
+group is held at epoch e exactly while a lease notice for (group, e) from the node's
+lease holder is valid; an acquire command only makes it converge now, a release drops
+the group at once and sets its release floor (persisted with the fencing tokens). Each
+group has its own enforcement loop (a slow resource agent of one group never delays
+another group's lapse), and a notice triggers one at once. Subclasses say how to
+start, keep and stop holding.
+
+The fencing tokens belong to one KV bucket (``vtlha.fencing``): at start the executor
+waits for the bucket (only the arbiter creates it) and learns its identity; it reads it
+again every ``BUCKET_CHECK`` seconds and when a command names another bucket. A new
+bucket starts its tokens, floors and notices afresh.
 
 Every executor answers liveness requests on ``ha.<cluster>.ping.<node>.<service>`` with
 a ``Pong`` (its name, pid, uptime, readiness), from the moment it takes commands until
@@ -37,6 +45,8 @@ from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
 
 ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
+BUCKET_CHECK = 1.0  # seconds between reads of the KV bucket's identity
+IDENTITY_TIMEOUT = 0.5  # seconds for one read of it
 
 
 class ReleaseIncomplete(VtlhaError):
@@ -71,7 +81,42 @@ class Executor(Service):
             {g for n in pair.nodes for g in (n.data_group, n.mgmt_group)} if pair else set()
         )
 
+    async def learn_bucket(self) -> None:
+        """Wait until the KV bucket exists (the arbiter creates it) and adopt its
+        identity: a bucket recreated while this executor was down starts its tokens
+        afresh."""
+        await bus.wait_for_kv(self.js, self.subjects, self.name)
+        identity = await bus.retry_js("kv identity", lambda: bus.kv_identity(
+            self.nc, self.subjects, IDENTITY_TIMEOUT), not_found_too=True)
+        self._adopt_bucket(identity)
+
+    async def _read_identity(self) -> str | None:
+        try:
+            return await bus.kv_identity(self.nc, self.subjects, IDENTITY_TIMEOUT)
+        except Exception as exc:
+            self.log.info("kv identity not read", extra={"error": repr(exc)})
+            return None
+
+    async def _check_bucket(self) -> None:
+        identity = await self._read_identity()
+        if identity is not None and identity != self.fencing.bucket:
+            self._adopt_bucket(identity)
+            await self.bucket_changed()
+
+    def _adopt_bucket(self, identity: str) -> None:
+        old = self.fencing.bucket
+        if self.fencing.adopt(identity):
+            self.log.warning("the KV bucket was recreated: fencing tokens start afresh",
+                             extra={"old": old, "new": identity})
+            self.emit_soon("fencing.new_bucket", f"{self.name} on {self.node}: the KV "
+                           f"bucket is new ({identity}, was {old}); terms and epochs start "
+                           "afresh", data={"old": old, "new": identity})
+
+    async def bucket_changed(self) -> None:
+        """The KV bucket is another one than before (hook: forget per-bucket state)."""
+
     async def start_executor(self) -> None:
+        self.every(BUCKET_CHECK, self._check_bucket, "bucket-check")
         self._cmd_sub = await self.nc.subscribe(
             self.subjects.cmd(self.node, self.name),
             cb=self.subscribe_handler("command", self._on_command),
@@ -117,7 +162,15 @@ class Executor(Service):
 
     async def _handle(self, cmd: Command) -> Ack:
         group = None if cmd.action == "term" else cmd.group
-        refusal = self.fencing.refusal(cmd.term, group, cmd.epoch)
+        refusal: str | None = None
+        if self.fencing.is_other_bucket(cmd.bucket):
+            current = await self._read_identity()
+            if current == cmd.bucket:
+                self._adopt_bucket(current)
+                await self.bucket_changed()
+            else:
+                refusal = self.fencing.bucket_refusal(cmd.bucket, current)
+        refusal = refusal or self.fencing.refusal(cmd.term, group, cmd.epoch)
         if refusal is not None:
             self.commands.labels(cmd.action, "refused").inc()
             self.log.warning("command refused", extra={"action": cmd.action, "group": cmd.group,
@@ -127,7 +180,7 @@ class Executor(Service):
                             f"{cmd.action} {cmd.group}: {refusal}", group=cmd.group,
                             term=cmd.term, epoch=cmd.epoch, data={"sender": cmd.node})
             return self._ack(False, refusal, cmd.term, cmd.epoch, cmd.group)
-        self.fencing.record(cmd.term, group, cmd.epoch)
+        self.fencing.record(cmd.term, group, cmd.epoch, release=cmd.action == "release")
         self.command = cmd
         try:
             if cmd.action == "term":
@@ -187,7 +240,8 @@ class HoldingExecutor(Executor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.gate = HoldGate(margin=self.config.timings.margin)
+        self.gate = HoldGate(margin=self.config.timings.margin,
+                             floors=dict(self.fencing.floors))
         self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
 
     def executor_groups(self) -> set[str]:
@@ -195,16 +249,19 @@ class HoldingExecutor(Executor):
         return self.my_groups
 
     async def recall_owned(self, groups: set[str]) -> dict[str, GroupRecord]:
-        """At start: each group's record from the KV; for the groups this node owns, the
-        record's epoch is remembered as the latest acquire, so that a valid lease notice
-        lets it hold again (and nothing is held before one arrives)."""
-        await bus.ensure_kv(self.js, self.subjects, replicas=self.config.nats.stream_replicas)
-        records = {g: rec for g, (rec, _) in
-                   (await read_groups(self.js, self.subjects, sorted(groups))).items()}
-        for group, rec in records.items():
-            if rec.owner == self.node:
-                self.gate.on_acquire(group, rec.epoch)
-        return records
+        """At start: wait for the KV bucket (never create it), learn its identity, and
+        read each group's record (what an earlier run left behind is cleaned up against
+        it). Nothing is held before a valid lease notice arrives."""
+        await self.learn_bucket()
+        self.gate.reset(dict(self.fencing.floors))
+        return {g: rec for g, (rec, _) in
+                (await read_groups(self.js, self.subjects, sorted(groups))).items()}
+
+    async def bucket_changed(self) -> None:
+        """A new KV bucket: its epochs start again, so notices and floors of the old one
+        mean nothing; converge on what the lease holder says from now on."""
+        self.gate.reset(dict(self.fencing.floors))
+        await self.enforce_all()
 
     async def start_executor(self) -> None:
         """Lease notices, commands, and one enforcement loop per group."""
@@ -214,7 +271,7 @@ class HoldingExecutor(Executor):
         for g in sorted(self.executor_groups()):
             self.every(ENFORCE_INTERVAL, functools.partial(self.enforce, g), f"enforce-{g}")
 
-    # ---- holding: command AND valid lease notice --------------------------------
+    # ---- holding: a valid lease notice (level-triggered) --------------------------
     async def _on_notice(self, msg: Msg) -> None:
         n = decode(LeaseNotice, msg.data)
         if n.node != self.node or n.group not in self.my_groups:
@@ -235,9 +292,10 @@ class HoldingExecutor(Executor):
             why = self.gate.verdict(group, time.monotonic())
             if why is Why.HOLD:
                 until = self.gate.valid_until(group)
-                assert until is not None
+                epoch = self.gate.epoch(group)
+                assert until is not None and epoch is not None
                 if not self.holds(group):
-                    await self.start_holding(group, self.gate.desired[group], until)
+                    await self.start_holding(group, epoch, until)
                 else:
                     await self.keep_holding(group, until)
             elif self.holds(group):
@@ -251,12 +309,12 @@ class HoldingExecutor(Executor):
                     kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
                     self.emit_soon(kind, f"{self.name} on {self.node} released {group} "
                                    f"on its own: {why}", group=group,
-                                   epoch=self.gate.desired.get(group))
+                                   epoch=self.gate.epoch(group))
 
     async def acquire(self, group: str, epoch: int) -> list[str]:
-        """Accept the arbiter's acquire: hold once (and while) a lease notice for this
-        epoch is valid."""
-        already = self.holds(group) and self.gate.desired.get(group) == epoch
+        """The arbiter's acquire: converge now. Holding is the lease notices' business
+        (a valid notice for the group at its epoch), with or without this command."""
+        already = self.holds(group) and self.gate.epoch(group) == epoch
         self.gate.on_acquire(group, epoch)
         if group in self.executor_groups() and not self.slow_start:
             await self.enforce(group)
@@ -265,8 +323,9 @@ class HoldingExecutor(Executor):
         return self.held(group) if group in self.executor_groups() else []
 
     async def release(self, group: str, epoch: int) -> list[str]:
-        """Release now; the ack goes out only after holding has really stopped."""
-        self.gate.on_release(group)
+        """Release now, and hold no more on a notice below ``epoch`` (the release
+        floor); the ack goes out only after holding has really stopped."""
+        self.gate.on_release(group, epoch)
         if group not in self.executor_groups():
             return []
         async with self._group_locks[group]:

@@ -119,6 +119,11 @@ class Command(Envelope):
     #: seconds after receipt (0 when every executor of the old owner acknowledged the
     #: release). A duration, never a clock reading: clocks differ between hosts.
     wait: float | None = Field(None, ge=0)
+    #: the identity of the KV bucket the term and epoch are from (``vtlha.bus.kv_identity``):
+    #: a recreated bucket starts its revisions again, so tokens compare only within one
+    #: bucket. "" means unknown (an older arbiter): checked against the executor's
+    #: persisted bucket's tokens, never resets them (``vtlha.fencing``).
+    bucket: str = Field("", max_length=128)
 
 
 class LeaseNotice(Envelope):

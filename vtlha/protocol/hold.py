@@ -1,13 +1,23 @@
 """The executors' hold rule, sans-I/O (DESIGN.md "Roles on a node").
 
-An executor (ip-manager, storage-monitor) holds a group only while BOTH:
-- the arbiter's latest accepted command for the group says acquire, at epoch e; and
-- a lease notice for that group and epoch e is valid: ``now < valid_until - margin``.
+Executors are **level-triggered**: an executor (ip-manager, storage-monitor) holds group
+G at epoch E exactly while a lease notice for (G, E) from its own lease holder is
+valid (``now < valid_until - margin``), and converges to that continuously. The lease
+holder issues such notices only for a group its node owns in the KV at E whose acquire
+gate has opened, so no command is needed to start holding: a lost command, a dead or
+deposed arbiter cannot strand a group.
 
-When notices stop (the lease holder died, or the node is cut off), the lease lapses and
+Commands only make things faster:
+- an acquire makes the executor converge now (``on_acquire`` changes no verdict);
+- a release at epoch E' drops G at once, and sets the group's **release floor**: no
+  notice for an epoch below E' makes it hold again (a late notice of the old epoch, or a
+  lease holder whose watch lags, cannot bring the group back after the release was
+  acknowledged). The executor persists the floor with its fencing tokens.
+
+When notices stop (the lease holder died, or the node is cut off) the lease lapses and
 the executor releases on its own; a revoked notice (the group was taken) releases at
-once; a release command releases at once. After a restart nothing is held until a valid
-notice arrives."""
+once and is final for its epoch. After a restart nothing is held until a valid notice
+arrives."""
 
 from __future__ import annotations
 
@@ -17,9 +27,8 @@ from enum import StrEnum
 
 class Why(StrEnum):
     HOLD = "hold"
-    NO_COMMAND = "no acquire command"
     NO_NOTICE = "no lease notice yet"
-    OTHER_EPOCH = "lease notice for another epoch"
+    RELEASED = "released at a newer epoch"
     EXPIRED = "lease expired"
     REVOKED = "lease revoked"
 
@@ -27,16 +36,13 @@ class Why(StrEnum):
 @dataclass
 class HoldGate:
     margin: float
-    desired: dict[str, int] = field(default_factory=dict)  # group -> epoch to hold
     notices: dict[str, tuple[int, float, bool]] = field(default_factory=dict)
+    #: group -> release floor: a notice for an epoch below it never makes it hold
+    floors: dict[str, int] = field(default_factory=dict)
 
-    def on_acquire(self, group: str, epoch: int) -> None:
-        self.desired[group] = epoch
-
-    def on_release(self, group: str) -> None:
-        self.desired.pop(group, None)
-
+    # ---- inputs ------------------------------------------------------------------
     def on_notice(self, group: str, epoch: int, valid_until: float, revoked: bool) -> None:
+        """A lease notice from this node's lease holder."""
         cur = self.notices.get(group)
         if cur is not None and epoch < cur[0]:
             return  # an older epoch's notice arriving late
@@ -46,16 +52,31 @@ class HoldGate:
             valid_until = max(valid_until, cur[1])  # notices may arrive out of order
         self.notices[group] = (epoch, valid_until, revoked)
 
-    def verdict(self, group: str, now: float) -> Why:
-        epoch = self.desired.get(group)
+    def on_acquire(self, group: str, epoch: int) -> None:
+        """An acquire command: it only asks the executor to converge now; whether it
+        holds is the notices' business alone."""
+
+    def on_release(self, group: str, epoch: int | None = None) -> None:
+        """A release command at ``epoch`` (the new owner's epoch): drop now, and never
+        hold again on a notice below it. Without an epoch: above whatever is noticed."""
         if epoch is None:
-            return Why.NO_COMMAND
+            cur = self.notices.get(group)
+            epoch = cur[0] + 1 if cur is not None else 0
+        self.floors[group] = max(self.floors.get(group, 0), epoch)
+
+    def reset(self, floors: dict[str, int] | None = None) -> None:
+        """Forget every notice and floor (a new KV bucket: its epochs start again)."""
+        self.notices.clear()
+        self.floors = dict(floors or {})
+
+    # ---- verdicts ----------------------------------------------------------------
+    def verdict(self, group: str, now: float) -> Why:
         notice = self.notices.get(group)
         if notice is None:
             return Why.NO_NOTICE
-        n_epoch, valid_until, revoked = notice
-        if n_epoch != epoch:
-            return Why.OTHER_EPOCH
+        epoch, valid_until, revoked = notice
+        if epoch < self.floors.get(group, 0):
+            return Why.RELEASED
         if revoked:
             return Why.REVOKED
         if now >= valid_until - self.margin:
@@ -65,9 +86,15 @@ class HoldGate:
     def should_hold(self, group: str, now: float) -> bool:
         return self.verdict(group, now) is Why.HOLD
 
-    def valid_until(self, group: str) -> float | None:
-        """When holding must stop (before the margin), or None when not holding."""
+    def epoch(self, group: str) -> int | None:
+        """The epoch of the latest notice (the one to hold at), or None."""
         notice = self.notices.get(group)
-        if notice is None or self.desired.get(group) != notice[0] or notice[2]:
+        return notice[0] if notice is not None else None
+
+    def valid_until(self, group: str) -> float | None:
+        """When holding must stop (before the margin), or None when no notice allows
+        holding (whatever the clock says)."""
+        notice = self.notices.get(group)
+        if notice is None or notice[2] or notice[0] < self.floors.get(group, 0):
             return None
         return notice[1] - self.margin

@@ -7,6 +7,12 @@ overrides it (PLATFORM.md). So the ip-manager sends one right after adding an
 address and repeats it ``garp_count - 1`` more times, ``garp_interval`` apart, in a
 background task so that the takeover is not slowed down by the repeats.
 
+Every send, the first and each repeat, first asks ``may_send(address)`` (the
+ip-manager's "is this address's group held right now, by a valid lease"): a process
+frozen between two repeats and resumed after the group moved sends nothing more for it,
+even if its timers fire before the enforcement loop has removed the address (clients
+would otherwise point at a fenced MAC for seconds).
+
 One AF_PACKET raw socket serves every interface (the interface is named on each
 send). It is opened in the process's own network namespace, or in a named one
 (tests) through pyroute2, which forks a child into the namespace for that.
@@ -20,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2 import netns as pr_netns
@@ -82,6 +89,9 @@ class GarpSender:
         self._repeats: dict[str, asyncio.Task[None]] = {}
         self.sent = 0
         self.errors = 0
+        self.withheld = 0  # sends skipped because the address was no longer held
+        #: asked right before every send; the owner sets it (default: always)
+        self.may_send: Callable[[str], bool] = lambda address: True
 
     def open(self) -> None:
         sock = open_socket(socket.AF_PACKET, socket.SOCK_RAW, 0, self.netns)
@@ -93,6 +103,12 @@ class GarpSender:
         counted, never raised: the address is configured either way."""
         assert self._sock is not None, "GarpSender.open() first"
         ip = address.split("/", 1)[0]
+        if not self.may_send(address):
+            self.withheld += 1
+            self.cancel(address)
+            self.log.info("gratuitous arp withheld: the address is not held any more",
+                          extra={"address": ip, "interface": iface.name})
+            return False
         try:
             self._sock.sendto(garp_frame(iface.mac, ip), (iface.name, ETH_P_ARP))
         except OSError as exc:

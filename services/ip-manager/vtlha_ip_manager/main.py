@@ -99,6 +99,7 @@ class IpManager(HoldingExecutor):
             self.fence = Fence([ip_of(a) for g in sorted(self.my_groups)
                                 for a in self.config.group_addresses(g)])
             self.backend.lifetime = address_lifetime(self.config.timings.lease_ttl)
+            self.backend.garp.may_send = self.may_announce
         self.fence_writes = Counter("vtlha_fence_writes_total", "Fence writes, by kind",
                                     ["kind"], registry=self.registry)
         self.fence_write_seconds = Histogram(
@@ -206,6 +207,14 @@ class IpManager(HoldingExecutor):
                             data={"removed": addrs, "owner": owner})
         self.reconciled = True
 
+    def may_announce(self, address: str) -> bool:
+        """A gratuitous ARP for ``address`` only while its group is held by a valid lease
+        right now (asked before every send: a frozen and resumed process whose group
+        moved meanwhile announces nothing)."""
+        now = time.monotonic()
+        return any(address in self.config.group_addresses(g) and self.gate.should_hold(g, now)
+                   for g in self.my_groups)
+
     # ---- holding (the Executor's hold rule calls these) ------------------------
     def holds(self, group: str) -> bool:
         return group in self.held_groups
@@ -299,7 +308,7 @@ class IpManager(HoldingExecutor):
                 "backend_status": self.backend.status(), "held": self.held_groups,
                 "term": self.fencing.term, "epochs": self.fencing.epochs,
                 "leases": {g: {"verdict": self.gate.verdict(g, time.monotonic()).value,
-                               "epoch": self.gate.desired.get(g)} for g in sorted(self.my_groups)},
+                               "epoch": self.gate.epoch(g)} for g in sorted(self.my_groups)},
                 "mgmt": self.mgmt_last.to_dict() if self.mgmt_last else None,
                 "fence": (sorted(self.fence.held()) if self.fence is not None
                           else "none: loopback mode (recording backend)")}

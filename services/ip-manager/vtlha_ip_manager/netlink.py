@@ -193,6 +193,7 @@ class NetlinkBackend:
     def status(self) -> dict[str, Any]:
         return {"interfaces": {k: i.name for k, i in self.interfaces.items()},
                 "garp_sent": self.garp.sent, "garp_errors": self.garp.errors,
+                "garp_withheld": self.garp.withheld,
                 "garp_pending": self.garp.pending(),
                 "last_add_s": self.last_add, "last_remove_s": self.last_remove}
 
