@@ -69,12 +69,14 @@ class ArbiterProc:
         self.records: dict[str, tuple[GroupRecord | None, int]] = {}
         self.last_renewal: dict[str, float] = {}
         self.last_hb: dict[str, float] = {}
-        self.announced = 0  # the term announced to every executor
-        self.announcing = 0
+        #: the activation (term, active_since) announced to every executor
+        self.announced: tuple[int, float | None] = (0, None)
+        self.announcing: tuple[int, float | None] = (0, None)
         self.ready_at: float | None = None
         self.in_flight: dict[str, Move] = {}
         self.requests: dict[str, str] = {}  # operator switchovers: group -> new owner
         self.busy = False
+        self.bucket = ""
         s.kv.watch(self.name, "group.", self.on_group, s.plan.arbiter_lag)
         s.w.timer(self.name, 0.0, self.step)
         s.w.timer(self.name, s.w.rng.uniform(0.0, t.interval), self.decide_tick)
@@ -120,29 +122,34 @@ class ArbiterProc:
         return Ok(ans.revision) if isinstance(ans, skv.Ok) else Conflict()
 
     def after_election(self) -> None:
-        """Becoming active: announce the term to every executor, then the hold-off."""
+        """Each activation (as ``_on_election_change``): announce the term to every
+        executor (acked, retried for up to lease_ttl), and act only then, and no sooner
+        than lease_ttl after becoming active (the hold-off)."""
         now = self.now()
-        if not self.el.is_active(now):
-            self.ready_at = None
+        since = self.el.active_since
+        if not self.el.is_active(now) or since is None:
             return
         term = self.el.term
-        if self.announced == term or self.announcing == term:
+        if self.announcing == (term, since):
             return
-        self.announcing = term
+        self.announcing = (term, since)
         self.sim.w.log(self.name, "active, term %d: announcing it", term)
-        since = self.el.active_since if self.el.active_since is not None else now
 
         def announced() -> None:
-            if self.el.is_active(self.now()) and self.el.term == term:
-                self.announced = term
+            if self.el.is_active(self.now()) and (self.el.term, self.el.active_since) \
+                    == (term, since):
+                self.announced = (term, since)
                 self.ready_at = since + self.sim.t.lease_ttl
         targets = [(n, svc) for n in NODES for svc in ("ip", "sm")]
-        self.broadcast(targets, Cmd(term, "", 0, "term"), self.sim.t.command_timeout,
+        self.bucket = f"bucket-{self.sim.kv.bucket}"  # the arbiter reads it as it acts
+        self.broadcast(targets, Cmd(term, "", 0, "term", bucket=self.bucket),
+                       self.sim.t.lease_ttl,
                        lambda _acks: announced())
 
     def is_acting(self) -> bool:
         now = self.now()
-        return (self.el.is_active(now) and self.announced == self.el.term
+        return (self.el.is_active(now) and self.announced == (self.el.term,
+                                                              self.el.active_since)
                 and self.ready_at is not None and now >= self.ready_at)
 
     # ---- inputs ---------------------------------------------------------------------
@@ -315,17 +322,18 @@ class Mover:
 
         def released(acks: list[bool | None]) -> None:
             if all(acks) and wait > 0:
-                arb.command(new, "lease", Cmd(term, g, epoch, "acquire", 0.0),
+                arb.command(new, "lease", Cmd(term, g, epoch, "acquire", 0.0, arb.bucket),
                             arb.now() + s.t.acquire_deadline, lambda _ok: None)
         arb.broadcast([(old, svc) for svc in executors_of(g)],
-                      Cmd(term, g, epoch, "release"), s.t.command_timeout, released)
+                      Cmd(term, g, epoch, "release", bucket=arb.bucket), s.t.command_timeout,
+                      released)
         self.acquire(arb, g, new, epoch, wait)
 
     def acquire(self, arb: ArbiterProc, g: str, node: str, epoch: int,
                 wait: float | None) -> None:
         s = self.sim
         targets = [(node, svc) for svc in (*executors_of(g), "lease")]
-        arb.broadcast(targets, Cmd(arb.el.term, g, epoch, "acquire", wait),
+        arb.broadcast(targets, Cmd(arb.el.term, g, epoch, "acquire", wait, arb.bucket),
                       s.t.acquire_deadline, lambda _acks: None)
 
     def resume(self, arb: ArbiterProc, g: str, rec: GroupRecord) -> None:

@@ -48,6 +48,7 @@ class Cmd:
     epoch: int
     action: str  # acquire | release | term
     wait: float | None = None
+    bucket: str = ""  # the KV bucket's identity the tokens are from ("" unknown)
 
 
 def group_key(group: str) -> str:
@@ -157,8 +158,9 @@ class LeaseProc:
 
     def notify(self, n: Notice) -> None:
         s = self.sim
-        s.w.log(self.name, "notice %s epoch %d %s", n.group, n.epoch,
-                "revoked" if n.revoked else f"until {n.valid_until - s.w.offset[self.node]:.4f}")
+        if n.revoked or n.reason:
+            s.w.log(self.name, "notice %s epoch %d %s %s", n.group, n.epoch,
+                    "revoked" if n.revoked else "until", n.reason or n.valid_until)
         for svc in executors_of(n.group):
             ex = s.execs[f"{self.node}/{svc}"]
             s.net.send(self.node, self.node, partial(s.w.run_in, ex.name,
@@ -189,11 +191,16 @@ class LeaseProc:
                                                        granted)))
 
 
+BUCKET_CHECK = 1.0  # as vtlha.executor: seconds between reads of the bucket's identity
+
+
 class ExecProc:
-    """An executor (ip-manager ``ip`` or storage-monitor ``sm``): its hold rule, its
-    fencing tokens. What it holds is ``HoldGate.should_hold`` on its host's clock, for
-    the running incarnation and for those that died with a fence element still valid
-    (the kernel enforces it; a release by the next incarnation removes it)."""
+    """An executor (ip-manager ``ip`` or storage-monitor ``sm``) as ``vtlha.executor``
+    wires it: its hold rule (level-triggered), its fencing tokens and release floors
+    (persisted), the KV bucket's identity. What it holds is ``HoldGate.should_hold`` on
+    its host's clock, for the running incarnation and for those that died with a fence
+    element still valid (the kernel enforces it; a release by the next incarnation
+    removes it)."""
 
     def __init__(self, sim: Sim, node: str, svc: str) -> None:
         self.sim, self.node, self.svc = sim, node, svc
@@ -202,28 +209,48 @@ class ExecProc:
         self.fencing = MemoryFencing(Path("/nonexistent"))
         self.gate: HoldGate = sim.variant.gate(margin=sim.t.margin)
         self.ghosts: list[HoldGate] = []
+        self.fencing.adopt(self.bucket_id())
 
     def now(self) -> float:
         return self.sim.w.local(self.node)
 
+    def bucket_id(self) -> str:
+        return f"bucket-{self.sim.kv.bucket}"
+
     def start(self, restart: bool) -> None:
-        """A (re)started executor remembers the epoch of the groups its node owns (read
-        from the KV, maybe from a follower behind) and holds nothing until a notice."""
+        """A (re)started executor learns the bucket's identity, restores its floors, and
+        holds nothing until a notice; it checks the bucket every ``BUCKET_CHECK``."""
         s = self.sim
         if restart:
             self.ghosts.append(self.gate)
             self.gate = s.variant.gate(margin=s.t.margin)
+        self.check_bucket()
+        self.gate.reset(dict(self.fencing.floors))
         for g in self.groups:
             e = s.kv.read_now(group_key(g))
             if isinstance(e.value, GroupRecord) and e.value.owner == self.node:
                 s.variant.recall(self.gate, g, e.value.epoch)
+        s.w.timer(self.name, s.w.rng.uniform(0.0, BUCKET_CHECK), self.bucket_tick)
 
+    def bucket_tick(self) -> None:
+        self.check_bucket()
+        self.sim.w.timer(self.name, BUCKET_CHECK, self.bucket_tick)
+
+    def check_bucket(self) -> bool:
+        """Read the KV's identity (when it is reachable) and adopt it: a new bucket
+        starts the tokens, floors and notices afresh."""
+        if not self.sim.kv.available(self.node):
+            return False
+        if self.fencing.adopt(self.bucket_id()):
+            self.sim.w.log(self.name, "new KV bucket: tokens start afresh")
+            self.gate.reset(dict(self.fencing.floors))
+        return True
     def holds(self, group: str) -> int | None:
         """The epoch at which this executor holds ``group`` now, or None."""
         now = self.now()
         for gate in (self.gate, *self.ghosts):
             if gate.should_hold(group, now):
-                return gate.notices[group][0]
+                return gate.epoch(group)
         return None
 
     def hold_end(self, group: str) -> float:
@@ -239,8 +266,15 @@ class ExecProc:
         self.sim.check.step(n.group)
 
     def on_command(self, cmd: Cmd, reply: Callable[[bool], None]) -> None:
-        why = self.fencing.refusal(cmd.term, None if cmd.action == "term" else cmd.group,
-                                   cmd.epoch)
+        why: str | None = None
+        if self.fencing.is_other_bucket(cmd.bucket):
+            current = self.bucket_id() if self.sim.kv.available(self.node) else None
+            if current == cmd.bucket:
+                self.check_bucket()
+            else:
+                why = self.fencing.bucket_refusal(cmd.bucket, current)
+        why = why or self.fencing.refusal(cmd.term, None if cmd.action == "term"
+                                          else cmd.group, cmd.epoch)
         if why is not None:
             self.sim.w.log(self.name, "refuses %s %s epoch %d term %d: %s", cmd.action,
                            cmd.group, cmd.epoch, cmd.term, why)
@@ -249,13 +283,14 @@ class ExecProc:
         if cmd.action == "term":
             self.fencing.record(cmd.term)
         else:
-            self.fencing.record(cmd.term, cmd.group, cmd.epoch)
+            self.fencing.record(cmd.term, cmd.group, cmd.epoch,
+                                release=cmd.action == "release")
         if cmd.action == "acquire":
             self.gate.on_acquire(cmd.group, cmd.epoch)
         elif cmd.action == "release":
-            self.gate.on_release(cmd.group)
+            self.gate.on_release(cmd.group, cmd.epoch)
             for ghost in self.ghosts:
-                ghost.on_release(cmd.group)
+                ghost.on_release(cmd.group, cmd.epoch)
         if cmd.action != "term":
             self.sim.w.log(self.name, "%s %s epoch %d (term %d)", cmd.action, cmd.group,
                            cmd.epoch, cmd.term)

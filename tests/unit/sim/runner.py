@@ -26,7 +26,7 @@ from .world import World
 
 
 def _recall(gate: HoldGate, group: str, epoch: int) -> None:
-    gate.on_acquire(group, epoch)
+    """Level-triggered executors remember nothing of the KV at start (a mutant may)."""
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ class Timings:
         healthy) until every group is served again, at most:
 
         - an active arbiter: ``leader_ttl`` (the lapsed key's holder is taken over) plus a
-          poll (``leader_ttl/6``) and the term announcement (``command_timeout``);
-        - its hold-off: ``lease_ttl``;
+          poll (``leader_ttl/6``);
+        - its hold-off: ``lease_ttl`` (the term announcement runs within it);
         - a decision: ``interval`` (its cadence) — a dead owner is declared within
           ``dead_after`` ≤ the two lines above;
         - the claim and the acquire gate: ``lease_ttl + margin`` (the old owner's lease),
@@ -53,6 +53,6 @@ class Timings:
         - the first renewal and the notice: ``tick + kv_timeout`` (one lost or stalled
           write retried).
         """
-        return (self.leader_ttl + self.leader_ttl / 6 + self.command_timeout
+        return (self.leader_ttl + self.leader_ttl / 6
                 + 2 * self.lease_ttl + self.margin + self.interval + self.tick
                 + self.kv_timeout)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-TRACE_LEN = 60
+TRACE_LEN = 80
 
 
 @dataclass
