@@ -99,18 +99,20 @@ class Executor(Service):
 
     async def _check_bucket(self) -> None:
         identity = await self._read_identity()
-        if identity is not None and identity != self.fencing.bucket:
-            self._adopt_bucket(identity)
+        if identity is not None and self._adopt_bucket(identity):
             await self.bucket_changed()
 
-    def _adopt_bucket(self, identity: str) -> None:
+    def _adopt_bucket(self, identity: str) -> bool:
+        """Adopt the KV's current identity; True when it is a new bucket (tokens reset)."""
         old = self.fencing.bucket
-        if self.fencing.adopt(identity):
-            self.log.warning("the KV bucket was recreated: fencing tokens start afresh",
-                             extra={"old": old, "new": identity})
-            self.emit_soon("fencing.new_bucket", f"{self.name} on {self.node}: the KV "
-                           f"bucket is new ({identity}, was {old}); terms and epochs start "
-                           "afresh", data={"old": old, "new": identity})
+        if not self.fencing.adopt(identity):
+            return False
+        self.log.warning("the KV bucket was recreated: fencing tokens start afresh",
+                         extra={"old": old, "new": identity})
+        self.emit_soon("fencing.new_bucket", f"{self.name} on {self.node}: the KV bucket "
+                       f"is new ({identity}, was {old}); terms and epochs start afresh",
+                       data={"old": old, "new": identity})
+        return True
 
     async def bucket_changed(self) -> None:
         """The KV bucket is another one than before (hook: forget per-bucket state)."""
@@ -166,8 +168,8 @@ class Executor(Service):
         if self.fencing.is_other_bucket(cmd.bucket):
             current = await self._read_identity()
             if current == cmd.bucket:
-                self._adopt_bucket(current)
-                await self.bucket_changed()
+                if self._adopt_bucket(current):
+                    await self.bucket_changed()
             else:
                 refusal = self.fencing.bucket_refusal(cmd.bucket, current)
         refusal = refusal or self.fencing.refusal(cmd.term, group, cmd.epoch)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from vtlha.messages import GroupRecord, GroupState, decode, encode
+from vtlha.protocol.hold import HoldGate
 from vtlha.protocol.lease import (
     AskPromise,
     Effect,
@@ -540,6 +541,69 @@ def test_record_of_the_same_epoch_adopts_a_newer_revision_only() -> None:
     lh.on_record(G, rec(), 12, T0 + RTT)
     assert renewing(lh, T0 + INTERVAL).last == 12
     assert lh.groups[G].valid_until == T0 + TTL  # a record extends nothing
+
+
+# ---- monotonic reads (issue 14, trace 2) ------------------------------------------------
+
+
+def b_took_over(epoch: int = 26, claim_rev: int = 100) -> tuple[LeaseHolder, HoldGate]:
+    """node-b took G at ``epoch`` (the claim at ``claim_rev``, its first renewal at
+    ``claim_rev`` + 1); its executor's gate is fed the lease holder's notices."""
+    lh, gate = holder(B), HoldGate(MARGIN)
+    lh.on_record(G, rec(B, epoch, "acquiring"), claim_rev, T0)
+    lh.on_acquire_command(G, epoch, 0.0, T0)  # every old executor acked the release
+    r = renewing(lh, T0)
+    feed(gate, lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=claim_rev + 1,
+                                  now=T0 + RTT))
+    assert gate.should_hold(G, T0 + RTT)
+    return lh, gate
+
+
+def feed(gate: HoldGate, effects: list[Effect]) -> list[Effect]:
+    for n in notices(effects):
+        gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+    return effects
+
+
+def test_trace2_an_older_record_applied_after_the_newer_one_changes_nothing() -> None:
+    """Trace 2: node-b had taken node-a-data at epoch 26; a second later its lease holder
+    was handed an older record (epoch 25, owner node-a). It must neither drop the group
+    (its executors released it, and nothing brought it back) nor notice anything."""
+    lh, gate = b_took_over()
+    assert feed(gate, lh.on_record(G, rec(A, 25, "held"), 90, T0 + 2 * RTT)) == []
+    assert lh.is_valid(G, T0 + 2 * RTT) and gate.should_hold(G, T0 + 2 * RTT)
+    r = renewing(lh, T0 + INTERVAL)  # and it goes on renewing at epoch 26
+    assert (r.record.epoch, r.record.owner, r.last) == (26, B, 101)
+    feed(gate, lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=102,
+                                  now=T0 + INTERVAL + RTT))
+    assert gate.should_hold(G, T0 + INTERVAL + TTL / 2)
+
+
+def test_an_older_record_is_ignored_even_for_a_group_not_held() -> None:
+    """The same for a deletion or a foreign record: only newer revisions count."""
+    lh = holder(B)
+    lh.on_record(G, rec(A, 7, "held"), 50, T0)
+    assert lh.on_record(G, rec(B, 6, "acquiring"), 40, T0 + RTT) == []
+    assert G not in lh.groups
+
+
+def test_a_stale_read_after_a_conflict_adopts_nothing_and_drops_nothing() -> None:
+    lh, gate = b_took_over()
+    r = renewing(lh, T0 + INTERVAL)
+    # The read after the conflict was answered by a follower behind (revision 95 < 101).
+    out = lh.on_renew_result(G, r.sent_at, KvResult.CONFLICT, current=rec(A, 26, "held"),
+                             current_revision=95, now=T0 + INTERVAL + RTT)
+    assert out == [] and G in lh.groups
+    assert gate.should_hold(G, T0 + INTERVAL + RTT)
+
+
+def test_a_new_bucket_forgets_what_was_applied_and_held() -> None:
+    lh, _ = b_took_over()
+    out = lh.on_new_bucket()
+    assert [type(e) for e in out] == [Note] and lh.groups == {} and lh.applied == {}
+    assert notices(out) == []  # no revoke: the old leases run out on their own
+    lh.on_record(G, rec(B, 1, "acquiring"), 3, T0 + RTT)  # the new bucket starts again
+    assert lh.groups[G].epoch == 1
 
 
 # ---- probes -----------------------------------------------------------------------------

@@ -30,6 +30,14 @@ Rules, each load-bearing:
   while a promise given for it runs, nor within ``lease_ttl`` of this lease holder's
   start (a restarted lease holder may have forgotten a promise).
 - Promise and acquire go through this one state machine, one event at a time.
+- **Monotonic reads**: a group's record at a revision older than one already applied
+  (a watch replaying, a lagging follower answering a read, a direct read racing the
+  watch) is ignored; so is a record read after a conflict that is older than what was
+  applied. Otherwise an older record (another owner, a lower epoch) applied after the
+  newer one drops a group this node was really given (issue 14, trace 2).
+- Notices are issued only for a group this node owns in the KV at that epoch and whose
+  acquire gate has opened: only a successful renewal (or a promise for a held group)
+  makes one; executors hold exactly while one is valid (level-triggered).
 """
 
 from __future__ import annotations
@@ -137,6 +145,8 @@ class LeaseHolder:
     promise_in_flight: bool = False
     probe_in_flight: bool = False
     last_probe: float | None = None
+    #: group -> the newest revision of its key applied (monotonic reads)
+    applied: dict[str, int] = field(default_factory=dict)
 
     # ---- predicates ------------------------------------------------------------
     def is_valid(self, group: str, now: float) -> bool:
@@ -152,6 +162,9 @@ class LeaseHolder:
     def on_record(self, group: str, rec: GroupRecord | None, revision: int,
                   now: float) -> list[Effect]:
         """A group's KV record as the watch (or a read) delivered it."""
+        if revision < self.applied.get(group, 0):
+            return []  # older than one applied: a replay or a stale read
+        self.applied[group] = revision
         g = self.groups.get(group)
         if rec is None or rec.owner != self.node:
             if g is None:
@@ -229,6 +242,7 @@ class LeaseHolder:
             self.kv_reachable = True
             first = g.phase is Phase.ACQUIRING
             g.phase, g.revision = Phase.HOLDING, revision
+            self.applied[group] = max(self.applied.get(group, 0), revision)
             g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
             g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
             out: list[Effect] = [Notice(group, g.epoch, g.valid_until)]
@@ -238,6 +252,10 @@ class LeaseHolder:
             return out
         if result is KvResult.CONFLICT:
             self.kv_reachable = True
+            if current_revision is not None and current_revision < self.applied.get(group, 0):
+                return []  # a stale read (a follower behind): adopt nothing, drop nothing
+            if current_revision is not None:
+                self.applied[group] = current_revision
             if (current is not None and current.owner == self.node
                     and current.epoch == g.epoch and current_revision is not None):
                 # Our own timed-out renewal committed: adopt it, extend nothing.
@@ -295,6 +313,19 @@ class LeaseHolder:
             self.promises_given[g] = max(self.promises_given.get(g, 0.0), now + d)
         return PromiseAnswer(True, d, f"{self.node} will not serve {', '.join(groups)} "
                              f"for {d:.3f} s")
+
+    def on_new_bucket(self) -> list[Effect]:
+        """The KV bucket was recreated: its revisions and epochs start again. Forget
+        what was applied and every lease of the old bucket (no renewal of the old one
+        can be proved any more; what was valid runs out on its own), and take the new
+        bucket's records as they come."""
+        self.applied.clear()
+        out: list[Effect] = []
+        for group in sorted(self.groups):
+            del self.groups[group]
+            out.append(Note("lease.dropped", group, f"{self.node} forgets {group}: the KV "
+                            "bucket was recreated"))
+        return out
 
     def on_probe_result(self, result: KvResult) -> None:
         self.probe_in_flight = False

@@ -8,12 +8,18 @@ companion's lease holder and this node's executors.
   or granted promise, and a revoked one when a group is taken;
 - promises: requests answered on ``ha.<c>.promise.<node>``; asked of the companion when a
   renewal finds the KV unavailable;
-- the KV watch on ``group.>`` tells it what the node owns and when it was given a group.
+- the KV watch on ``group.>`` tells it what the node owns and when it was given a group;
+  a watch that stops showing this node's own renewals is restarted
+  (``vtlha.protocol.watch``), and every group's record is also read directly every
+  ``read_every`` (the backstop: a claim is seen even with no watch at all). Every record,
+  watched or read, goes through the state machine's monotonic filter;
+- the bucket is never created here: it waits for the arbiter to create it.
 Every call has a timeout; the state machine is called from the event loop only, so
 promise and acquire decisions are taken one at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,11 +51,20 @@ from vtlha.protocol.lease import (
     PromiseAnswer,
     Renew,
 )
+from vtlha.protocol.watch import WatchMonitor
 
 if TYPE_CHECKING:
     from vtlha_heartbeat.main import HeartbeatService
 
 TICK = 0.01  # seconds between lease-holder ticks (gates open within this)
+
+
+def watch_bounds(interval: float) -> tuple[float, float]:
+    """(stall_after, read_every): a watch that has not shown our own renewal for five
+    renewal intervals (at least 0.5 s) is restarted; the records are read directly as
+    often."""
+    bound = max(5 * interval, 0.5)
+    return bound, bound
 
 
 class LeaseRunner:
@@ -64,24 +79,28 @@ class LeaseRunner:
         self.op_timeout = min(t.heartbeat_interval, t.lease_ttl / 3)
         self.kv: KeyValue | None = None
         self.watcher: KeyValue.KeyWatcher | None = None
+        stall_after, read_every = watch_bounds(t.heartbeat_interval)
+        self.wm = WatchMonitor(stall_after=stall_after, read_every=read_every)
+        self._reading = False
         reg = svc.registry
         self.renewals = Counter("vtlha_lease_renewals_total", "Lease renewals, by result",
                                 ["result"], registry=reg)
         self.promises = Counter("vtlha_promises_total", "Failsafe promises, asked/answered, "
                                 "by result", ["direction", "result"], registry=reg)
+        self.watch_restarts = Counter("vtlha_lease_watch_restarts_total", "KV watches "
+                                      "restarted because they stalled", registry=reg)
         self.valid_for = Gauge("vtlha_lease_valid_seconds", "Seconds of lease left, by group",
                                ["group"], registry=reg)
 
     # ---- start/stop ----------------------------------------------------------
     async def start(self) -> None:
         svc = self.svc
-        await bus.retry_js("kv bucket", lambda: bus.ensure_kv(
-            svc.js, svc.subjects, svc.config.nats.stream_replicas))
+        await bus.wait_for_kv(svc.js, svc.subjects, "lease holder")
         fast = svc.nc.jetstream(timeout=self.op_timeout)
         self.kv = await bus.retry_js("kv", lambda: fast.key_value(svc.subjects.kv_bucket),
                                      not_found_too=True)
         self.watcher = await bus.retry_js("kv watch", lambda: self._kv().watch("group.>"))
-        svc.spawn(self._watch(self.watcher), "lease-watch")
+        svc.spawn(self._watch_forever(self.watcher), "lease-watch")
         await svc.nc.subscribe(svc.subjects.promise(svc.node),
                                cb=svc.subscribe_handler("promise", self._on_promise_request))
         svc.every(TICK, self._tick, "lease")
@@ -96,22 +115,89 @@ class LeaseRunner:
         return self.kv
 
     # ---- inputs --------------------------------------------------------------
-    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None or entry.revision is None:
+    async def _watch_forever(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Deliver the watch's entries; when it ends (stopped because it stalled) start
+        a new one."""
+        while True:
+            async for entry in watcher:
+                if entry is not None and entry.revision is not None:
+                    await self._entry(entry.key, entry.value, entry.revision, watched=True)
+            if self.svc.stopping:
+                return
+            watcher = await self._new_watch()
+
+    async def _new_watch(self) -> KeyValue.KeyWatcher:
+        attempt = 0
+        while True:
+            try:
+                w = await self._kv().watch("group.>")
+            except Exception as exc:
+                attempt += 1
+                self.svc.log.info("kv watch not restarted yet", extra={
+                    "attempt": attempt, "error": repr(exc)})
+                await asyncio.sleep(min(1.0, 0.05 * 2 ** min(attempt, 5)))
                 continue
-            group = entry.key.removeprefix("group.")
-            if group not in self.svc.my_groups:
-                continue
-            rec: GroupRecord | None = None
-            if entry.value:
+            self.watcher = w
+            return w
+
+    async def _entry(self, key: str, value: bytes | None, revision: int,
+                     watched: bool = False) -> None:
+        group = key.removeprefix("group.")
+        if group not in self.svc.my_groups:
+            return
+        if watched:  # only the watch's own deliveries say it is alive
+            self.wm.on_delivery(group, revision)
+        rec: GroupRecord | None = None
+        if value:
+            try:
+                rec = decode(GroupRecord, value)
+            except InvalidMessage as exc:
+                self.svc.invalid_messages.labels("group-record").inc()
+                self.svc.log.warning("invalid group record", extra={"error": str(exc)})
+                return
+        await self._run(self.lh.on_record(group, rec, revision, time.monotonic()))
+
+    async def _check_watch(self, now: float) -> None:
+        """Restart a stalled watch; read every record directly when that is due."""
+        why = self.wm.stalled(now)
+        if why is not None and self.watcher is not None:
+            self.wm.on_restart()
+            self.watch_restarts.inc()
+            self.svc.log.warning("kv watch stalled: restarting it", extra={"reason": why})
+            self.svc.emit_soon("lease.watch_restarted", f"{self.svc.node}'s lease holder "
+                               f"restarted its KV watch: {why}")
+            with contextlib.suppress(Exception):
+                await self.watcher.stop()  # type: ignore[no-untyped-call]
+        if self.wm.read_due(now) and not self._reading:
+            self.wm.on_read(now)
+            self._reading = True
+            self.svc.spawn(self._read_all(), "lease-read", critical=False)
+
+    async def _read_all(self) -> None:
+        """The backstop: every group's record read directly (a follower may answer
+        behind the leader: the monotonic filter ignores what is older)."""
+        try:
+            for group in sorted(self.svc.my_groups):
                 try:
-                    rec = decode(GroupRecord, entry.value)
-                except InvalidMessage as exc:
-                    self.svc.invalid_messages.labels("group-record").inc()
-                    self.svc.log.warning("invalid group record", extra={"error": str(exc)})
-                    continue
-            await self._run(self.lh.on_record(group, rec, entry.revision, time.monotonic()))
+                    entry = await self._kv().get(self.svc.subjects.group_key(group))
+                except Exception:
+                    continue  # absent, or the KV unreachable: the next read tries again
+                if entry.revision is not None and entry.value:
+                    await self._entry(entry.key, entry.value, entry.revision)
+        finally:
+            self._reading = False
+
+    def on_new_bucket(self) -> None:
+        """The KV bucket was recreated (the heartbeat's identity check saw it)."""
+        self.svc.spawn(self._new_bucket(), "lease-new-bucket", critical=False)
+
+    async def _new_bucket(self) -> None:
+        await self._run(self.lh.on_new_bucket())
+        self.wm.seen.clear()
+        self.wm.on_restart()
+        if self.watcher is not None:
+            with contextlib.suppress(Exception):
+                await self.watcher.stop()  # type: ignore[no-untyped-call]
 
     def on_acquire(self, group: str, epoch: int, wait: float | None) -> None:
         """The arbiter gave this node ``group`` at ``epoch``. The KV watch may lag (its
@@ -137,6 +223,7 @@ class LeaseRunner:
 
     async def _tick(self) -> None:
         now = time.monotonic()
+        await self._check_watch(now)
         await self._run(self.lh.tick(now))
         for g in self.lh.groups.values():
             self.valid_for.labels(g.group).set(max(0.0, g.valid_until - now))
@@ -194,6 +281,7 @@ class LeaseRunner:
                                                     now=time.monotonic()))
             return
         self.renewals.labels("ok").inc()
+        self.wm.on_own_write(r.group, rev, time.monotonic())
         await self._run(self.lh.on_renew_result(r.group, r.sent_at, KvResult.OK, revision=rev,
                                                 now=time.monotonic()))
 

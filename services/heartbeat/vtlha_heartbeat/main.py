@@ -64,6 +64,7 @@ class HeartbeatService(Executor):
 
     async def start(self) -> None:
         await self.lease.start()
+        await self.learn_bucket()
         await self.start_executor()
         await self.nc.subscribe(self.subjects.storage(self.node),
                                 cb=self.subscribe_handler("storage", self._on_storage))
@@ -131,6 +132,9 @@ class HeartbeatService(Executor):
 
     async def release(self, group: str, epoch: int) -> list[str]:
         return []  # executors release; the lease holder only stops renewing when taken
+
+    async def bucket_changed(self) -> None:
+        self.lease.on_new_bucket()
 
     async def stop(self) -> None:
         await super().stop()

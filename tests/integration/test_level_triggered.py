@@ -1,0 +1,192 @@
+"""Issue 14, the node side, against a real nats-server with real services on loopback
+(the recording IP backend and the reference SAN target):
+
+- traces 1 and 3: the KV says node-b holds (acquires) a group but no acquire command
+  ever reaches node-b's executors (every arbiter frozen right after the claim): node-b's
+  ip-manager and storage-monitor serve it anyway, within the bound, because executors
+  are level-triggered on their lease holder's notices;
+- a recreated KV bucket: commands of the new bucket's arbiter are accepted, a command
+  carrying the old bucket's identity is refused;
+- nodes' services never create the bucket: they wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import nats
+from nats.js.errors import NotFoundError
+
+from vtlha import bus
+from vtlha.messages import Ack, Command, GroupRecord, decode, encode
+from vtlha.subjects import Subjects
+from vtlha_lab.localcluster import LocalCluster
+
+A_GROUPS = ("node-a-data", "node-a-mgmt")
+A_ADDRESSES = ["198.51.100.101/32", "203.0.113.101/32"]
+
+
+def _served(c: LocalCluster, node: str, group: str) -> bool:
+    st = c.status(node, "storage-monitor") or {}
+    return bool(st.get("groups", {}).get(group, {}).get("state") == "served")
+
+
+def _ready(c: LocalCluster) -> None:
+    c.start()
+    c.wait_for(c.home_held, 30, what="every group held by its home node")
+    c.wait_for(lambda: all(a in c.recorded_addresses("node-a") for a in A_ADDRESSES), 10,
+               what="node-a's ip-manager to hold its addresses")
+    c.wait_for(lambda: _served(c, "node-a", "node-a-data"), 30,
+               what="node-a's data group served")
+
+
+async def _claim(c: LocalCluster, groups: tuple[str, ...], new: str) -> dict[str, int]:
+    """What an arbiter's claim does, by hand: a compare-and-set of each group's key to
+    ``new`` at epoch + 1, state acquiring, against the revision read just before (retried
+    against the owner's renewals). Returns group -> the new epoch."""
+    nc = await c.connect()
+    subj = Subjects(c.cfg.cluster)
+    try:
+        kv = await nc.jetstream(timeout=2).key_value(subj.kv_bucket)
+        out = {}
+        for g in groups:
+            for _ in range(50):
+                e = await kv.get(subj.group_key(g))
+                assert e.value is not None and e.revision is not None
+                rec = decode(GroupRecord, e.value)
+                new_rec = rec.model_copy(update={"owner": new, "epoch": rec.epoch + 1,
+                                                 "state": "acquiring", "renewed_by": None})
+                try:
+                    await kv.update(subj.group_key(g), encode(new_rec), last=e.revision)
+                except Exception:
+                    continue  # the owner renewed in between: read again
+                out[g] = new_rec.epoch
+                break
+        assert set(out) == set(groups), f"could not claim {groups}"
+        return out
+    finally:
+        await nc.close()
+
+
+def test_traces_1_and_3_a_claim_with_no_command_is_served_by_the_new_owner(
+        local_cluster: LocalCluster) -> None:
+    """Every arbiter frozen (SIGSTOP) right after the claim, as in traces 1 and 3: no
+    release or acquire command reaches anyone. node-a's renewals now conflict: it drops
+    its groups; node-b's lease holder opens the acquire gate on its own after lease_ttl +
+    margin, and its notices alone make node-b's ip-manager add the addresses and its
+    storage-monitor take the storage. Bound: lease_ttl + margin + a renewal round trip +
+    convergence; asserted with room for a loaded 2-core machine."""
+    c = local_cluster
+    _ready(c)
+    arbiters = [c.procs.find(h, "arbiter") for h in c.cfg.hosts]
+    for a in arbiters:
+        a.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        epochs = asyncio.run(_claim(c, A_GROUPS, "node-b"))
+        c.wait_for(lambda: all(a in c.recorded_addresses("node-b") for a in A_ADDRESSES), 5,
+                   what="node-b's ip-manager to add node-a's addresses with no command")
+        took_ip = time.monotonic() - t0
+        c.wait_for(lambda: _served(c, "node-b", "node-a-data"), 10,
+                   what="node-b's storage-monitor to serve node-a's data group")
+        took_storage = time.monotonic() - t0
+        c.wait_for(lambda: c.recorded_addresses("node-a") == [], 5,
+                   what="node-a's ip-manager to let its addresses go")
+        recs = c.kv_groups()
+        for g, e in epochs.items():
+            assert (recs[g][0].owner, recs[g][0].epoch, recs[g][0].state) == (
+                "node-b", e, "held")
+        st = c.status("node-b", "ip-manager") or {}
+        assert st["leases"]["node-a-data"] == {"verdict": "hold", "epoch": epochs["node-a-data"]}
+        t = c.cfg.timings
+        print(f"served with no command: addresses after {took_ip:.3f} s, storage after "
+              f"{took_storage:.3f} s (lease_ttl + margin = {t.lease_ttl + t.margin:.3f} s)")
+        assert took_ip < t.lease_ttl + t.margin + 2.0
+    finally:
+        for a in arbiters:
+            a.signal(signal.SIGCONT)
+
+
+def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
+    """The bucket is lost and created again (revisions start over, so the new arbiter's
+    term is far below what executors persisted). A command of the new bucket's arbiter
+    (naming the new identity) is accepted; one carrying the old identity is refused."""
+    c = local_cluster
+    _ready(c)
+    subj = Subjects(c.cfg.cluster)
+    subject = subj.cmd("node-a", "ip-manager")
+
+    async def _go() -> tuple[str, str, Ack, Ack, Ack]:
+        nc = await c.connect()
+        try:
+            js = nc.jetstream(timeout=2)
+            old = await bus.kv_identity(nc, subj)
+            for h in c.cfg.hosts:  # nobody recreates it behind our back
+                c.procs.find(h, "arbiter").signal(signal.SIGSTOP)
+            high = Command(cluster=c.cfg.cluster, node="witness", term=10_000, epoch=0,
+                           group="", action="term", bucket=old)
+            await bus.send_command(nc, subject, high, 2.0)
+            await js.delete_key_value(subj.kv_bucket)
+            await bus.ensure_kv(js, subj, replicas=1)
+            new = await bus.kv_identity(nc, subj)
+            low = Command(cluster=c.cfg.cluster, node="witness", term=3, epoch=0, group="",
+                          action="term")
+            legacy = await bus.send_command(nc, subject, low, 2.0)  # bucket "" : old tokens
+            fresh = await bus.send_command(nc, subject, low.model_copy(
+                update={"bucket": new}), 2.0)
+            stale = await bus.send_command(nc, subject, high, 2.0)
+            return old, new, legacy, fresh, stale
+        finally:
+            await nc.close()
+            for h in c.cfg.hosts:
+                c.procs.find(h, "arbiter").signal(signal.SIGCONT)
+
+    old, new, legacy, fresh, stale = asyncio.run(_go())
+    assert old != new
+    assert not legacy.ok and "stale term" in legacy.reason
+    assert fresh.ok, fresh.reason
+    assert not stale.ok and old in stale.reason and new in stale.reason
+    st = c.status("node-a", "ip-manager") or {}
+    assert st["term"] == 3
+
+
+def test_node_services_wait_for_the_bucket_and_never_create_it(
+        local_cluster: LocalCluster) -> None:
+    """No arbiter yet: a node's heartbeat, ip-manager and storage-monitor start, say they
+    wait for the bucket, and do not create it; once it exists (the arbiter's job, done
+    here by hand) they become ready."""
+    c = local_cluster
+    c.create_devices()
+    c.start_san()
+    for svc in ("heartbeat", "ip-manager", "storage-monitor"):
+        c.start_service("node-a", svc)
+    subj = Subjects(c.cfg.cluster)
+    logs = [c.procs.find("node-a", s).log_path for s in
+            ("heartbeat", "ip-manager", "storage-monitor")]
+    c.wait_for(lambda: all("waiting for the KV bucket" in p.read_text(errors="replace")
+                           for p in logs), 20, what="every service to wait for the bucket")
+
+    async def _exists() -> bool:
+        nc = await c.connect()
+        try:
+            await nc.jetstream(timeout=2).key_value(subj.kv_bucket)
+            return True
+        except NotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    assert asyncio.run(_exists()) is False
+
+    async def _create() -> None:
+        nc = await nats.connect(c.client_urls())
+        try:
+            await bus.ensure_kv(nc.jetstream(timeout=2), subj, replicas=1)
+        finally:
+            await nc.close()
+
+    asyncio.run(_create())
+    services = ("heartbeat", "ip-manager", "storage-monitor")
+    c.wait_for(lambda: all(c.http_get("node-a", s, "/readyz").get("ready") for s in services),
+               20, what="the services to become ready once the bucket exists")
