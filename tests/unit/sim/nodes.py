@@ -9,6 +9,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtlha_heartbeat.lease import watch_bounds
+
 from vtlha.fencing import FencingStore
 from vtlha.messages import GroupRecord
 from vtlha.protocol.hold import HoldGate
@@ -23,6 +25,7 @@ from vtlha.protocol.lease import (
     PromiseAnswer,
     Renew,
 )
+from vtlha.protocol.watch import WatchMonitor
 
 from .kv import Answer, Conflict, Entry, Ok
 from .timings import GROUPS, HOSTS, NODES, companion, executors_of
@@ -56,7 +59,9 @@ def group_key(group: str) -> str:
 
 
 class LeaseProc:
-    """The heartbeat service: lease holder, heartbeats, promise requests."""
+    """The heartbeat service as ``vtlha_heartbeat.lease.LeaseRunner`` wires it: the lease
+    holder, its watch (restarted when it stalls, ``WatchMonitor``) and the direct reads
+    of every record (the backstop), the bucket's identity, heartbeats, promises."""
 
     def __init__(self, sim: Sim, node: str) -> None:
         self.sim, self.node = sim, node
@@ -71,6 +76,9 @@ class LeaseProc:
         self.lh = s.variant.lease_holder(
             node=self.node, companion=companion(self.node), lease_ttl=t.lease_ttl,
             margin=t.margin, interval=t.interval, started_at=self.now())
+        self.wm = WatchMonitor(*watch_bounds(t.interval))
+        self.bucket = s.kv.bucket
+        self.reading = False
         s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
         s.w.timer(self.name, s.w.rng.uniform(0.0, t.tick), self.tick)
         s.w.timer(self.name, s.w.rng.uniform(0.0, t.interval), self.heartbeat)
@@ -82,11 +90,49 @@ class LeaseProc:
     def on_watch(self, key: str, value: GroupRecord | None, rev: int) -> None:
         group = key.removeprefix("group.")
         if group in GROUPS:
+            self.wm.on_delivery(group, rev)
             self.run(self.lh.on_record(group, value, rev, self.now()))
 
     def tick(self) -> None:
-        self.run(self.lh.tick(self.now()))
+        now = self.now()
+        self.check_watch(now)
+        self.run(self.lh.tick(now))
         self.sim.w.timer(self.name, self.sim.t.tick, self.tick)
+
+    def check_watch(self, now: float) -> None:
+        """Restart a stalled watch; read every record directly when due; a new bucket."""
+        s = self.sim
+        if s.kv.available(self.node) and s.kv.bucket != self.bucket:
+            self.bucket = s.kv.bucket
+            s.w.log(self.name, "new KV bucket")
+            self.run(self.lh.on_new_bucket())
+            self.wm.seen.clear()
+            self.wm.on_restart()
+            s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
+        why = self.wm.stalled(now)
+        if why is not None:
+            self.wm.on_restart()
+            s.w.log(self.name, "watch restarted: %s", why)
+            s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
+        if self.wm.read_due(now) and not self.reading:
+            self.wm.on_read(now)
+            self.read_all()
+
+    def read_all(self) -> None:
+        s = self.sim
+        self.reading = True
+        left = list(GROUPS)
+
+        def next_one(ans: Answer | None = None, group: str = "") -> None:
+            if isinstance(ans, Entry) and ans.value is not None:
+                self.run(self.lh.on_record(group, ans.value, ans.revision, self.now()))
+            if not left:
+                self.reading = False
+                return
+            g = left.pop(0)
+            s.kv.call(self.name, partial(s.kv.read_now, group_key(g)),
+                      partial(next_one, group=g))
+        next_one()
 
     def heartbeat(self) -> None:
         s = self.sim
@@ -138,6 +184,7 @@ class LeaseProc:
             if ans is None:
                 out = self.lh.on_renew_result(r.group, r.sent_at, KvResult.UNAVAILABLE, now=now)
             elif isinstance(ans, Ok):
+                self.wm.on_own_write(r.group, ans.revision, now)
                 out = self.lh.on_renew_result(r.group, r.sent_at, KvResult.OK,
                                               revision=ans.revision, now=now)
             else:
