@@ -188,12 +188,15 @@ class ArbiterProc:
             rec = self.records.get(g, (None, 0))[0]
             done = rec is not None and (rec.epoch > move.epoch or (
                 rec.epoch == move.epoch and rec.state == "held"))
-            if not done and self.now() < move.deadline:
+            gone = not self.alive(move.new)  # as _wait_held: the new owner went down
+            if not done and not gone and self.now() < move.deadline:
                 return
             del self.in_flight[g]
         rec, rev = self.records.get(g, (None, 0))
         if rec is None:
-            self.sim.mover.assign(self, g)
+            node = home(g) if self.alive(home(g)) else companion(home(g))
+            if self.alive(node):
+                self.sim.mover.assign(self, g, node)
             return
         other = companion(rec.owner)
         if not self.alive(rec.owner) and self.alive(other):
@@ -261,8 +264,8 @@ class Mover:
         return GroupRecord(owner=owner, term=arb.el.term, epoch=epoch, state="acquiring",
                            renewed_by=arb.host, since=0.0)
 
-    def assign(self, arb: ArbiterProc, g: str) -> None:
-        s, node = self.sim, home(g)
+    def assign(self, arb: ArbiterProc, g: str, node: str) -> None:
+        s = self.sim
         arb.in_flight[g] = Move(g, node, 1, arb.now() + s.t.acquire_deadline)
 
         def done(ans: skv.Answer | None) -> None:
@@ -287,6 +290,13 @@ class Mover:
             return s.kv.update_now(group_key(g), claim, last, arb.name)
 
         def done(ans: skv.Answer | None) -> None:
+            if isinstance(ans, skv.Ok) and s.trapped(arb.name, "crash-after-claim"):
+                s.w.crash(arb.name)  # between the claim and the commands
+                return
+            if isinstance(ans, skv.Ok) and s.trapped(arb.name, "lose-claim-answer"):
+                s.w.log(arb.name, "the claim committed at rev %d; its answer is lost",
+                        ans.revision)
+                ans = None
             if not isinstance(ans, skv.Ok):
                 arb.in_flight.pop(g, None)
                 s.w.log(arb.name, "claim of %s lost: %s", g, ans)

@@ -23,7 +23,9 @@ LINKS = ((NODES[0], NODES[1]), (NODES[0], WITNESS), (NODES[1], WITNESS))
 @dataclass(frozen=True)
 class Fault:
     at: float
-    kind: str  # crash pause host cut election stall replay switchover recreate
+    #: crash pause host cut election stall replay switchover recreate, and traps armed
+    #: for an arbiter's next claim: crash-after-claim lose-claim-answer
+    kind: str
     target: str = ""
     until: float = 0.0  # when it ends by itself (crash: the restart); 0: at the heal
     arg: int = 0
@@ -34,6 +36,7 @@ class Plan:
     faults: list[Fault] = field(default_factory=list)
     heal_at: float = 1.5
     down_for_good: str | None = None
+    stalled_for_good: tuple[str, ...] = ()  # watches the heal does not restart
     weather: Weather = field(default_factory=Weather)
     offsets: dict[str, float] = field(default_factory=dict)
     watch_lag: float = 0.005
@@ -48,7 +51,7 @@ def _window(rng: random.Random, plan: Plan, longest: float) -> tuple[float, floa
 
 def _fault(rng: random.Random, plan: Plan) -> Fault:
     kind = rng.choice(("crash", "crash", "pause", "pause", "host", "cut", "cut", "election",
-                       "stall", "replay", "switchover", "switchover"))
+                       "stall", "replay", "switchover", "switchover", "trap"))
     start, end = _window(rng, plan, 0.9)
     if kind in ("crash", "pause", "stall"):
         procs = PROCS if kind != "stall" else tuple(p for p in PROCS if "lease" in p
@@ -63,11 +66,16 @@ def _fault(rng: random.Random, plan: Plan) -> Fault:
         return Fault(start, kind, "", min(plan.heal_at, start + rng.uniform(0.1, 0.8)))
     if kind == "replay":
         proc = rng.choice([p for p in PROCS if "lease" in p or "arbiter" in p])
-        return Fault(start, kind, f"{proc}|{rng.choice(GROUPS)}", arg=rng.randint(1, 3))
+        return Fault(start, kind, f"{proc}|{rng.choice(GROUPS)}", arg=rng.randint(0, 3))
+    if kind == "trap":
+        arbiter = rng.choice([p for p in PROCS if "arbiter" in p])
+        return Fault(start, rng.choice(("crash-after-claim", "lose-claim-answer")), arbiter)
     return Fault(start, "switchover", rng.choice(GROUPS))
 
 
-def draw(seed: int) -> Plan:
+def draw(seed: int, recreate: bool = False) -> Plan:
+    """The plan of ``seed``; with ``recreate`` the KV bucket is sometimes recreated (not
+    by default: see docs/safety.md "The simulator", what it found)."""
     rng = random.Random(seed * 7919 + 1)
     plan = Plan(heal_at=rng.uniform(0.8, 1.6))
     plan.offsets = {h: rng.uniform(0.0, 1e4) for h in HOSTS}
@@ -79,6 +87,8 @@ def draw(seed: int) -> Plan:
     plan.stale = rng.uniform(0.0, 0.3) if rng.random() < 0.3 else 0.0
     plan.faults = sorted((_fault(rng, plan) for _ in range(rng.randint(1, 6))),
                          key=lambda f: f.at)
+    if recreate and rng.random() < 0.03:
+        plan.faults.append(Fault(rng.uniform(0.1, plan.heal_at), "recreate"))
     if rng.random() < 0.15:
         plan.down_for_good = rng.choice(NODES)
         plan.faults.append(Fault(rng.uniform(0.1, plan.heal_at), "host", plan.down_for_good))

@@ -4,7 +4,8 @@ handled; holding only ever starts at such a step) and at the instants a lease ru
 - **one holder**: no two nodes' executors hold a group at once (holding = the executor's
   ``HoldGate`` says hold, on its own host's clock; a crashed executor's gate still
   counts until its lease ends: the kernel fence keeps its element);
-- **epochs never go back** at an executor (across its restarts);
+- **epochs never go back** at an executor (across its restarts), within one KV bucket
+  (a recreated bucket starts them again; the executor adopts its identity);
 - **a valid renewal or promise**: an executor holds (G, E) only before the end of a
   renewal of (G, E) by its node that the KV committed (``sent_at + lease_ttl``, its
   node's clock) or of a promise its companion granted (``sent_at + D``);
@@ -30,7 +31,7 @@ class Checker:
         self.sim = sim
         self.renewals: dict[tuple[str, str, int], float] = {}
         self.promises: dict[tuple[str, str], float] = {}
-        self.last_epoch: dict[tuple[str, str], int] = {}
+        self.last_epoch: dict[tuple[str, str, str], int] = {}
         self.rechecks: set[float] = set()
 
     # ---- ground truth -------------------------------------------------------------
@@ -56,7 +57,7 @@ class Checker:
             if epoch is None:
                 continue
             holders[ex.node] = epoch
-            key = (ex.name, group)
+            key = (ex.name, group, ex.fencing.bucket)  # epochs restart with a new bucket
             if epoch < self.last_epoch.get(key, 0):
                 self.fail(f"{ex.name} holds {group} at epoch {epoch} after epoch "
                           f"{self.last_epoch[key]}")

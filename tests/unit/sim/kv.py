@@ -166,8 +166,8 @@ class KV:
 
     def _watch_land(self, wt: Watcher, key: str, value: Value, rev: int, inc: int) -> None:
         w = self.w
-        if w.procs[wt.proc].inc != inc:
-            return
+        if w.procs[wt.proc].inc != inc or wt not in self.watchers:
+            return  # the process restarted, or this watch was stopped and replaced
         host = w.procs[wt.proc].host
         if wt.stalled or not self.net.majority(host):
             if wt.stalled:
@@ -193,11 +193,19 @@ class KV:
                     self.w.run_in(wt.proc, partial(wt.deliver, key, value, rev))
 
     def replay(self, proc: str, key: str, back: int) -> None:
-        """Deliver to ``proc``'s watch an older value of ``key`` (``back`` versions ago)."""
+        """Deliver to ``proc``'s watch an older value of ``key``: ``back`` versions ago,
+        or (``back`` 0) the last value of an older epoch than the current one."""
         hist = self.history.get(key, [])
-        if len(hist) <= back:
+        if back == 0:
+            epoch = getattr(hist[-1][0], "epoch", 0) if hist else 0
+            older = [h for h in hist if getattr(h[0], "epoch", 0) < epoch]
+            if not older:
+                return
+            value, rev = older[-1]
+        elif len(hist) <= back:
             return
-        value, rev = hist[-1 - back]
+        else:
+            value, rev = hist[-1 - back]
         for wt in self.watchers:
             if wt.proc == proc and key.startswith(wt.prefix):
                 self.w.log(proc, "watch replays %s at rev %d", key, rev)

@@ -76,6 +76,15 @@ class Sim:
         self.execs_of = {g: [ex for ex in self.execs.values() if ex.svc in executors_of(g)]
                          for g in GROUPS}
         self.arbiters = {h: ArbiterProc(self, h) for h in HOSTS}
+        self.traps: set[tuple[str, str]] = set()  # (process, what): armed by a fault
+
+    def trapped(self, proc: str, what: str) -> bool:
+        """A trap armed for ``proc`` springs (once)."""
+        if (proc, what) in self.traps:
+            self.traps.discard((proc, what))
+            self.w.log("FAULT", "%s springs on %s", what, proc)
+            return True
+        return False
 
     # ---- set-up and faults ----------------------------------------------------------
     def setup(self) -> None:
@@ -136,6 +145,8 @@ class Sim:
             self.switchover(f.target)
         elif f.kind == "recreate":
             self.kv.recreate()
+        elif f.kind in ("crash-after-claim", "lose-claim-answer"):
+            self.traps.add((f.target, f.kind))
 
     def apply_process(self, f: Fault) -> None:
         w = self.w
@@ -178,7 +189,8 @@ class Sim:
         self.net.heal(self.plan.down_for_good)
         self.kv.down = False
         for name in PROCS:
-            self.kv.unstall(name)
+            if name not in self.plan.stalled_for_good:
+                self.kv.unstall(name)
             w.resume(name)
             if not name.startswith(f"{self.plan.down_for_good}/"):
                 self.restart(name)
