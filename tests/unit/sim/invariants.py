@@ -84,7 +84,7 @@ class Checker:
         s = self.sim
         return [n for n in NODES
                 if all(not s.w.procs[f"{n}/{svc}"].down
-                       and s.execs[f"{n}/{svc}"].holds(group) is not None
+                       and s.execs[f"{n}/{svc}"].serves(group)
                        for svc in executors_of(group))]
 
     def liveness(self, when: str) -> None:

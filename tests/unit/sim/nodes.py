@@ -300,6 +300,10 @@ class ExecProc:
                 return gate.epoch(group)
         return None
 
+    def serves(self, group: str) -> bool:
+        """The running incarnation holds ``group`` (a dead one's fence does not serve)."""
+        return self.gate.should_hold(group, self.now())
+
     def hold_end(self, group: str) -> float:
         ends = [u for gate in (self.gate, *self.ghosts)
                 if (u := gate.valid_until(group)) is not None]

@@ -41,6 +41,8 @@ class Variant:
 
 
 SHIPPED = Variant()
+CHECK_EVERY = 0.05  # seconds between liveness checks after the heal
+STAYS = 0.3  # seconds every group must stay served once it is
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Result:
     story: str
     events: int
     plan: Plan = field(repr=False)
+    served_after: float | None = None  # from the heal until every group was served
 
     def report(self) -> str:
         return (f"seed {self.seed}: {self.violation}\nfaults: {self.plan.faults}\n"
@@ -197,20 +200,34 @@ class Sim:
 
     # ---- running ------------------------------------------------------------------------
     def run(self) -> Result:
-        bound = self.t.liveness_bound()
         heal = self.plan.heal_at
-        violation = None
+        violation, served = None, None
         try:
             self.setup()
             self.w.run_until(heal)
             self.heal()
-            self.w.run_until(heal + bound)
-            self.check.liveness(f"{bound:.3f} s after the heal at {heal:.3f}")
-            self.w.run_until(heal + bound + 0.2)
-            self.check.liveness("0.2 s later")
+            served = self.until_served(heal)
         except Violation as exc:
             violation = str(exc)
-        return Result(self.seed, violation, self.w.story(), self.w.events, self.plan)
+        return Result(self.seed, violation, self.w.story(), self.w.events, self.plan, served)
+
+    def until_served(self, heal: float) -> float:
+        """Run until every group has been served for ``STAYS`` without a break (checked
+        every ``CHECK_EVERY``), since no later than the liveness bound after the heal;
+        returns when that began, from the heal."""
+        bound = self.t.liveness_bound()
+        t, since = heal, None
+        while True:
+            t += CHECK_EVERY
+            self.w.run_until(t)
+            if all(self.check.served_by(g) for g in GROUPS):
+                since = t if since is None else since
+                if t - since >= STAYS - 1e-9:
+                    return since - heal
+            else:
+                since = None
+                if t >= heal + bound:
+                    self.check.liveness(f"{bound:.3f} s after the heal at {heal:.3f}")
 
 
 def run(seed: int, variant: Variant = SHIPPED, plan: Plan | None = None,
