@@ -297,6 +297,9 @@ class Mover:
                 s.w.log(arb.name, "the claim committed at rev %d; its answer is lost",
                         ans.revision)
                 ans = None
+            if s.trapped(arb.name, "pause-after-claim"):
+                s.w.pause(arb.name)
+                s.w.after(2 * s.t.leader_ttl, lambda: s.w.resume(arb.name))
             if not isinstance(ans, skv.Ok):
                 arb.in_flight.pop(g, None)
                 s.w.log(arb.name, "claim of %s lost: %s", g, ans)

@@ -24,7 +24,8 @@ LINKS = ((NODES[0], NODES[1]), (NODES[0], WITNESS), (NODES[1], WITNESS))
 class Fault:
     at: float
     #: crash pause host cut election stall replay switchover recreate, and traps armed
-    #: for an arbiter's next claim: crash-after-claim lose-claim-answer
+    #: for an arbiter's next claim: crash-after-claim lose-claim-answer pause-after-claim
+    #: (for 2 x leader_ttl)
     kind: str
     target: str = ""
     until: float = 0.0  # when it ends by itself (crash: the restart); 0: at the heal

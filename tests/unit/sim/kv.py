@@ -1,8 +1,12 @@
 """The KV bucket: keys with values and revisions, compare-and-set, watches.
 
-One revision counter for the whole bucket (the stream sequence). A request reaches the
-KV when its client's host reaches a majority of the NATS servers and no raft election is
-under way (``down``); otherwise it is never answered and the client times out. The
+One revision counter for the whole bucket (the stream sequence). The bucket's raft
+leader sits on one host (the witness, as placement wants it). A request reaches the KV
+when its client's host has a link to the leader's host, the leader has a majority, and
+no raft election is under way (``down``: one is forced by a fault; one also runs when the
+leader's host goes down or loses its majority, for ``election`` seconds, then a host with
+a majority leads — the witness when it can; the leader steps back to the witness when it
+returns); otherwise it is never answered and the client times out. The
 answer can be lost or late: a write that committed then looks unavailable to its client.
 A read may be answered by a follower that is behind (``stale``): an older value of the
 key. A watch delivers every change in order, late by up to its lag; a stalled watch
@@ -17,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from .network import Network
-from .timings import Timings
+from .timings import NODES, WITNESS, Timings
 from .world import World
 
 Value = Any
@@ -61,14 +65,41 @@ class KV:
         self.bucket = 1
         self.keys: dict[str, tuple[Value, int]] = {}
         self.history: dict[str, list[tuple[Value, int]]] = {}
-        self.down = False  # a raft election: nobody gets an answer
+        self.down = False  # a raft election forced by a fault: nobody gets an answer
+        self.leader: str | None = WITNESS  # None: an election is under way
+        self.election = 0.5  # how long an election takes here (4-8 s measured; scaled)
+        net.on_change.append(self.on_topology)
         self.stale = 0.0  # probability that a read is answered by a lagging follower
         self.watchers: list[Watcher] = []
         #: every committed write: (revision, key, value, who, client's send time)
         self.on_commit: list[Callable[[str, Value, int, str], None]] = []
 
     def available(self, host: str) -> bool:
-        return not self.down and self.net.majority(host)
+        leader = self.leader
+        return (not self.down and leader is not None and self.net.link_up(host, leader)
+                and self.net.majority(leader))
+
+    def on_topology(self) -> None:
+        """A host or link changed: the leader lost (an election), or the witness back."""
+        net, w = self.net, self.w
+        if self.leader is not None and not net.majority(self.leader):
+            w.log("kv", "the leader on %s lost its majority: election", self.leader)
+            self.leader = None
+            w.after(self.election, self.elect)
+        elif self.leader not in (None, WITNESS) and net.majority(WITNESS):
+            w.log("kv", "leader steps down towards the witness")
+            self.leader = None
+            w.after(0.02, self.elect)
+
+    def elect(self) -> None:
+        if self.leader is not None:
+            return
+        candidates = [h for h in (WITNESS, *NODES) if self.net.majority(h)]
+        if not candidates:
+            self.w.after(self.election, self.elect)
+            return
+        self.leader = candidates[0]
+        self.w.log("kv", "leader elected on %s", self.leader)
 
     # ---- the server side ------------------------------------------------------------
     def _commit(self, key: str, value: Value, who: str) -> int:
@@ -169,7 +200,7 @@ class KV:
         if w.procs[wt.proc].inc != inc or wt not in self.watchers:
             return  # the process restarted, or this watch was stopped and replaced
         host = w.procs[wt.proc].host
-        if wt.stalled or not self.net.majority(host):
+        if wt.stalled or not self.available(host):
             if wt.stalled:
                 wt.held.append((key, value, rev))
             else:  # the consumer catches up once its host is back

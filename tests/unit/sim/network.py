@@ -30,6 +30,7 @@ class Network:
         self.hosts_down: set[str] = set()  # a host whose NATS server is down
         self.faulty = True
         self._majority: dict[str, bool] = dict.fromkeys(HOSTS, True)
+        self.on_change: list[Callable[[], None]] = []
 
     def set_link(self, a: str, b: str, up: bool) -> None:
         (self.cut.discard if up else self.cut.add)(frozenset((a, b)))
@@ -48,6 +49,8 @@ class Network:
     def _changed(self) -> None:
         self._majority = {h: h not in self.hosts_down and sum(
             1 for o in HOSTS if self.link_up(h, o)) >= 2 for h in HOSTS}
+        for fn in self.on_change:
+            fn()
 
     def link_up(self, a: str, b: str) -> bool:
         if a == b:

@@ -102,7 +102,8 @@ class LeaseProc:
     def check_watch(self, now: float) -> None:
         """Restart a stalled watch; read every record directly when due; a new bucket."""
         s = self.sim
-        if s.kv.available(self.node) and s.kv.bucket != self.bucket:
+        if s.variant.bucket_identity and s.kv.available(self.node) \
+                and s.kv.bucket != self.bucket:
             self.bucket = s.kv.bucket
             s.w.log(self.name, "new KV bucket")
             self.run(self.lh.on_new_bucket())
@@ -286,7 +287,7 @@ class ExecProc:
     def check_bucket(self) -> bool:
         """Read the KV's identity (when it is reachable) and adopt it: a new bucket
         starts the tokens, floors and notices afresh."""
-        if not self.sim.kv.available(self.node):
+        if not self.sim.kv.available(self.node) or not self.sim.variant.bucket_identity:
             return False
         if self.fencing.adopt(self.bucket_id()):
             self.sim.w.log(self.name, "new KV bucket: tokens start afresh")
@@ -318,7 +319,7 @@ class ExecProc:
 
     def on_command(self, cmd: Cmd, reply: Callable[[bool], None]) -> None:
         why: str | None = None
-        if self.fencing.is_other_bucket(cmd.bucket):
+        if self.sim.variant.bucket_identity and self.fencing.is_other_bucket(cmd.bucket):
             current = self.bucket_id() if self.sim.kv.available(self.node) else None
             if current == cmd.bucket:
                 self.check_bucket()

@@ -38,6 +38,8 @@ class Variant:
     reread_after_lost_claim: bool = True
     #: what a (re)started executor does with a group its node owns in the KV
     recall: Callable[[HoldGate, str, int], None] = _recall
+    #: executors and lease holders know the KV bucket's identity (issue 14)
+    bucket_identity: bool = True
 
 
 SHIPPED = Variant()
@@ -148,7 +150,7 @@ class Sim:
             self.switchover(f.target)
         elif f.kind == "recreate":
             self.kv.recreate()
-        elif f.kind in ("crash-after-claim", "lose-claim-answer"):
+        elif f.kind in ("crash-after-claim", "lose-claim-answer", "pause-after-claim"):
             self.traps.add((f.target, f.kind))
 
     def apply_process(self, f: Fault) -> None:
@@ -191,6 +193,7 @@ class Sim:
               if self.plan.down_for_good else "")
         self.net.heal(self.plan.down_for_good)
         self.kv.down = False
+        self.kv.leader = WITNESS
         for name in PROCS:
             if name not in self.plan.stalled_for_good:
                 self.kv.unstall(name)
