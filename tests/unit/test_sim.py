@@ -19,7 +19,7 @@ import pytest
 
 from .sim import mutants
 from .sim.faults import Fault, Plan
-from .sim.runner import SHIPPED, Result, Variant, run
+from .sim.runner import SHIPPED, Result, Sim, Variant, run
 from .sim.timings import HOSTS, Timings
 
 SEEDS = 2000
@@ -172,3 +172,41 @@ def test_stranding_trace_is_served_by_the_shipped_code(name: str) -> None:
     for seed in TRACE_SEEDS:
         r = run(seed, plan=plan)
         assert r.violation is None, r.report()
+
+
+# ---- histories found earlier (by the first simulator, tests/unit/sim_safety.py) ------------
+
+
+def test_lease_holder_restarted_during_a_kv_outage_keeps_its_promise() -> None:
+    """Seeds 25051 and 27401 of the first simulator, shrunk: node-a cut from the KV and
+    the witness at 0.9 (its renewals fail, node-b refuses it promises: it reaches the
+    KV); node-b takes node-a's groups (the release to node-a is lost: it is cut off);
+    a raft election from 1.6 to 2.2; node-b's lease holder restarts at 1.7, cannot read
+    the key, knows of no group, finds the KV unavailable, so grants node-a's promise
+    requests. When the KV is back, node-b's lease holder must not serve the groups it
+    promised before the promise ran out (nor within lease_ttl of its start)."""
+    plan = _plan(2.4, Fault(0.9, "cut", "node-a|witness", until=2.3),
+                 Fault(1.6, "election", until=2.2),
+                 Fault(1.7, "crash", "node-b/lease", until=1.7001))
+    for seed in range(10):
+        r = run(seed, plan=plan)
+        assert r.violation is None, r.report()
+        assert "promise to node-a: True" in r.story  # the restarted node-b promised
+    caught = [r for seed in range(10)
+              if (r := run(seed, Variant(lease_holder=mutants.PromiseNotHonoured),
+                           plan=plan)).violation]
+    assert caught, "the history no longer needs the promise rule"
+
+
+def test_switchover_without_faults_moves_the_group_within_the_lease() -> None:
+    """The old owner releases, the new one serves within lease_ttl + margin of the
+    claim (at once when the release is acknowledged), and nobody else."""
+    plan = _plan(1.5, Fault(0.6, "switchover", "node-a-data"),
+                 Fault(0.6, "switchover", "node-b-mgmt"))
+    for seed in range(5):
+        sim = Sim(seed, plan=plan)
+        r = sim.run()
+        assert r.violation is None, r.report()
+        for group, new in (("node-a-data", "node-b"), ("node-b-mgmt", "node-a")):
+            assert sim.kv.keys[f"group.{group}"][0].owner == new
+            assert sim.check.served_by(group) == [new]
