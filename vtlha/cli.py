@@ -358,8 +358,7 @@ def replay(inputs: dict[str, Any]) -> list[str]:
         if isinstance(result, policy.Refusal):
             return [result.status]
         return [a.status for a in result]
-    decision = policy.decide(snap, now)
-    return [a.status for a in decision.actions] or [decision.status]
+    return policy.decide(snap, now).sentences
 
 
 async def _explain(cfg: ClusterConfig, nats_urls: str | None, seq: int,

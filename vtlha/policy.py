@@ -190,6 +190,10 @@ class Snapshot:
     #: a companion confirms an owner's lost device only with a report received this long
     #: after the loss: one whole probe round (interval + timeout) that began after it
     storage_confirm_after: float = DEFAULT_STORAGE_CONFIRM_AFTER
+    #: a new active arbiter makes no move (takeover, assignment, resume) before this
+    #: (monotonic; lease_ttl after it became active): ``decide`` holds them back and
+    #: says so. None: no hold-off.
+    hold_off_until: float | None = None
 
     def to_inputs(self) -> dict[str, Any]:
         """Plain JSON-able data (tuples as lists, sets as sorted lists)."""
@@ -217,6 +221,7 @@ class Snapshot:
             storage_alarms=frozenset(d.get("storage_alarms", ())),
             storage_settle=d.get("storage_settle", DEFAULT_STORAGE_SETTLE),
             storage_confirm_after=d.get("storage_confirm_after", DEFAULT_STORAGE_CONFIRM_AFTER),
+            hold_off_until=d.get("hold_off_until"),
         )
 
 
@@ -409,12 +414,19 @@ OperatorAction = Takeover | ClearHold | SetMaintenance
 @dataclass(frozen=True)
 class Decision:
     actions: tuple[Action, ...] = field(default_factory=tuple)
+    #: the sentences of the moves held back by a new active arbiter's hold-off
+    held_back: tuple[str, ...] = ()
 
     @property
     def status(self) -> str:
-        if not self.actions:
+        if not self.actions and not self.held_back:
             return "no action: every node is as expected"
-        return "; ".join(a.status for a in self.actions)
+        return "; ".join((*(a.status for a in self.actions), *self.held_back))
+
+    @property
+    def sentences(self) -> list[str]:
+        """Each action's sentence, then each held-back move's (the status when none)."""
+        return [a.status for a in self.actions] + list(self.held_back) or [self.status]
 
 
 # ---- predicates --------------------------------------------------------------
@@ -565,7 +577,23 @@ def decide(snap: Snapshot, now: float) -> Decision:
     actions: list[Action] = []
     for pair in snap.pairs:
         actions += _decide_pair(snap, pair, now)
-    return Decision(tuple(actions))
+    return _hold_off(snap, tuple(actions), now)
+
+
+MOVES = (Takeover, Assign, Resume)
+
+
+def _hold_off(snap: Snapshot, actions: tuple[Action, ...], now: float) -> Decision:
+    """A new active arbiter makes no move within lease_ttl of becoming active (DESIGN.md:
+    an executor may still act on its predecessor's commands): moves wait, and the
+    decision says so; the bookkeeping (marks, alarms, hold-downs) goes ahead."""
+    if snap.hold_off_until is None or now >= snap.hold_off_until:
+        return Decision(actions)
+    left = snap.hold_off_until - now
+    held = tuple(f"held back ({left:.2f} s left of a new active arbiter's hold-off: no "
+                 f"takeover within lease_ttl of becoming active): {a.status}"
+                 for a in actions if isinstance(a, MOVES))
+    return Decision(tuple(a for a in actions if not isinstance(a, MOVES)), held)
 
 
 def _decide_pair(snap: Snapshot, pair: PairView, now: float) -> list[Action]:

@@ -5,18 +5,19 @@ replay of an event's inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import pytest
-from vtlha_arbiter.main import NodeState
 from vtlha_arbiter.pairstate import PairState, to_monotonic
+from vtlha_arbiter.view import NodeState
 
 from tests.conftest import EXAMPLE
 from vtlha.cli import replay
 from vtlha.config import load_config
 from vtlha.messages import CheckResult, Heartbeat, PairRecord
-from vtlha.policy import GroupView, NodeView, PairView, Snapshot
+from vtlha.policy import GroupView, NodeView, PairView, Snapshot, decide
 from vtlha.subjects import Subjects
 
 CFG = load_config(EXAMPLE)
@@ -101,3 +102,26 @@ def test_replay_of_an_operator_request() -> None:
                               "requested by an operator"]
     inputs["request"] = {"verb": "clear-hold", "pair": "pair-1", "node": "node-b"}
     assert replay(inputs) == ["clear-hold pair-1 node-b refused: node-b is not held down"]
+
+
+def test_replay_of_a_takeover_held_back_by_the_hold_off_says_so() -> None:
+    """``vtlha explain`` replays what the arbiter did: within a new active arbiter's
+    hold-off the takeover was held back, and the replay says so (issue 15)."""
+    snap = dataclasses.replace(_snap(fatal_failing=("vtl-daemon",)), hold_off_until=10.1)
+    inputs = {"snapshot": snap.to_inputs(), "now": 10.0}
+    assert replay(inputs) == [
+        "check vtl-daemon fails on node-a (fatal: its companion takes over what it serves)",
+        "held back (0.10 s left of a new active arbiter's hold-off: no takeover within "
+        "lease_ttl of becoming active): node-b takes over node-a-mgmt: fatal check "
+        "vtl-daemon failing on node-a (a fatal process error)"]
+    inputs["now"] = 10.1  # the hold-off is over: carried out
+    assert replay(inputs)[1].startswith("node-b takes over node-a-mgmt")
+
+
+def test_a_decision_with_only_moves_held_back_says_so() -> None:
+    snap = dataclasses.replace(_snap(fatal_failing=("vtl-daemon",),
+                                     check_alarms=("vtl-daemon",)), hold_off_until=11.0)
+    d = decide(snap, 10.0)
+    assert d.actions == () and len(d.held_back) == 1
+    assert d.status.startswith("held back (1.00 s left")
+    assert Snapshot.from_inputs(snap.to_inputs()) == snap

@@ -352,7 +352,7 @@ def test_to_inputs_is_plain_json() -> None:
     assert set(inputs) == {"dead_after", "started_at", "pairs", "nodes", "groups", "in_flight",
                            "initial_assign_wait", "storage", "storage_stale_after",
                            "storage_alarms", "storage_settle",
-                           "storage_confirm_after"}
+                           "storage_confirm_after", "hold_off_until"}
     assert orjson.loads(orjson.dumps(inputs))["nodes"][A]["name"] == A
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -29,25 +29,34 @@ from vtlha import policy
 from vtlha.errors import InvalidMessage
 from vtlha.messages import AdminReply, AdminRequest, AdminTakeover, decode, encode
 from vtlha.policy import ClearHold, Refusal, SetMaintenance, Takeover
-
-if TYPE_CHECKING:
-    from vtlha_arbiter.main import Arbiter
+from vtlha_arbiter.decider import Decider
+from vtlha_arbiter.host import Host
+from vtlha_arbiter.mover import Mover
+from vtlha_arbiter.pairstate import PairState
+from vtlha_arbiter.term import Activation
 
 
 class AdminServer:
-    def __init__(self, arbiter: Arbiter) -> None:
-        self.arb = arbiter
+    def __init__(self, host: Host, activation: Activation, decider: Decider,
+                 mover: Mover) -> None:
+        self.host = host
+        self.act = activation
+        self.decider = decider
+        self.mover = mover
+        self.pairs: PairState | None = None
         self.sub: Subscription | None = None
         self.requests = Counter("vtlha_admin_requests_total", "Operator requests answered, "
                                 "by verb and result (ok, refused, failed, invalid)",
-                                ["verb", "result"], registry=arbiter.registry)
+                                ["verb", "result"], registry=host.registry)
 
     async def open(self) -> None:
         if self.sub is None:
-            arb = self.arb
-            self.sub = await arb.nc.subscribe(arb.subjects.admin("*"),
-                                              cb=arb.subscribe_handler("admin", self._on_request))
-            arb.log.info("answering operator requests", extra={"subject": arb.subjects.admin("*")})
+            host = self.host
+            self.sub = await host.nc.subscribe(host.subjects.admin("*"),
+                                               cb=host.subscribe_handler("admin",
+                                                                         self._on_request))
+            host.log.info("answering operator requests",
+                          extra={"subject": host.subjects.admin("*")})
 
     async def close(self) -> None:
         sub, self.sub = self.sub, None
@@ -55,62 +64,74 @@ class AdminServer:
             try:
                 await sub.unsubscribe()
             except Exception as exc:
-                self.arb.log.info("admin unsubscribe failed", extra={"error": repr(exc)})
+                self.host.log.info("admin unsubscribe failed", extra={"error": repr(exc)})
 
     # ---- one request ---------------------------------------------------------------
     def _reply(self, ok: bool, verb: str, status: str, **fields: Any) -> AdminReply:
-        arb = self.arb
-        return AdminReply(cluster=arb.config.cluster, node=arb.node, ok=ok, verb=verb,
-                          status=status, term=arb.term, **fields)
+        host = self.host
+        return AdminReply(cluster=host.config.cluster, node=host.node, ok=ok, verb=verb,
+                          status=status, term=self.act.term, **fields)
 
     async def _on_request(self, msg: Msg) -> None:
-        if not self.arb.is_acting():
+        if not self.act.is_acting():
             return  # the active arbiter answers; a lapsed one stays silent
         verb = msg.subject.rsplit(".", 1)[-1]
         leave_maintenance = False
+        token = self.act.token()
         try:
             req = self._validate(msg, verb)
-            reply = await self._answer(req)
+            answered = await self._answer(req, token)
+            if answered is None:
+                return  # deposed meanwhile: the active arbiter answers, this one is silent
+            reply = answered
             leave_maintenance = reply.ok and req.verb == "maintenance" and req.on is False
         except InvalidMessage as exc:
-            self.arb.invalid_messages.labels("admin").inc()
+            self.host.invalid_messages.labels("admin").inc()
             reply = self._reply(False, verb, f"{verb} refused: invalid request: {exc}")
         except Exception as exc:
-            self.arb.log.exception("operator request failed", extra={"verb": verb})
+            self.host.log.exception("operator request failed", extra={"verb": verb})
             reply = self._reply(False, verb, f"{verb} failed: {exc!r}")
         self.requests.labels(verb, _result(reply)).inc()
         if msg.reply:
             await msg.respond(encode(reply))
         if leave_maintenance:
-            await self.arb.decide_now()  # leaving maintenance re-evaluates at once
+            await self.decider.decide_now()  # leaving maintenance re-evaluates at once
 
     def _validate(self, msg: Msg, verb: str) -> AdminRequest:
         req = decode(AdminRequest, msg.data)
-        if req.cluster != self.arb.config.cluster:
+        if req.cluster != self.host.config.cluster:
             raise InvalidMessage(f"AdminRequest: cluster {req.cluster!r} is not ours")
         if req.verb != verb:
             raise InvalidMessage(f"AdminRequest: verb {req.verb!r} sent on {msg.subject}")
         return req
 
-    async def _answer(self, req: AdminRequest) -> AdminReply:
-        arb = self.arb
+    async def _answer(self, req: AdminRequest,
+                      token: tuple[int, float | None]) -> AdminReply | None:
+        """The answer, or None when this arbiter is no longer the activation that took the
+        request: it is carried out only by an arbiter still active when it claims (the
+        mover checks again right before the claim)."""
+        host = self.host
         # No move within lease_ttl of becoming active: wait that out (at most lease_ttl).
-        left = arb.hold_off_left(time.monotonic())
+        left = self.act.hold_off_left(time.monotonic())
         if left > 0:
             await asyncio.sleep(left)
-        async with arb.decide_lock:
+        async with self.decider.lock:
+            if not self.act.is_acting_as(token):
+                host.log.info("operator request dropped: no longer active",
+                              extra={"verb": req.verb})
+                return None
             now = time.monotonic()
-            snap = arb.snapshot(now)
+            snap = self.decider.snapshot(now)
             request = req.policy_request()
             result = policy.answer(snap, request, now)
             status = policy.answer_status(result)
             inputs = {"snapshot": snap.to_inputs(), "now": now, "request": request}
             who = {"operator": req.operator, "from": req.node, "request": request}
-            arb.log.info(status, extra={"term": arb.term, **who})
+            host.log.info(status, extra={"term": self.act.term, **who})
             if isinstance(result, Refusal):
-                seq = await arb.emit(f"{req.verb}.refused", status, inputs=inputs,
-                                     term=arb.term, data=who,
-                                     **_about(req, snap))
+                seq = await host.emit(f"{req.verb}.refused", status, inputs=inputs,
+                                      term=self.act.term, data=who,
+                                      **_about(req, snap))
                 return self._reply(False, req.verb, status, request=request,
                                    events=_seqs(seq))
             return await self._carry_out(req, result, status, inputs, who)
@@ -118,7 +139,6 @@ class AdminServer:
     async def _carry_out(self, req: AdminRequest, actions: tuple[policy.OperatorAction, ...],
                          status: str, inputs: dict[str, Any],
                          who: dict[str, Any]) -> AdminReply:
-        arb = self.arb
         events: list[int] = []
         takeovers: list[AdminTakeover] = []
         problems: list[str] = []
@@ -136,7 +156,7 @@ class AdminServer:
                 if problem:
                     problems.append(problem)
         if problems:
-            arb.log.warning("operator request not carried out", extra={"problems": problems})
+            self.host.log.warning("operator request not carried out", extra={"problems": problems})
             return self._reply(False, req.verb, f"{status}; but: {'; '.join(problems)}",
                                request=who["request"], events=events, takeovers=takeovers)
         return self._reply(True, req.verb, status, request=who["request"], events=events,
@@ -145,35 +165,27 @@ class AdminServer:
     async def _takeover(self, a: Takeover, inputs: dict[str, Any],
                         who: dict[str, Any]) -> AdminTakeover | str:
         """Claim now (the reply says the epoch); finish in the background."""
-        arb = self.arb
-        arb.in_flight.add(a.group)
-        try:
-            claimed = await arb.claim(a, inputs, data=who, renewals_ok=True)
-        except BaseException:
-            arb.in_flight.discard(a.group)
-            raise
+        claimed = await self.mover.operator_takeover(a, inputs, who)
         if claimed is None:
-            arb.in_flight.discard(a.group)
             return f"{a.group} changed since it was looked at (try again)"
-        arb.spawn(arb.finish_takeover(a, claimed), f"takeover-{a.group}", critical=False)
         return AdminTakeover(group=a.group, old=a.old, new=a.new, epoch=claimed.epoch,
                              kind=claimed.kind, started=claimed.started)
 
     async def _pair_change(self, a: ClearHold | SetMaintenance, inputs: dict[str, Any],
                            who: dict[str, Any]) -> tuple[str | None, int | None]:
-        arb = self.arb
-        assert arb.pairs is not None
-        common: dict[str, Any] = {"pair": a.pair, "term": arb.term, "inputs": inputs}
+        host, pairs = self.host, self.pairs
+        assert pairs is not None
+        common: dict[str, Any] = {"pair": a.pair, "term": self.act.term, "inputs": inputs}
         if isinstance(a, SetMaintenance):
             if not a.changed:
                 return None, None
-            if await arb.pairs.set_maintenance(a.pair, a.on) is None:
+            if await pairs.set_maintenance(a.pair, a.on) is None:
                 return f"the KV did not take {a.pair}'s maintenance state (try again)", None
-            return None, await arb.emit("pair.maintenance", a.status, data={
+            return None, await host.emit("pair.maintenance", a.status, data={
                 **who, "rule": a.rule.value, "on": a.on}, **common)
-        if await arb.pairs.clear_hold(a.pair, a.node) is None:
+        if await pairs.clear_hold(a.pair, a.node) is None:
             return f"the KV did not take {a.pair}'s hold list (try again)", None
-        return None, await arb.emit("node.hold_cleared", a.status, new=a.node, data={
+        return None, await host.emit("node.hold_cleared", a.status, new=a.node, data={
             **who, "rule": a.rule.value, "node": a.node}, **common)
 
 
