@@ -1,10 +1,8 @@
 """The arbiters: the shipped ``Election`` (driven as ``ElectionRunner`` drives it), the term
-announcement, the hold-off, a stand-in for the failover policy, and the mover.
-
-The mover carries out claim -> release -> acquire with the shipped takeover rules
-(``vtlha.protocol.takeover``: ``claim_epoch``, ``acquire_wait``); the sequence itself is
-the arbiter service's (``vtlha_arbiter.main``: ``claim``, ``finish_takeover``,
-``_resume``), which has no sans-I/O form yet: see ``docs/safety.md`` "The simulator"."""
+announcement and the hold-off (as ``vtlha_arbiter.term``), the reconciliation of a new
+activation (as ``vtlha_arbiter.reconcile.Reconciler.tick``), and a stand-in for the
+failover policy (``vtlha.policy`` is not driven: see ``docs/safety.md``). Moves are the
+shipped takeover machine, carried out by ``moves``."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vtlha.messages import GroupRecord
+from vtlha.protocol import takeover as tk
 from vtlha.protocol.election import (
     Absent,
     Action,
@@ -25,11 +24,11 @@ from vtlha.protocol.election import (
     Unavailable,
     WriteResult,
 )
-from vtlha.protocol.takeover import claim_epoch
 
 from . import kv as skv
-from .nodes import Cmd, group_key
-from .timings import GROUPS, NODES, WITNESS, companion, executors_of, home
+from .moves import Run
+from .nodes import Cmd
+from .timings import GROUPS, NODES, WITNESS, companion, home
 
 if TYPE_CHECKING:
     from .runner import Sim
@@ -42,14 +41,6 @@ class LeaderValue:
     node: str
     incarnation: str
     term: int
-
-
-@dataclass
-class Move:
-    group: str
-    new: str
-    epoch: int
-    deadline: float
 
 
 class ArbiterProc:
@@ -73,7 +64,8 @@ class ArbiterProc:
         self.announced: tuple[int, float | None] = (0, None)
         self.announcing: tuple[int, float | None] = (0, None)
         self.ready_at: float | None = None
-        self.in_flight: dict[str, Move] = {}
+        self.runs: dict[str, Run] = {}
+        self.reconciled: tuple[int, float | None] | None = None
         self.requests: dict[str, str] = {}  # operator switchovers: group -> new owner
         self.busy = False
         self.bucket = ""
@@ -157,7 +149,11 @@ class ArbiterProc:
         self.sim.w.run_in(self.name, lambda: self.last_hb.__setitem__(node, self.now()))
 
     def on_group(self, key: str, value: GroupRecord | None, rev: int) -> None:
+        """As ``ClusterView.set_record``: monotonic; a renewal by the owner seen now."""
         group = key.removeprefix("group.")
+        cur = self.records.get(group)
+        if cur is not None and rev <= cur[1] and not (rev == 0 and value is None):
+            return
         self.records[group] = (value, rev)
         if value is not None and value.state == "held" and value.renewed_by == value.owner:
             self.last_renewal[group] = self.now()
@@ -171,42 +167,67 @@ class ArbiterProc:
                 self.sim.w.log(self.name, "operator: switch %s over to %s", group,
                                self.requests[group])
 
+    def declared_down(self, node: str) -> bool:
+        """As ``ClusterView.is_gone`` (roughly): no heartbeat for ``dead_after``, once
+        this arbiter has run that long."""
+        return not self.alive(node) and self.now() - self.started > self.sim.t.dead_after
+
     def alive(self, node: str) -> bool:
         hb = self.last_hb.get(node)
         return hb is not None and self.now() - hb <= self.sim.t.dead_after
 
     # ---- deciding (a stand-in for vtlha.policy) ---------------------------------------
+    def token(self) -> tuple[int, float | None]:
+        return (self.el.term, self.el.active_since)
+
     def decide_tick(self) -> None:
         self.sim.w.timer(self.name, self.sim.t.interval, self.decide_tick)
-        if self.is_acting():
-            for g in GROUPS:
+        if not self.is_acting():
+            return
+        if self.reconciled != self.token() and self.sim.variant.reconcile:
+            self.reconcile()
+        for g in GROUPS:
+            run = self.runs.get(g)
+            if run is None or not run.machine.blocks_policy:
                 self.decide(g)
 
+    def reconcile(self) -> None:
+        """As ``Reconciler.tick``, once per activation after its hold-off: re-drive every
+        group whose owner is alive (a resume: acquire commands, the lease holder's own
+        gate); a group whose owner is not alive is the policy's."""
+        self.reconciled = self.token()
+        for g, (rec, _rev) in sorted(self.records.items()):
+            run = self.runs.get(g)
+            if rec is None or (run is not None and not run.machine.done) \
+                    or not self.alive(rec.owner):
+                continue
+            self.start_move(tk.Move(tk.Kind.RESUME, g, rec.owner, epoch=rec.epoch))
+
     def decide(self, g: str) -> None:
-        move = self.in_flight.get(g)
-        if move is not None:
-            rec = self.records.get(g, (None, 0))[0]
-            done = rec is not None and (rec.epoch > move.epoch or (
-                rec.epoch == move.epoch and rec.state == "held"))
-            gone = not self.alive(move.new)  # as _wait_held: the new owner went down
-            if not done and not gone and self.now() < move.deadline:
-                return
-            del self.in_flight[g]
+        """A stand-in for the policy: a dead owner's group to its live companion, an
+        operator's switchover, an absent key assigned, an acquisition left half done
+        resumed."""
         rec, rev = self.records.get(g, (None, 0))
         if rec is None:
             node = home(g) if self.alive(home(g)) else companion(home(g))
             if self.alive(node):
-                self.sim.mover.assign(self, g, node)
+                self.start_move(tk.Move(tk.Kind.ASSIGN, g, node))
             return
         other = companion(rec.owner)
         if not self.alive(rec.owner) and self.alive(other):
-            self.sim.mover.takeover(self, g, rec, rev, other, "owner down")
+            self.start_move(tk.Move(tk.Kind.TAKEOVER, g, other, rec.owner, rec.epoch, rev))
         elif g in self.requests:
             new = self.requests.pop(g)
             if new != rec.owner:
-                self.sim.mover.takeover(self, g, rec, rev, new, "operator switchover")
-        elif rec.state == "acquiring" and self.alive(rec.owner):
-            self.sim.mover.resume(self, g, rec)
+                self.start_move(tk.Move(tk.Kind.TAKEOVER, g, new, rec.owner, rec.epoch, rev))
+        elif rec.state == "acquiring" and self.alive(rec.owner) and g not in self.runs:
+            self.start_move(tk.Move(tk.Kind.RESUME, g, rec.owner, epoch=rec.epoch,
+                                    revision=rev))
+
+    def start_move(self, move: tk.Move) -> None:
+        self.sim.w.log(self.name, "%s %s to %s (epoch seen %d, rev %s)", move.kind.value,
+                       move.group, move.new, move.epoch, move.revision)
+        self.runs[move.group] = Run(self.sim, self, move)
 
     # ---- commands ---------------------------------------------------------------------
     def command(self, node: str, svc: str, cmd: Cmd, deadline: float,
@@ -225,7 +246,8 @@ class ArbiterProc:
         def attempt() -> None:
             if finished[0]:
                 return
-            if self.now() >= deadline:
+            if self.now() >= deadline or (svc != "term" and node in NODES
+                                          and self.declared_down(node)):
                 finished[0] = True
                 done(None)
                 return
@@ -251,107 +273,3 @@ class ArbiterProc:
                 done(acks)
         for node, svc in targets:
             self.command(node, svc, cmd, deadline, one)
-
-
-class Mover:
-    """Claim -> release -> acquire, as ``vtlha_arbiter.main`` carries it out, with the
-    shipped rules; ``acquire_wait`` and ``claim_current`` are where mutants go."""
-
-    def __init__(self, sim: Sim) -> None:
-        self.sim = sim
-
-    def record(self, arb: ArbiterProc, owner: str, epoch: int) -> GroupRecord:
-        return GroupRecord(owner=owner, term=arb.el.term, epoch=epoch, state="acquiring",
-                           renewed_by=arb.host, since=0.0)
-
-    def assign(self, arb: ArbiterProc, g: str, node: str) -> None:
-        s = self.sim
-        arb.in_flight[g] = Move(g, node, 1, arb.now() + s.t.acquire_deadline)
-
-        def done(ans: skv.Answer | None) -> None:
-            if isinstance(ans, skv.Ok):
-                arb.on_group(group_key(g), self.record(arb, node, 1), ans.revision)
-                self.acquire(arb, g, node, 1, 0.0)
-        s.kv.call(arb.name, lambda: s.kv.update_now(group_key(g), self.record(arb, node, 1),
-                                                    None, arb.name), done)
-
-    def takeover(self, arb: ArbiterProc, g: str, rec: GroupRecord, rev: int, new: str,
-                 why: str) -> None:
-        s = self.sim
-        epoch = claim_epoch(rec.epoch)
-        claim = self.record(arb, new, epoch)
-        arb.in_flight[g] = Move(g, new, epoch, arb.now() + s.t.acquire_deadline)
-        s.w.log(arb.name, "claims %s for %s at epoch %d against rev %d (%s)", g, new, epoch,
-                rev, why)
-
-        def at_kv() -> skv.Answer:
-            last = s.kv.keys.get(group_key(g), (None, rev))[1] if s.variant.claim_current \
-                else rev
-            return s.kv.update_now(group_key(g), claim, last, arb.name)
-
-        def done(ans: skv.Answer | None) -> None:
-            if isinstance(ans, skv.Ok) and s.trapped(arb.name, "crash-after-claim"):
-                s.w.crash(arb.name)  # between the claim and the commands
-                return
-            if isinstance(ans, skv.Ok) and s.trapped(arb.name, "lose-claim-answer"):
-                s.w.log(arb.name, "the claim committed at rev %d; its answer is lost",
-                        ans.revision)
-                ans = None
-            if s.trapped(arb.name, "pause-after-claim"):
-                s.w.pause(arb.name)
-                s.w.after(2 * s.t.leader_ttl, lambda: s.w.resume(arb.name))
-            if not isinstance(ans, skv.Ok):
-                arb.in_flight.pop(g, None)
-                s.w.log(arb.name, "claim of %s lost: %s", g, ans)
-                self.reread(arb, g)
-                return
-            arb.on_group(group_key(g), claim, ans.revision)
-            self.finish(arb, g, rec.owner, new, epoch)
-        s.kv.call(arb.name, at_kv, done)
-
-    def reread(self, arb: ArbiterProc, g: str) -> None:
-        """A lost compare-and-set: read the key again, the next decision uses it."""
-        s = self.sim
-        if not s.variant.reread_after_lost_claim:
-            return
-
-        def done(ans: skv.Answer | None) -> None:
-            if isinstance(ans, skv.Entry) and ans.revision > arb.records.get(g, (None, 0))[1]:
-                arb.on_group(group_key(g), ans.value, ans.revision)
-        s.kv.call(arb.name, lambda: s.kv.read_now(group_key(g)), done)
-
-    def finish(self, arb: ArbiterProc, g: str, old: str, new: str, epoch: int) -> None:
-        """Release to the old owner's executors and acquire to the new owner's, with the
-        safe wait; every release acknowledged: a second acquire with wait 0."""
-        s = self.sim
-        if not arb.is_acting():
-            arb.in_flight.pop(g, None)
-            return
-        wait = s.variant.acquire_wait(released_all=False,
-                                      last_renewal_seen=arb.last_renewal.get(g),
-                                      now=arb.now(), lease_ttl=s.t.lease_ttl,
-                                      margin=s.t.margin)
-        term = arb.el.term
-
-        def released(acks: list[bool | None]) -> None:
-            if all(acks) and wait > 0:
-                arb.command(new, "lease", Cmd(term, g, epoch, "acquire", 0.0, arb.bucket),
-                            arb.now() + s.t.acquire_deadline, lambda _ok: None)
-        arb.broadcast([(old, svc) for svc in executors_of(g)],
-                      Cmd(term, g, epoch, "release", bucket=arb.bucket), s.t.command_timeout,
-                      released)
-        self.acquire(arb, g, new, epoch, wait)
-
-    def acquire(self, arb: ArbiterProc, g: str, node: str, epoch: int,
-                wait: float | None) -> None:
-        s = self.sim
-        targets = [(node, svc) for svc in (*executors_of(g), "lease")]
-        arb.broadcast(targets, Cmd(arb.el.term, g, epoch, "acquire", wait, arb.bucket),
-                      s.t.acquire_deadline, lambda _acks: None)
-
-    def resume(self, arb: ArbiterProc, g: str, rec: GroupRecord) -> None:
-        """Finish an acquisition left half done (the lease holder keeps its own gate)."""
-        s = self.sim
-        arb.in_flight[g] = Move(g, rec.owner, rec.epoch, arb.now() + s.t.acquire_deadline)
-        s.w.log(arb.name, "resumes %s for %s at epoch %d", g, rec.owner, rec.epoch)
-        self.acquire(arb, g, rec.owner, rec.epoch, None)

@@ -5,18 +5,30 @@ replacement functions only: the shipped code is never edited."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from vtlha.messages import GroupRecord
+from vtlha.protocol import takeover as tk
 from vtlha.protocol.hold import HoldGate, Why
 from vtlha.protocol.lease import Effect, GroupLease, KvResult, LeaseHolder, PromiseAnswer
 
 # ---- the four of DESIGN.md's safety section (plus two more rules of the promises) ------
 
 
-def acquire_at_once(**_: Any) -> float:
+class AcquireAtOnceMover(tk.Mover):
     """The arbiter's wait dropped: the new owner may serve right after the claim."""
-    return 0.0
+
+    def _moving(self, now: float, wait: float | None) -> list[tk.Output]:
+        return super()._moving(now, None if wait is None else 0.0)
+
+
+class ClaimNotReread(tk.Mover):
+    """Before issue 14: a lost (or unanswered) automatic claim is not re-read: the
+    policy decides again on what its view shows."""
+
+    def on_claim(self, result: tk.ClaimResult, now: float) -> list[tk.Output]:
+        if self.phase is tk.Phase.CLAIMING and not isinstance(result, tk.Won):
+            return self._give_up("claim_lost")
+        return super().on_claim(result, now)
 
 
 class AcquireAtOnce(LeaseHolder):
@@ -112,3 +124,19 @@ def recall_acquire(gate: HoldGate, group: str, epoch: int) -> None:
     """What an edge-triggered executor did at start: the epoch of a group its node owns
     counts as the latest acquire."""
     gate.on_acquire(group, epoch)
+
+
+# ---- candidate fixes of what the simulator found (not mutants: proposals) ------------------
+
+
+class NoPromiseRightAfterStart(LeaseHolder):
+    """Refuse promises within ``lease_ttl`` of this lease holder's start: its node's
+    executors may still hold a group on its predecessor's notices, which it does not know
+    of (found by the simulator: ``docs/safety.md`` "The simulator")."""
+
+    def on_promise_request(self, requester: str, groups: list[str], duration: float,
+                           now: float) -> PromiseAnswer:
+        if now < self.started_at + self.lease_ttl:
+            return PromiseAnswer(False, 0.0, f"{self.node}'s lease holder started less than "
+                                 "lease_ttl ago: its executors may still hold groups")
+        return super().on_promise_request(requester, groups, duration, now)

@@ -15,7 +15,7 @@ from vtlha.protocol import takeover
 from vtlha.protocol.hold import HoldGate
 from vtlha.protocol.lease import LeaseHolder
 
-from .arbiter import ArbiterProc, Mover
+from .arbiter import ArbiterProc
 from .faults import PROCS, Fault, Plan, draw
 from .invariants import Checker, Violation
 from .kv import KV
@@ -33,13 +33,14 @@ def _recall(gate: HoldGate, group: str, epoch: int) -> None:
 class Variant:
     lease_holder: type[LeaseHolder] = LeaseHolder
     gate: type[HoldGate] = HoldGate
-    acquire_wait: Callable[..., float] = takeover.acquire_wait
+    mover: type[takeover.Mover] = takeover.Mover
     claim_current: bool = False  # claim against the key's current revision
-    reread_after_lost_claim: bool = True
     #: what a (re)started executor does with a group its node owns in the KV
     recall: Callable[[HoldGate, str, int], None] = _recall
     #: executors and lease holders know the KV bucket's identity (issue 14)
     bucket_identity: bool = True
+    #: a new activation reconciles every group once its hold-off is over (issue 14)
+    reconcile: bool = True
 
 
 SHIPPED = Variant()
@@ -73,7 +74,6 @@ class Sim:
         self.kv = KV(self.w, self.net, self.t)
         self.kv.stale = self.plan.stale
         self.check = Checker(self)
-        self.mover = Mover(self)
         for name in PROCS:
             self.w.proc(name)
         self.leases = {n: LeaseProc(self, n) for n in NODES}
