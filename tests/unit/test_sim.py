@@ -229,3 +229,17 @@ def test_switchover_without_faults_moves_the_group_within_the_lease() -> None:
         for group, new in (("node-a-data", "node-b"), ("node-b-mgmt", "node-a")):
             assert sim.kv.keys[f"group.{group}"][0].owner == new
             assert sim.check.served_by(group) == [new]
+
+
+@pytest.mark.parametrize("name", ["claim timed out but committed, the arbiter went standby",
+                                  "the arbiter died between the claim and the acquire "
+                                  "commands"])
+@pytest.mark.parametrize("variant", [
+    Variant(reconcile=False),
+    Variant(gate=mutants.EdgeTriggeredGate, recall=mutants.recall_acquire),
+], ids=["level-triggered executors alone", "reconciliation alone"])
+def test_either_fix_alone_serves_traces_1_and_3(name: str, variant: Variant) -> None:
+    plan, _ = TRACES[name]
+    for seed in TRACE_SEEDS:
+        r = run(seed, variant, plan=plan)
+        assert r.violation is None, r.report()
