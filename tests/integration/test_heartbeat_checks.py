@@ -24,7 +24,7 @@ from typing import Any
 
 import nats
 
-from tests.integration.test_services import edited_cluster, wait_ready
+from tests.integration.test_services import edited_cluster, kv_bucket, wait_ready  # noqa: F401
 from vtlha.messages import CheckResult, Heartbeat, decode
 from vtlha.subjects import Subjects
 from vtlha_lab.localcluster import LocalCluster

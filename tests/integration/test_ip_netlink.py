@@ -289,6 +289,28 @@ async def test_remove_cancels_the_repeats(topo: Topo) -> None:
         await b.close()
 
 
+async def test_no_gratuitous_arp_once_the_group_is_no_longer_held(topo: Topo) -> None:
+    """Issue 14: an ip-manager frozen just after adding an address and resumed after its
+    lease ran out (the group moved) must not send the repeats that fell due meanwhile.
+    The freeze is a blocking sleep of the whole event loop (as SIGSTOP: every timer is
+    due at once on resume, before the enforcement loop could remove the address); the
+    lease is ``may_send``, as the ip-manager wires it to its hold rule."""
+    s = _arp_sniffer(topo)
+    b = await backend_in(topo, make_config(garp_count=5, garp_interval=0.05))
+    lease_until = time.monotonic() + 0.1
+    b.garp.may_send = lambda address: time.monotonic() < lease_until
+    try:
+        await b.add("198.51.100.101/32")  # the first announcement goes out at once
+        time.sleep(0.4)  # frozen: the lease runs out, four repeats fall due  # noqa: ASYNC251
+        await poll(lambda: _done(b), "the repeats to end", timeout=2.0)
+        n = await _count_garps(s, "198.51.100.101", topo.macs["vd0"], time.monotonic() + 0.2)
+        assert (n, b.garp.sent) == (1, 1)
+        assert b.garp.withheld == 1  # the first due repeat is withheld and ends the rest
+    finally:
+        s.close()
+        await b.close()
+
+
 async def _sent_at_least(b: NetlinkBackend, n: int) -> bool:
     return b.garp.sent >= n
 
@@ -650,9 +672,10 @@ class Bus:
                 self.reports.append(decode(MgmtReport, msg.data))
 
             await nc.subscribe(self.subjects.mgmt("node-a"), cb=_on)
-            # The arbiter creates the event stream; there is none in this test.
+            # The arbiter creates the event stream and the KV bucket; none runs here.
             await bus.ensure_events_stream(nc.jetstream(), self.subjects, replicas=1,
                                            max_bytes=1 << 20, max_age=3600.0)
+            await bus.ensure_kv(nc.jetstream(), self.subjects, replicas=1)
             return nc
 
         self.nc = ns.run(_connect())
@@ -732,22 +755,31 @@ def test_service_with_netlink_backend_in_a_namespace(topo: Topo, tmp_path: Path)
                                              and r.gateway_ok is True), "a healthy report")
         assert rep.latency is not None and rep.latency > 0
 
+        # Level-triggered: the lease notices alone make it hold, no command needed.
         client.notice("node-a-data")
         client.notice("node-b-mgmt")
-        ack = client.command("acquire", "node-a-data")
-        assert ack.ok and ack.held == ["198.51.100.101/32"]
+        _wait(lambda: {"198.51.100.101", "203.0.113.102"} <= set(_node_addresses(topo)),
+              "the addresses added on the notices alone")
         assert _node_addresses(topo)["198.51.100.101"] == ("vd0", 32)
-        assert client.command("acquire", "node-a-data").ok
-        assert [e.data["action"] for e in client.events("address.noop")] == ["acquire"]
-        assert client.command("acquire", "node-b-mgmt").held == ["203.0.113.102/32"]
         assert _node_addresses(topo)["203.0.113.102"] == ("vm0", 32)
+        ack = client.command("acquire", "node-a-data")  # held already: changes nothing
+        assert ack.ok and ack.held == ["198.51.100.101/32"]
+        assert client.command("acquire", "node-b-mgmt").held == ["203.0.113.102/32"]
+        _wait(lambda: len(client.events("address.noop")) == 2, "two address.noop events")
+        assert {(e.group, e.data["action"]) for e in client.events("address.noop")} == {
+            ("node-a-data", "acquire"), ("node-b-mgmt", "acquire")}
 
-        ack = client.command("release", "node-a-data")
+        # A release at epoch 2 (the new owner's, as the arbiter sends it): gone at once,
+        # and the lease holder's notices of epoch 1 no longer make it hold.
+        ack = client.command("release", "node-a-data", epoch=2)
         assert ack.ok and ack.held == []
         assert "198.51.100.101" not in _node_addresses(topo)
-        assert client.command("release", "node-a-data").ok
+        client.notice("node-a-data")
+        assert client.command("release", "node-a-data", epoch=2).ok
+        assert "198.51.100.101" not in _node_addresses(topo)
+        _wait(lambda: len(client.events("address.noop")) == 3, "a third address.noop event")
         noops = client.events("address.noop")
-        assert [e.data["action"] for e in noops] == ["acquire", "release"]
+        assert noops[-1].data["action"] == "release"
         assert "nothing to release" in noops[-1].reason
 
         # A link event is published at once, the health follows after `fall` probes.
@@ -763,6 +795,7 @@ def test_service_with_netlink_backend_in_a_namespace(topo: Topo, tmp_path: Path)
             "network namespace"
         assert st["mgmt"]["link_up"] is False and st["mgmt"]["monitored"] is True
         assert st["held"] == {"node-b-mgmt": ["203.0.113.102/32"]}
+        assert st["leases"]["node-a-data"]["verdict"] == "released at a newer epoch"
         text = nns.http(f"{status_url}/metrics")[1].decode()
         assert metric(text, "vtlha_mgmt_monitored") == 1.0
         assert metric(text, "vtlha_mgmt_link_up") == 0.0
@@ -809,6 +842,8 @@ def test_recording_backend_reports_the_mgmt_path_as_not_monitored(
                                 max_reconnect_attempts=0)
         try:
             sub = await nc.subscribe(subject)
+            # The arbiter creates the KV bucket (none runs here): the service waits for it.
+            await bus.ensure_kv(nc.jetstream(), Subjects(raw["cluster"]), replicas=1)
             msg = await sub.next_msg(timeout=15)
             return decode(MgmtReport, msg.data)
         finally:

@@ -165,6 +165,24 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def kv_bucket(request: pytest.FixtureRequest) -> None:
+    """The KV bucket, as the arbiter creates it: a node's services wait for it and never
+    create it themselves (issue 14), and no arbiter runs in these tests."""
+    if "local_cluster" not in request.fixturenames:
+        return
+    lc: LocalCluster = request.getfixturevalue("local_cluster")
+
+    async def _create() -> None:
+        nc = await nats.connect(lc.client_urls(), connect_timeout=2)
+        try:
+            await bus.ensure_kv(nc.jetstream(timeout=2), Subjects(lc.cfg.cluster), replicas=1)
+        finally:
+            await nc.close()
+
+    asyncio.run(_create())
+
+
 # ---- a. heartbeat ----------------------------------------------------------------
 
 def test_heartbeat_sequence_incarnation_and_interval(local_cluster: LocalCluster,

@@ -81,6 +81,10 @@ class Arbiter(Service):
                                                                         replicas))
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
+        # The bucket's identity goes into every command (``Command.bucket``): executors
+        # compare terms and epochs only within one bucket (issue 14).
+        self.act.bucket = await bus.retry_js("kv identity", lambda: bus.kv_identity(
+            self.nc, self.subjects), not_found_too=True)
         self.records.kv = self.kv
         await bus.retry_js("group records", self.records.load)
         await self.records.start_watch()

@@ -34,6 +34,7 @@ class Activation:
         self.term = 0
         self.active_since: float | None = None  # when this arbiter last became active
         self.announced_term = 0  # the term announced to the executors (0: none yet)
+        self.bucket = ""  # the KV bucket's identity (``bus.kv_identity``), read at start
 
     def is_active(self) -> bool:
         return self.election is not None and self.election.is_active()
@@ -71,9 +72,11 @@ class Activation:
 
     def command(self, action: str, group: str, epoch: int,
                 wait: float | None = None) -> Command:
-        """A command carrying this term (the fencing token with ``epoch``)."""
+        """A command carrying this term (the fencing token with ``epoch`` and the KV
+        bucket's identity)."""
         return Command(cluster=self.host.config.cluster, node=self.host.node, term=self.term,
-                       epoch=epoch, group=group, action=action, wait=wait)
+                       epoch=epoch, group=group, action=action, wait=wait,
+                       bucket=self.bucket)
 
     async def announce(self) -> list[str]:
         """Announce ``self.term`` to every executor of every node (DESIGN.md: a new

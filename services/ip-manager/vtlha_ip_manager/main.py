@@ -1,5 +1,6 @@
-"""ip-manager: carries out address takeover and release on the arbiter's commands, and
-reports the node's management-path health.
+"""ip-manager: holds the floating addresses of each group exactly while its lease
+holder's notice for the group is valid (level-triggered; the arbiter's commands make it
+converge sooner), and reports the node's management-path health.
 
 Backends (``--backend`` or the cluster file's ``ip.backend``): ``netlink`` configures
 the floating addresses for real in the network namespace the process runs in (it
@@ -185,9 +186,9 @@ class IpManager(HoldingExecutor):
 
     # ---- addresses ----------------------------------------------------------------
     async def reconcile(self) -> None:
-        """At start: remove addresses held for groups this node does not own (KV); for
-        groups it owns, remember the epoch as the latest command — but hold nothing
-        beyond what a valid lease notice allows (the enforcement loop sees to that)."""
+        """At start (once the KV bucket exists): remove addresses held for groups this
+        node does not own (KV); for groups it owns, hold nothing beyond what a valid
+        lease notice allows (the enforcement loop sees to that)."""
         records = await self.recall_owned(self.my_groups)
         held = await self.backend.held()
         for group in sorted(self.my_groups):

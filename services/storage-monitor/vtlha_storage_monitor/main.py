@@ -15,8 +15,8 @@ is an event (``storage.path_down`` / ``storage.path_up``), and a device with no 
 left is ``storage.device_lost``. Events are published in the background, never
 waited for.
 
-Storage takeover and release (an :class:`~vtlha.executor.Executor`: the latest
-command AND a valid lease notice, as the ip-manager): to hold a data group it takes
+Storage takeover and release (an :class:`~vtlha.executor.Executor`: level-triggered
+on a valid lease notice, as the ip-manager): to hold a data group it takes
 each device's reservation at the SAN target at the group's epoch (``reserve``, or
 ``preempt`` when another node holds it), then runs the group's resource agents'
 ``start`` (``vtlha.agents``; by default the tape data service). A refused reservation
@@ -174,9 +174,9 @@ class StorageMonitor(HoldingExecutor):
 
     # ---- storage takeover and release (the Executor's hold rule calls these) --------
     async def reconcile(self) -> None:
-        """At start: remember the epoch of each group this node owns (KV), so that a
-        valid notice lets it hold again; stop the resources of groups it does not own
-        that an earlier run left running."""
+        """At start (once the KV bucket exists): stop the resources of groups this node
+        does not own (KV) that an earlier run left running. What it owns it holds again
+        when a valid lease notice arrives."""
         records = await self.recall_owned(self.executor_groups())
         for group in sorted(self.executor_groups()):
             rec = records.get(group)
