@@ -139,7 +139,8 @@ TRACES = {
     "an older record applied after a newer one": (
         _plan(1.3, Fault(0.5, "switchover", "node-a-data"),
               Fault(1.2, "replay", "node-b/lease|node-a-data", arg=0)),
-        Variant(lease_holder=mutants.AppliesOlderRecords)),
+        Variant(lease_holder=mutants.AppliesOlderRecords,
+                gate=mutants.RevokeFinalForItsEpoch)),
     # 3. node-a cut off; the active arbiter died between the claim and the commands: the
     # next one found the group held by node-b and did nothing.
     "the arbiter died between the claim and the acquire commands": (
@@ -240,6 +241,17 @@ def test_switchover_without_faults_moves_the_group_within_the_lease() -> None:
 ], ids=["level-triggered executors alone", "reconciliation alone"])
 def test_either_fix_alone_serves_traces_1_and_3(name: str, variant: Variant) -> None:
     plan, _ = TRACES[name]
+    for seed in TRACE_SEEDS:
+        r = run(seed, variant, plan=plan)
+        assert r.violation is None, r.report()
+
+
+@pytest.mark.parametrize("variant", [
+    Variant(lease_holder=mutants.AppliesOlderRecords),
+    Variant(gate=mutants.RevokeFinalForItsEpoch),
+], ids=["notices decided after a revoke alone", "monotonic reads alone"])
+def test_either_fix_alone_serves_trace_2(variant: Variant) -> None:
+    plan, _ = TRACES["an older record applied after a newer one"]
     for seed in TRACE_SEEDS:
         r = run(seed, variant, plan=plan)
         assert r.violation is None, r.report()

@@ -100,6 +100,15 @@ class AppliesOlderRecords(LeaseHolder):
         return super().on_record(group, rec, revision, now)
 
 
+class RevokeFinalForItsEpoch(HoldGate):
+    """Before ``LeaseNotice.since``: a revoke is final for its epoch, whatever was decided
+    after it (issue 14, trace 2, with ``AppliesOlderRecords``)."""
+
+    def on_notice(self, group: str, epoch: int, valid_until: float, revoked: bool,
+                  since: float = 0.0) -> None:
+        super().on_notice(group, epoch, valid_until, revoked, 0.0)
+
+
 @dataclass
 class EdgeTriggeredGate(HoldGate):
     """Before level-triggered executors: hold only at the epoch of the latest acquire

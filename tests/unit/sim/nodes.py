@@ -314,7 +314,7 @@ class ExecProc:
         return str(self.gate.verdict(group, self.now()))
 
     def on_notice(self, n: Notice) -> None:
-        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked, n.since)
         self.sim.check.step(n.group)
 
     def on_command(self, cmd: Cmd, reply: Callable[[bool], None]) -> None:
