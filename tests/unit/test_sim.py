@@ -255,3 +255,19 @@ def test_either_fix_alone_serves_trace_2(variant: Variant) -> None:
     for seed in TRACE_SEEDS:
         r = run(seed, variant, plan=plan)
         assert r.violation is None, r.report()
+
+
+def test_node_cut_from_the_witness_only_costs_the_other_node_none_of_its_groups() -> None:
+    """Issue 14: node-a's links to the witness cut (it still reaches node-b): node-b's
+    own groups are served at every look, and node-a's are served again (by node-b)."""
+    plan = _plan(1.6, Fault(0.4, "cut", "node-a|witness", until=1.6))
+    for seed in range(5):
+        sim = Sim(seed, plan=plan)
+        sim.setup()
+        t = 0.3
+        while t < 1.6:
+            t += 0.02
+            sim.w.run_until(t)
+            for g in ("node-b-data", "node-b-mgmt"):
+                assert sim.check.served_by(g) == ["node-b"], f"seed {seed}, {t:.2f} s: {g}"
+        assert sim.check.served_by("node-a-data") == ["node-b"]
