@@ -179,9 +179,13 @@ async def wait_for_kv(js: JetStreamContext, subjects: Subjects, what: str) -> Ke
             await asyncio.sleep(delay)
 
 
-async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
-                               max_bytes: int, max_age: float) -> None:
-    cfg = StreamConfig(
+#: seconds within which the event stream drops a second message with the same id
+EVENTS_DUPLICATE_WINDOW = 120.0
+
+
+def events_stream_config(subjects: Subjects, replicas: int, max_bytes: int, max_age: float,
+                         duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> StreamConfig:
+    return StreamConfig(
         name=subjects.events_stream,
         subjects=[subjects.events_all],
         retention=RetentionPolicy.LIMITS,
@@ -190,14 +194,30 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replica
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
         num_replicas=replicas,
+        duplicate_window=duplicate_window,
     )
+
+
+async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
+                               max_bytes: int, max_age: float,
+                               duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> None:
+    """Create the event stream, or bring an existing one's limits and duplicate window
+    to these (a stream created before the window was set has the server's default)."""
+    cfg = events_stream_config(subjects, replicas, max_bytes, max_age, duplicate_window)
     try:
-        await js.stream_info(subjects.events_stream)
+        info = await js.stream_info(subjects.events_stream)
     except NotFoundError:
         try:
             await js.add_stream(cfg)
+            return
         except BadRequestError:
-            await js.stream_info(subjects.events_stream)
+            info = await js.stream_info(subjects.events_stream)
+    have = info.config
+    if (abs((have.duplicate_window or 0) - duplicate_window) > 1e-3
+            or have.max_bytes != max_bytes or abs((have.max_age or 0) - max_age) > 1e-3):
+        log.info("updating the event stream's limits", extra={
+            "duplicate_window": duplicate_window, "was": have.duplicate_window})
+        await js.update_stream(cfg.evolve(num_replicas=have.num_replicas or replicas))
 
 
 def kv_stream(subjects: Subjects) -> str:
@@ -222,11 +242,18 @@ async def prefer_leader(nc: NATS, js: JetStreamContext, stream: str, preferred: 
     return leader
 
 
+#: the JetStream header that names a message for the stream's duplicate detection
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
 async def publish_event(js: JetStreamContext, subjects: Subjects, event: Event,
-                        timeout: float = 2.0) -> int:
-    """Publish an event to the stream; returns its stream sequence (its number)."""
-    ack = await js.publish(subjects.event(event.kind), encode(event), timeout=timeout)
-    return int(ack.seq)
+                        timeout: float = 2.0) -> tuple[int, bool]:
+    """Publish an event to the stream with its id as the message id; returns its stream
+    sequence (its number) and whether the stream already had it (a duplicate within the
+    window: an earlier attempt that timed out at the client had been stored)."""
+    ack = await js.publish(subjects.event(event.kind), encode(event), timeout=timeout,
+                           headers={MSG_ID_HEADER: event.id})
+    return int(ack.seq), bool(ack.duplicate)
 
 
 async def send_command(nc: NATS, subject: str, cmd: Command, timeout: float) -> Ack:

@@ -218,6 +218,8 @@ async def _ask(cfg: ClusterConfig, nats_urls: str | None, req: Any, timeout: flo
         click.echo(f"vtlha {req.verb}: cannot reach NATS: {exc!r}", err=True)
         return EXIT_NO_ANSWER
     try:
+        # Follow a granted move from the stream's end as it is now: its events come after.
+        start = await _stream_end(nc, subj) + 1
         try:
             raw = await nc.request(subj.admin(req.verb), encode(req), timeout=timeout)
             reply = decode(AdminReply, raw.data)
@@ -238,19 +240,27 @@ async def _ask(cfg: ClusterConfig, nats_urls: str | None, req: Any, timeout: flo
         click.echo(reply.status)
         if not reply.takeovers or wait_s <= 0:
             return EXIT_OK
-        return await _follow_moves(nc, subj, reply, wait_s)
+        return await _follow_moves(nc, subj, reply, wait_s, start)
     finally:
         await nc.close()
 
 
-async def _follow_moves(nc: Any, subj: Any, reply: Any, wait_s: float) -> int:
+async def _stream_end(nc: Any, subj: Any) -> int:
+    """The event stream's last sequence now (0 when it cannot be read)."""
+    try:
+        info = await asyncio.wait_for(nc.jetstream().stream_info(subj.events_stream), 2.0)
+        return int(info.state.last_seq)
+    except Exception:
+        return 0
+
+
+async def _follow_moves(nc: Any, subj: Any, reply: Any, wait_s: float, since: int) -> int:
     """Wait for ``<kind>.completed`` or ``<kind>.failed`` of every move the reply
-    started (same group and epoch), printing each; the events come from the stream."""
+    started (same group and epoch), printing each; the events come from the stream, from
+    ``since`` (the stream's end before the request) on."""
     from vtlha import eventlog
 
     todo = {(t.group, t.epoch): t for t in reply.takeovers}
-    seqs = [t.started for t in reply.takeovers if t.started is not None]
-    since = min(seqs) if len(seqs) == len(todo) else 1
     failed = False
     try:
         async with asyncio.timeout(wait_s), contextlib.aclosing(

@@ -285,6 +285,20 @@ class Nats(_Model):
     events_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024,
                                   description="event stream size limit (oldest dropped)")
     events_max_age: float = Field(30 * 86400.0, gt=0, description="event stream age limit, s")
+    events_duplicate_window: float = Field(
+        120.0, gt=0, description="seconds within which the event stream drops a second "
+        "copy of an event (same id); readers drop later copies by id whatever the age")
+    outbox_max_events: int = Field(10_000, ge=10, description="events a service keeps in "
+                                   "its outbox while the stream is unavailable")
+    outbox_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024,
+                                  description="size bound of a service's outbox, bytes")
+
+    @model_validator(mode="after")
+    def _window_within_age(self) -> Nats:
+        if self.events_duplicate_window > self.events_max_age:
+            raise ValueError(f"events_duplicate_window ({self.events_duplicate_window} s) "
+                             f"must not exceed events_max_age ({self.events_max_age} s)")
+        return self
 
     @property
     def stream_replicas(self) -> int:

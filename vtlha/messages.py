@@ -8,6 +8,7 @@ required fields are rejected. ``decode`` never raises anything but InvalidMessag
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Literal, TypeVar
 
 import orjson
@@ -166,17 +167,39 @@ class Ack(Envelope):
     held: list[str] = Field(default_factory=list)
 
 
+def new_event_id() -> str:
+    """A unique event id (random, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
 class Event(Envelope):
-    kind: str
-    pair: str | None = None
-    group: str | None = None
-    old: str | None = None
-    new: str | None = None
-    term: int | None = None
-    epoch: int | None = None
-    reason: str
-    inputs: dict[str, Any] = Field(default_factory=dict)
-    data: dict[str, Any] = Field(default_factory=dict)
+    """One event on ``ha.<c>.events.<kind>`` (docs/events.md). ``id`` is unique per
+    event and is also its JetStream message id: the stream drops a second copy within
+    its duplicate window, readers drop any later copy by ``id``. An event from a sender
+    older than ids gets a fresh one when read (it was published once, without retries)."""
+
+    id: str = Field(default_factory=new_event_id, min_length=1, max_length=64,
+                    pattern=r"^[A-Za-z0-9_.-]+$",
+                    description="unique per event; also its JetStream message id")
+    kind: str = Field(description="what happened (docs/events.md); the subject's tail")
+    pair: str | None = Field(None, description="the pair it is about")
+    group: str | None = Field(None, description="the group it is about")
+    old: str | None = Field(None, description="the node a group or role leaves (or: is about)")
+    new: str | None = Field(None, description="the node a group or role goes to")
+    term: int | None = Field(None, description="the active arbiter's term that decided it")
+    epoch: int | None = Field(None, description="the group's epoch it is about")
+    reason: str = Field(description="one sentence for humans (a decision's status)")
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="a decision's inputs {snapshot, now[, request]}: "
+        "`vtlha explain` re-runs the policy on them")
+    data: dict[str, Any] = Field(default_factory=dict, description="the kind's own fields")
+
+
+def event_json_schema() -> str:
+    """The event envelope as a JSON Schema, as docs/events.md shows it."""
+    schema = Event.model_json_schema()
+    schema["properties"]["sent_at"].pop("default", None)
+    return orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode()
 
 
 # ---- operator requests (``ha.<c>.admin.<verb>``, request/reply) --------------------
@@ -227,7 +250,10 @@ class AdminTakeover(_Open):
     new: str
     epoch: int = Field(ge=1)
     kind: str  # event family: switchover, failback
-    started: int | None = None  # the stream sequence of its ``<kind>.started`` event
+    #: no longer set (an event's number is not known when it is recorded): kept so that
+    #: older clients still read the reply; see ``started_id``
+    started: int | None = None
+    started_id: str | None = None  # the id of its ``<kind>.started`` event
 
 
 class AdminReply(Envelope):
@@ -239,7 +265,9 @@ class AdminReply(Envelope):
     status: str
     request: dict[str, Any] = Field(default_factory=dict)
     term: int = Field(0, ge=0)
-    events: list[int] = Field(default_factory=list)  # stream sequences of its events
+    #: no longer set (see ``event_ids``): kept so that older clients still read the reply
+    events: list[int] = Field(default_factory=list)
+    event_ids: list[str] = Field(default_factory=list)  # the ids of its events
     takeovers: list[AdminTakeover] = Field(default_factory=list)
 
 

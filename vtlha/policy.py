@@ -618,7 +618,9 @@ def _marks(snap: Snapshot, pair: PairView, dead: frozenset[str], now: float) -> 
         if n in dead and not view.declared_down:
             out.append(MarkDown(n, pair.name, f"{n} is down: {_silence(view, now)}",
                                 Rule.HEARTBEATS_STOPPED))
-        elif n not in dead and view.declared_down:
+        elif view.declared_down and is_alive(view, now, snap.dead_after):
+            # (heard again: a node declared down by an earlier active arbiter stays down
+            # through a new one's "never heard" grace, in which it is not yet dead)
             out.append(MarkUp(n, pair.name,
                               f"{n} is back (heartbeats resumed); failback is {pair.failback}",
                               Rule.NODE_BACK))

@@ -37,6 +37,7 @@ from vtlha.config import ClusterConfig, load_config
 from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
 from vtlha.log import setup_logging
 from vtlha.messages import Event
+from vtlha.outbox import Outbox, stream_publisher
 from vtlha.subjects import Subjects
 
 SHUTDOWN_GRACE = 3.0  # seconds for work in flight at SIGTERM
@@ -80,6 +81,11 @@ class Service:
             registry=self.registry,
         )
         self.up = Gauge("vtlha_up", "1 while the service runs", registry=self.registry)
+        n = config.nats
+        #: events go through here: written locally first, published until stored
+        self.outbox = Outbox(self.state_dir / f"outbox-{self.name}", self.registry,
+                             log=logging.getLogger(f"vtlha.{self.name}.outbox"),
+                             max_events=n.outbox_max_events, max_bytes=n.outbox_max_bytes)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -190,29 +196,23 @@ class Service:
 
         return _cb
 
-    async def emit(self, kind: str, reason: str, **fields: Any) -> int | None:
-        """Publish an event to the stream and return its number; an event that cannot be
-        published is logged, never fatal."""
+    async def emit(self, kind: str, reason: str, **fields: Any) -> str | None:
+        """Record an event and return its id at once (None when the outbox is full and
+        the event was dropped, which is logged and counted). The event is written to the
+        service's outbox and published in the background until the stream stores it
+        (``vtlha.outbox``): nothing that emits ever waits for the event stream."""
+        return self.emit_soon(kind, reason, **fields)
+
+    def emit_soon(self, kind: str, reason: str, **fields: Any) -> str | None:
+        """``emit`` for code that is not a coroutine (the same: it never waits)."""
         pair = self.config.pair_of(self.node).name if self.config.has_node(self.node) else None
         fields.setdefault("pair", pair)
         event = Event(cluster=self.config.cluster, node=self.node, kind=kind, reason=reason,
                       **fields)
-        try:
-            seq = await bus.publish_event(self.js, self.subjects, event, timeout=1.0)
-        except Exception as exc:
-            self.log.warning("event not published", extra={"kind": kind, "error": repr(exc)})
+        if not self.outbox.put(event):
             return None
-        self.log.info(reason, extra={"event": kind, "seq": seq})
-        return seq
-
-    def emit_soon(self, kind: str, reason: str, **fields: Any) -> None:
-        """Publish an event in the background. Paths that keep the safety rules (dropping
-        an address when a lease lapses, renewing) must never wait for the event stream:
-        a node cut off from it would wait out the publish timeout first."""
-        self.spawn(self._emit_quietly(kind, reason, fields), f"event-{kind}", critical=False)
-
-    async def _emit_quietly(self, kind: str, reason: str, fields: dict[str, Any]) -> None:
-        await self.emit(kind, reason, **fields)
+        self.log.info(reason, extra={"event": kind, "event_id": event.id})
+        return event.id
 
     # ---- lifecycle ---------------------------------------------------------
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
@@ -229,6 +229,9 @@ class Service:
             self.log.warning("one NATS server: NOT partition-safe (no quorum elsewhere, no "
                              "failsafe for its loss); for quick tests only",
                              extra={"nats": self.nats_urls})
+        self.outbox.load()
+        publish = stream_publisher(lambda: self.js, self.subjects)
+        self.spawn(self.outbox.run(publish, self._stopping), "outbox")
         await self.start()
         self.up.set(1)
         self.log.info("started", extra={"nats": self.nats_urls})
@@ -271,7 +274,8 @@ class Service:
 
     async def _status(self, request: web.Request) -> web.Response:
         body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,
-                "nats": bus.server_url(self._nc) if self._nc else None, **self.status()}
+                "nats": bus.server_url(self._nc) if self._nc else None,
+                "outbox": self.outbox.status(), **self.status()}
         return web.json_response(body, dumps=_dumps)
 
     async def run(self, http_host: str, http_port: int) -> int:

@@ -74,6 +74,12 @@ class Subjects:
         return f"pair.{pair}"
 
     @staticmethod
+    def event_state_key(pair: str) -> str:
+        """What decides whether the arbiter's events about a pair are due
+        (``vtlha.eventstate``), written only by the active arbiter."""
+        return f"events.{pair}"
+
+    @staticmethod
     def probe_key(node: str) -> str:
         """A node's lease holder writes here to learn whether it reaches the KV when it
         holds nothing to renew (never ownership)."""

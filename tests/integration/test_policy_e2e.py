@@ -174,7 +174,7 @@ def test_fatal_check_moves_both_groups_nonfatal_only_alarms(
                                    f"node-a (a fatal process error)")
             assert (n_ev.old, n_ev.new) == ("node-a", "node-b")
             assert "assuming primary responsibility" in n_ev.reason
-            assert d_ev.data["started"] == s_seq
+            assert d_ev.data["started"] == s_ev.id
             # vtlha explain replays the real event and prints the same sentence.
             out = explain(c, s_seq)
             assert out.returncode == 0, out.stderr
@@ -332,13 +332,13 @@ def test_switchover_to_a_healthy_companion_and_refused_to_a_dead_one(
     o = owners(c)
     assert o["node-a-data"] == ("node-b", 2, "held")
     assert o["node-a-mgmt"] == before["node-a-mgmt"]  # the management group stays
-    (s_seq, s_ev), = of_kind(c, "switchover.started")
+    (_, s_ev), = of_kind(c, "switchover.started")
     assert s_ev.data["rule"] == "switchover" and s_ev.inputs["request"] == {
         "verb": "switchover", "group": "node-a-data"}
     (_, n_ev), = of_kind(c, "failover.notify")
     (_, d_ev), = of_kind(c, "switchover.completed")
     assert (n_ev.group, n_ev.old, n_ev.new) == ("node-a-data", "node-a", "node-b")
-    assert d_ev.data["started"] == s_seq
+    assert d_ev.data["started"] == s_ev.id
     print(f"\nvtlha switchover node-a-data: {took * 1000:.0f} ms for the command (process "
           f"start included), takeover {d_ev.data['duration_s'] * 1000:.0f} ms; {d_ev.reason}")
 

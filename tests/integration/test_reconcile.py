@@ -1,8 +1,9 @@
 """A new active arbiter reconciles every group (issue 14), end to end on loopback.
 
 The active arbiter is frozen (SIGSTOP), the test writes the claim it would have written
-(compare-and-set of ``node-a-mgmt`` to node-b at epoch + 1, with the arbiter's term) and
-its ``switchover.started`` event, then kills it: exactly what an arbiter stopped between
+(compare-and-set of ``node-a-mgmt`` to node-b at epoch + 1, with the arbiter's term), its
+``switchover.started`` event and that move in the event state (``events.pair-1``, as
+its sync would), then kills it: exactly what an arbiter stopped between
 the claim and the acquire commands leaves behind (the interleaving forced, not raced).
 node-b's lease holder turns the claim into ``held`` on its own after lease_ttl; the next
 active arbiter must tell node-b's executors and end the started event. Before the
@@ -18,10 +19,12 @@ import time
 import nats
 import pytest
 import yaml
+from nats.js.errors import KeyNotFoundError
 
 from tests.integration.natsutil import events, kv_groups
 from vtlha import bus
 from vtlha.config import load_config
+from vtlha.eventstate import EventState, StartedMove
 from vtlha.messages import Event, GroupRecord, encode
 from vtlha.subjects import Subjects
 from vtlha_lab.localcluster import LocalCluster
@@ -40,11 +43,11 @@ def cluster(local_cluster: LocalCluster) -> LocalCluster:
     return c
 
 
-def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, int]:
-    """Write the claim and its started event as the active arbiter would: (epoch, the
-    event's number)."""
+def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
+    """Write the claim, its started event and the event state as the active arbiter
+    would: (epoch, the event's id)."""
 
-    async def _go() -> tuple[int, int]:
+    async def _go() -> tuple[int, str]:
         nc = await nats.connect(url)
         try:
             s = Subjects(cluster)
@@ -60,8 +63,18 @@ def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, int]:
                        reason="node-b takes over node-a-mgmt from node-a: switchover "
                        "requested by an operator", pair="pair-1", group=GROUP, old="node-a",
                        new="node-b", term=term, epoch=epoch)
-            seq = await bus.publish_event(js, s, ev, timeout=2.0)
-            return epoch, seq
+            await bus.publish_event(js, s, ev, timeout=2.0)
+            move = StartedMove(id=ev.id, kind="switchover", group=GROUP, pair="pair-1",
+                               old="node-a", new="node-b", epoch=epoch, term=term)
+            key = s.event_state_key("pair-1")
+            try:
+                got = await kv.get(key)
+                state = EventState.model_validate_json(got.value or b"{}")
+                state.started[GROUP] = move
+                await kv.update(key, encode(state), last=got.revision)
+            except KeyNotFoundError:
+                await kv.create(key, encode(EventState(started={GROUP: move})))
+            return epoch, ev.id
         finally:
             await nc.close()
 

@@ -225,6 +225,16 @@ def test_node_back_is_marked_up_without_failback() -> None:
     assert of_type(d, Takeover) == []
 
 
+@pytest.mark.parametrize("since_start", [0.0, 0.125, DEAD_AFTER])
+def test_a_node_declared_down_before_is_not_back_in_a_new_arbiters_grace(
+        since_start: float) -> None:
+    """A new active arbiter adopts "declared down" from the KV and has never heard the
+    node: within its grace the node is not dead, but not back either (no heartbeat)."""
+    s = snap(a_age=None, a_down=True, owners={"node-a-data": B, "node-a-mgmt": B},
+             started_at=NOW - since_start)
+    assert decide(s, NOW).actions == ()
+
+
 def test_node_back_at_the_dead_after_boundary() -> None:
     d = decide(snap(a_age=DEAD_AFTER, a_down=True), NOW)
     assert [type(a) for a in d.actions] == [MarkUp]

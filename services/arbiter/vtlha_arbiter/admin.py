@@ -129,17 +129,17 @@ class AdminServer:
             who = {"operator": req.operator, "from": req.node, "request": request}
             host.log.info(status, extra={"term": self.act.term, **who})
             if isinstance(result, Refusal):
-                seq = await host.emit(f"{req.verb}.refused", status, inputs=inputs,
+                eid = await host.emit(f"{req.verb}.refused", status, inputs=inputs,
                                       term=self.act.term, data=who,
                                       **_about(req, snap))
                 return self._reply(False, req.verb, status, request=request,
-                                   events=_seqs(seq))
+                                   event_ids=_ids(eid))
             return await self._carry_out(req, result, status, inputs, who)
 
     async def _carry_out(self, req: AdminRequest, actions: tuple[policy.OperatorAction, ...],
                          status: str, inputs: dict[str, Any],
                          who: dict[str, Any]) -> AdminReply:
-        events: list[int] = []
+        events: list[str] = []
         takeovers: list[AdminTakeover] = []
         problems: list[str] = []
         for a in actions:
@@ -149,17 +149,17 @@ class AdminServer:
                     problems.append(done)
                 else:
                     takeovers.append(done)
-                    events += _seqs(done.started)
+                    events += _ids(done.started_id)
             elif isinstance(a, ClearHold | SetMaintenance):
-                problem, seq = await self._pair_change(a, inputs, who)
-                events += _seqs(seq)
+                problem, eid = await self._pair_change(a, inputs, who)
+                events += _ids(eid)
                 if problem:
                     problems.append(problem)
         if problems:
             self.host.log.warning("operator request not carried out", extra={"problems": problems})
             return self._reply(False, req.verb, f"{status}; but: {'; '.join(problems)}",
-                               request=who["request"], events=events, takeovers=takeovers)
-        return self._reply(True, req.verb, status, request=who["request"], events=events,
+                               request=who["request"], event_ids=events, takeovers=takeovers)
+        return self._reply(True, req.verb, status, request=who["request"], event_ids=events,
                            takeovers=takeovers)
 
     async def _takeover(self, a: Takeover, inputs: dict[str, Any],
@@ -169,10 +169,10 @@ class AdminServer:
         if claimed is None:
             return f"{a.group} changed since it was looked at (try again)"
         return AdminTakeover(group=a.group, old=a.old, new=a.new, epoch=claimed.epoch,
-                             kind=claimed.kind, started=claimed.started)
+                             kind=claimed.kind, started_id=claimed.started)
 
     async def _pair_change(self, a: ClearHold | SetMaintenance, inputs: dict[str, Any],
-                           who: dict[str, Any]) -> tuple[str | None, int | None]:
+                           who: dict[str, Any]) -> tuple[str | None, str | None]:
         host, pairs = self.host, self.pairs
         assert pairs is not None
         common: dict[str, Any] = {"pair": a.pair, "term": self.act.term, "inputs": inputs}
@@ -197,8 +197,8 @@ def _result(reply: AdminReply) -> str:
     return "refused" if " refused: " in reply.status else "failed"
 
 
-def _seqs(seq: int | None) -> list[int]:
-    return [] if seq is None else [seq]
+def _ids(event_id: str | None) -> list[str]:
+    return [] if event_id is None else [event_id]
 
 
 def _about(req: AdminRequest, snap: policy.Snapshot) -> dict[str, Any]:

@@ -32,11 +32,13 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 
 from vtlha import bus
+from vtlha.eventstate import EventStateStore, EventStateSync
 from vtlha.messages import Heartbeat, MgmtReport, StorageReport, decode
 from vtlha.service import Service, service_command
 from vtlha_arbiter.admin import AdminServer
 from vtlha_arbiter.decider import Decider
 from vtlha_arbiter.election import ElectionRunner
+from vtlha_arbiter.eventbook import EventBook
 from vtlha_arbiter.leaders import LEADER_CHECK_INTERVAL, LeaderPlacement
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
@@ -59,9 +61,10 @@ class Arbiter(Service):
         self.mover = Mover(self, self.view, self.records, self.act)
         self.decider = Decider(self, self.view, self.mover, self.act)
         self.admin = AdminServer(self, self.act, self.decider, self.mover)
-        self.reconciler = Reconciler(self, self.view, self.mover, self.act, lambda: self.js)
+        self.reconciler = Reconciler(self, self.view, self.mover, self.act)
         self.decider.reconciler = self.reconciler
         self.leaders = LeaderPlacement(self, lambda: self.js, self.act.is_active)
+        self.book = EventBook(self, self.view, self.mover)  # events.<pair> in the KV
         self.kv: KeyValue | None = None
         self.pair_watcher: KeyValue.KeyWatcher | None = None
         self.election: ElectionRunner | None = None
@@ -80,12 +83,15 @@ class Arbiter(Service):
         self.kv = await bus.retry_js("kv bucket", lambda: bus.ensure_kv(self.js, self.subjects,
                                                                         replicas))
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
-            self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age))
+            self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age,
+            n.events_duplicate_window))
         # The bucket's identity goes into every command (``Command.bucket``): executors
         # compare terms and epochs only within one bucket (issue 14).
         self.act.bucket = await bus.retry_js("kv identity", lambda: bus.kv_identity(
             self.nc, self.subjects), not_found_too=True)
         self.records.kv = self.kv
+        self.book.store = EventStateStore(self.kv, self.subjects, self.book.pair_nodes,
+                                          self.log)
         await bus.retry_js("group records", self.records.load)
         await self.records.start_watch()
         self.every(STALL_INTERVALS * self.t.heartbeat_interval, self.records.check,
@@ -111,6 +117,8 @@ class Arbiter(Service):
         self.spawn(self.election.run(), "election")
         self.ready = True
         self.every(self.t.heartbeat_interval / 2, self.decider.tick, "decide")
+        sync = EventStateSync(self.book.store, self.book.current, self.act.is_acting)
+        self.every(self.t.heartbeat_interval / 2, sync.sync, "event-state")
         if self.leaders.wanted():
             self.every(LEADER_CHECK_INTERVAL, self.leaders.check, "leaders")
 
@@ -138,11 +146,11 @@ class Arbiter(Service):
         act.announced_term = 0
         act.term, act.active_since, self.view.started_at = term, since, since
         self.decider.holdoff_logged = False
+        await self.book.adopt(deadline=self.t.leader_ttl)  # before deciding anything
         not_acked = await act.announce()
         if not act.is_current(term, since):
             return  # lost or lapsed meanwhile: the change that follows says so
         act.announced_term = term
-        self.reconciler.on_active()
         await self.admin.open()
         prev = el.previous_leader
         after = f", taking over from {prev}" if prev and prev != self.node else ""

@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
+from vtlha.eventstate import StartedMove, outcome
 from vtlha.messages import Ack, GroupRecord
 from vtlha.policy import Assign, Resume, Takeover
 from vtlha.protocol import takeover as tk
@@ -39,18 +40,19 @@ POLL = 0.005  # seconds between looks at the view while a move waits
 @dataclass(frozen=True)
 class Claimed:
     """An operator's move whose claim succeeded: the epoch written, the event family and
-    the number of its ``<kind>.started`` event."""
+    the id of its ``<kind>.started`` event (None: not recorded)."""
 
     epoch: int
     kind: str
-    started: int | None
+    started: str | None
 
 
 @dataclass
 class Job:
     """One move and what its events say. ``family``: the takeover's event family
-    (failover, failback, switchover); ``completed``: the event of a finished assignment
-    or resume; ``finishes``: ``<kind>.started`` events (kind, number) this move ends."""
+    (failover, failback, switchover); ``announce``: a finished assignment or resume is
+    announced (``group.assigned`` / ``group.resumed``); ``finishes``: the
+    ``<kind>.started`` events (family, id) this move ends."""
 
     move: tk.Move
     pair: str
@@ -59,8 +61,8 @@ class Job:
     rule: policy.Rule | None = None
     data: dict[str, Any] = field(default_factory=dict)
     family: str | None = None
-    completed: str | None = None
-    finishes: list[tuple[str, int | None]] = field(default_factory=list)
+    announce: bool = False
+    finishes: list[tuple[str, str | None]] = field(default_factory=list)
 
 
 class Mover:
@@ -73,6 +75,9 @@ class Mover:
         self.act = activation
         self.pairs: PairState | None = None
         self.runs: dict[str, Run] = {}
+        #: group -> the move whose ``<kind>.started`` went out and whose end did not yet
+        #: (kept in the KV by ``eventbook``: a new active arbiter ends it)
+        self.started: dict[str, StartedMove] = {}
         self.takeovers = Counter("vtlha_takeovers_total", "Takeovers, by result", ["result"],
                                  registry=host.registry)
         self.takeover_seconds = Histogram(
@@ -107,10 +112,10 @@ class Mover:
                        family=policy.event_kind(a.rule))
         if isinstance(a, Assign):
             move = tk.Move(tk.Kind.ASSIGN, a.group, a.node, storage=storage)
-            return Job(move, a.pair, a.status, inputs, a.rule, completed="group.assigned")
+            return Job(move, a.pair, a.status, inputs, a.rule, announce=True)
         move = tk.Move(tk.Kind.RESUME, a.group, a.node, epoch=a.epoch, revision=a.revision,
                        storage=storage)
-        return Job(move, a.pair, a.status, inputs, a.rule, completed="group.resumed")
+        return Job(move, a.pair, a.status, inputs, a.rule, announce=True)
 
     def start(self, action: Takeover | Assign | Resume, inputs: dict[str, Any]) -> None:
         """Carry out a move the policy decided, in the background."""
@@ -135,8 +140,64 @@ class Mover:
         run = self.run(self.job_of(a, inputs, who))
         if not await run.claimed:
             return None
-        started = await run.started_seq()
-        return Claimed(run.machine.epoch, run.job.family or "", started)
+        return Claimed(run.machine.epoch, run.job.family or "", run.started_id)
+
+    def forget_started(self, group: str, epoch: int) -> None:
+        """The group's started move (at ``epoch`` or older) has ended."""
+        m = self.started.get(group)
+        if m is not None and m.epoch <= epoch:
+            del self.started[group]
+
+    async def end_adopted(self, m: StartedMove) -> None:
+        """A move another active arbiter started and did not end (``eventbook``): the
+        reconciliation's move re-driving its group at its epoch ends it, once the
+        hold-off is over; otherwise what the KV shows does (``eventstate.outcome``:
+        held at its epoch: ``.completed``, after its storage is served; moved on or its
+        new owner down: ``.failed``), or the bound passes (``.failed``)."""
+        bound = 2 * (self.t.lease_ttl + self.t.margin) + 2 * ACQUIRE_DEADLINE
+        deadline = time.monotonic() + bound
+        got = None
+        while got is None and time.monotonic() < deadline and not self.host.stopping:
+            run = self.runs.get(m.group)
+            if run is not None and not run.machine.done and run.machine.epoch == m.epoch:
+                run.job.finishes.append((m.kind, m.id))
+                return
+            until = self.act.hold_off_until()
+            if until is None or time.monotonic() > until + self.t.heartbeat_interval:
+                rec = self.view.records.get(m.group)
+                got = outcome(m, rec[0] if rec else None, self.view.is_gone(m.new))
+            if got is None:
+                await asyncio.sleep(0.01)
+        if self.host.stopping:
+            return
+        result, why = got or ("failed", f"not held by {m.new} within {bound:.0f} s")
+        if result == "completed":
+            problem = await self._served(m.group, m.new, m.epoch)
+            if problem is not None:
+                result, why = "failed", f"{why} but does not serve its storage: {problem}"
+        kind, fields = m.kind, {
+            "pair": m.pair, "group": m.group, "old": m.old, "new": m.new,
+            "term": self.act.term, "epoch": m.epoch,
+            "data": {"started": m.id, "adopted": True, "started_term": m.term}}
+        why = f"{why}; started under term {m.term}, ended by the arbiter on {self.host.node}"
+        if result == "completed":
+            self.host.emit_soon(f"{kind}.completed", why, **fields)
+        else:
+            self.host.emit_soon(f"{kind}.failed", why, **fields)
+        self.forget_started(m.group, m.epoch)
+
+    async def _served(self, group: str, owner: str, epoch: int) -> str | None:
+        """None once ``owner`` serves ``group`` at ``epoch`` (or it has no storage)."""
+        bound = self.timings(group).storage_bound
+        if not self.host.config.group_devices(group):
+            return None
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline and not self.host.stopping:
+            said = self.view.storage_state(owner, group, epoch)
+            if said is not None and said[0] in ("served", "failed"):
+                return None if said[0] == "served" else (said[1] or "failed")
+            await asyncio.sleep(0.01)
+        return f"not reported served within {bound:.1f} s"
 
     def finished(self, run: Run, end: tk.Done | tk.Failed | tk.GivenUp) -> None:
         if self.runs.get(run.job.move.group) is run:
@@ -229,13 +290,8 @@ class Run:
         self.queue: asyncio.Queue[Feed] = asyncio.Queue()
         self.tasks: set[asyncio.Task[None]] = set()
         self.claimed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.started: asyncio.Task[int | None] | None = None
+        self.started_id: str | None = None  # the id of this move's <kind>.started
         self.fed_revision = 0
-
-    async def started_seq(self) -> int | None:
-        if self.started is None:
-            return None
-        return await asyncio.shield(self.started)
 
     async def run(self) -> None:
         m = self.machine
@@ -351,9 +407,14 @@ class Run:
             if job.rule in policy.FAULT_RULES and job.move.old is not None:
                 host.spawn(self.mover.record_failure(job.pair, job.move.old),
                            f"failure-{job.move.group}", critical=False)
-            self.started = asyncio.ensure_future(host.emit(
-                f"{job.family}.started", job.status, inputs=job.inputs,
-                data={**rule, **job.data}, **self._common()))
+            m, kind = job.move, job.family
+            self.started_id = host.emit_soon(
+                f"{kind}.started", job.status, inputs=job.inputs,
+                data={**rule, **job.data}, **self._common())
+            if self.started_id is not None and m.old is not None:
+                self.mover.started[m.group] = StartedMove(
+                    id=self.started_id, kind=kind, group=m.group, pair=job.pair,
+                    old=m.old, new=m.new, epoch=self.machine.epoch, term=self.machine.term)
         elif e.what == "notify":
             m = job.move
             host.emit_soon("failover.notify", f"{m.new} tells {m.old} that it is assuming "
@@ -366,16 +427,20 @@ class Run:
 
     def _emit_end(self, e: tk.Emit, rule: dict[str, Any]) -> None:
         job, host = self.job, self.host
-        started = self.started.result() if self.started is not None and self.started.done() \
-            and not self.started.cancelled() and self.started.exception() is None else None
         ends = list(job.finishes)
         if job.family is not None:
-            ends.append((job.family, started))
-        for family, seq in ends:
-            host.emit_soon(f"{family}.{e.what}", e.reason,
-                           data={**rule, "started": seq, **e.data}, **self._common())
-        if e.what == "completed" and job.completed is not None:
-            host.emit_soon(job.completed, job.status, inputs=job.inputs, **self._common())
+            ends.append((job.family, self.started_id))
+        for kind, started in ends:
+            data = {**rule, "started": started, **e.data}
+            if e.what == "completed":
+                host.emit_soon(f"{kind}.completed", e.reason, data=data, **self._common())
+            else:
+                host.emit_soon(f"{kind}.failed", e.reason, data=data, **self._common())
+        if ends:
+            self.mover.forget_started(job.move.group, self.machine.epoch)
+        if e.what == "completed" and job.announce:
+            kind = "group.assigned" if job.move.kind is tk.Kind.ASSIGN else "group.resumed"
+            host.emit_soon(kind, job.status, inputs=job.inputs, **self._common())
         elif e.what == "failed" and e.data.get("result") == "not_served" \
                 and job.family is None:
             host.emit_soon("group.not_served", e.reason, data={"storage": e.reason},

@@ -1,44 +1,18 @@
-"""A new active arbiter's reconciliation and the group watch's stall check (the pure
-parts of vtlha_arbiter.reconcile and vtlha_arbiter.records), and the cluster view's
-monotonic reads."""
+"""The group watch's stall check (vtlha_arbiter.records, its pure part), and the cluster
+view's monotonic reads and liveness rule."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from vtlha_arbiter.reconcile import Start, unfinished
 from vtlha_arbiter.records import GroupRecords
 from vtlha_arbiter.view import ClusterView
 
 from tests.conftest import EXAMPLE
 from vtlha.config import load_config
-from vtlha.messages import Event, GroupRecord
+from vtlha.messages import GroupRecord
 
 CFG = load_config(EXAMPLE)
-
-
-def _ev(kind: str, group: str = "node-a-data", epoch: int = 5, **kw: Any) -> Event:
-    return Event(cluster="demo", node="witness", kind=kind, reason="r", group=group,
-                 epoch=epoch, new=kw.get("new", "node-b"), old=kw.get("old", "node-a"),
-                 pair="pair-1")
-
-
-def test_a_started_event_without_its_end_is_unfinished() -> None:
-    events = [(10, _ev("failover.started")), (11, _ev("failover.notify")),
-              (12, _ev("switchover.started", group="node-b-mgmt", epoch=3)),
-              (13, _ev("switchover.completed", group="node-b-mgmt", epoch=3)),
-              (14, _ev("failback.started", epoch=6)),
-              (15, _ev("failback.failed", epoch=6)),
-              (16, _ev("failover.completed", epoch=4)),  # another epoch: no end of #10
-              (17, _ev("node.down", group=None, epoch=None))]  # type: ignore[arg-type]
-    assert unfinished(events) == [Start("failover", 10, "node-a-data", 5, "node-b", "node-a",
-                                        "pair-1")]
-
-
-def test_an_end_of_another_family_does_not_finish_a_start() -> None:
-    events = [(1, _ev("failover.started")), (2, _ev("switchover.completed"))]
-    assert [s.seq for s in unfinished(events)] == [1]
 
 
 class _Host:
