@@ -46,6 +46,7 @@ def test_seeds(start: int) -> None:
 
 @pytest.mark.skipif("VTLHA_SIM_SEEDS" not in os.environ,
                     reason="the long run: set VTLHA_SIM_SEEDS (and VTLHA_SIM_START)")
+@pytest.mark.timeout(0)
 def test_many_seeds() -> None:
     start = int(os.environ.get("VTLHA_SIM_START", "100000"))
     n = int(os.environ["VTLHA_SIM_SEEDS"])
