@@ -76,7 +76,8 @@ def _fault(rng: random.Random, plan: Plan) -> Fault:
 
 def draw(seed: int, recreate: bool = False) -> Plan:
     """The plan of ``seed``; with ``recreate`` the KV bucket is sometimes recreated (not
-    by default: see docs/safety.md "The simulator", what it found)."""
+    by default: see docs/safety.md "The simulator", what it found; the plans then differ
+    from the default ones in whether a node stays down)."""
     rng = random.Random(seed * 7919 + 1)
     plan = Plan(heal_at=rng.uniform(0.8, 1.6))
     plan.offsets = {h: rng.uniform(0.0, 1e4) for h in HOSTS}
