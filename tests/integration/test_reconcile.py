@@ -19,7 +19,7 @@ import time
 import nats
 import pytest
 import yaml
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from tests.integration.natsutil import events, kv_groups
 from vtlha import bus
@@ -53,12 +53,19 @@ def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
             s = Subjects(cluster)
             js = nc.jetstream()
             kv = await js.key_value(s.kv_bucket)
-            e = await kv.get(s.group_key(GROUP))
-            assert e.value is not None and e.revision is not None
-            epoch = GroupRecord.model_validate_json(e.value).epoch + 1
-            rec = GroupRecord(owner="node-b", term=term, epoch=epoch, state="acquiring",
-                              renewed_by="witness")
-            await kv.update(s.group_key(GROUP), encode(rec), last=e.revision)
+            for _ in range(50):  # node-a renews every heartbeat interval: CAS, retried
+                e = await kv.get(s.group_key(GROUP))
+                assert e.value is not None and e.revision is not None
+                epoch = GroupRecord.model_validate_json(e.value).epoch + 1
+                rec = GroupRecord(owner="node-b", term=term, epoch=epoch, state="acquiring",
+                                  renewed_by="witness")
+                try:
+                    await kv.update(s.group_key(GROUP), encode(rec), last=e.revision)
+                    break
+                except BadRequestError:  # wrong last sequence: a renewal came first
+                    continue
+            else:
+                raise AssertionError("the claim never won its compare-and-set")
             ev = Event(cluster=cluster, node="witness", kind="switchover.started",
                        reason="node-b takes over node-a-mgmt from node-a: switchover "
                        "requested by an operator", pair="pair-1", group=GROUP, old="node-a",
