@@ -278,7 +278,7 @@ class HoldingExecutor(Executor):
         n = decode(LeaseNotice, msg.data)
         if n.node != self.node or n.group not in self.my_groups:
             raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
-        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked)
+        self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked, n.since)
         # At once, unless starting to hold may take long (resource agents): then the
         # group's own loop acts on it. Notices must never queue behind a start, or the
         # gate would see the lease lapse while renewals wait in line.

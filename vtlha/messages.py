@@ -137,6 +137,10 @@ class LeaseNotice(Envelope):
     valid_until: float = Field(ge=0)
     revoked: StrictBool = False  # the group was taken: drop it now
     reason: str = ""
+    #: CLOCK_MONOTONIC of this host when what the notice says was decided (the renewal
+    #: or promise request sent, or the drop): a revoke is final only for notices of its
+    #: epoch decided before it. 0: unknown (an older lease holder).
+    since: float = Field(0.0, ge=0)
 
 
 class PromiseRequest(Envelope):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -256,3 +258,66 @@ def _move_kv_leader(lab: Lab, server: str) -> None:
         return False
 
     lab.wait_for(_moved, 30, interval=1.0, what=f"the KV leader on {server}")
+
+
+def _garps(sock: Any, ip: str, mac: str, until: float) -> int:
+    """Gratuitous ARP requests for ``ip`` from ``mac`` read from ``sock`` until ``until``
+    (monotonic); with ``until`` in the past, only what is queued already."""
+    want = bytes(int(x) for x in ip.split("."))
+    n = 0
+    while True:
+        left = until - time.monotonic()
+        ready, _, _ = select.select([sock], [], [], max(0.0, left))
+        if not ready:
+            return n
+        frame = sock.recv(2048)
+        arp = frame[14:42]
+        if (len(arp) == 28 and arp[6:8] == b"\x00\x01" and arp[14:18] == arp[24:28] == want
+                and arp[8:14].hex(":") == mac):
+            n += 1
+
+
+def test_frozen_ip_manager_resumed_after_its_group_moved_sends_no_gratuitous_arp(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Issue 14: node-a's ip-manager frozen (SIGSTOP) while its gratuitous ARPs for its
+    data address are still being repeated; the group moves to node-b (rule 8); resumed
+    (SIGCONT) it must send no more for it (clients would point at a fenced MAC)."""
+    from pyroute2 import netns as pr_netns
+
+    from tests.conftest import lab_config
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["ip"] = {**raw.get("ip", {}), "garp_count": 400, "garp_interval": 0.05}
+
+    lab = Lab(lab_config(request, tmp_path, edit), tmp_path)
+    sniffer = None
+    try:
+        lab.start()
+        lab.wait_for(lambda: lab.home_held() and f"{A_DATA}/32" in lab.floating_on("node-a"),
+                     40, what="node-a serving its data address")
+        sniffer = pr_netns.create_socket(lab.ns("client"), socket.AF_PACKET, socket.SOCK_RAW,
+                                         socket.htons(0x0806), flags=0)
+        sniffer.bind(("eth0", 0x0806))
+        mac_a = lab.mac("node-a")
+        assert _garps(sniffer, A_DATA, mac_a, time.monotonic() + 1.0) > 0, \
+            "node-a repeats its gratuitous ARPs (garp_count 400)"
+        ipm = lab.procs.find("node-a", "ip-manager")
+        ipm.signal(signal.SIGSTOP)
+        try:
+            lab.wait_for(lambda: lab.held_by().get("node-a-data") == "node-b"
+                         and f"{A_DATA}/32" in lab.floating_on("node-b"), 20,
+                         what="node-b to take node-a's data group over")
+            _garps(sniffer, A_DATA, mac_a, time.monotonic())  # drain: sent before the freeze
+        finally:
+            ipm.signal(signal.SIGCONT)
+        after = _garps(sniffer, A_DATA, mac_a, time.monotonic() + 1.0)
+        lab.wait_for(lambda: f"{A_DATA}/32" not in lab.floating_on("node-a"), 5,
+                     what="the resumed ip-manager to remove the address")
+        st = lab.http_get("node-a", "ip-manager", "/status")
+        print(f"\nresumed ip-manager: {after} gratuitous ARP(s) for {A_DATA} after SIGCONT, "
+              f"{st['backend_status']['garp_withheld']} withheld")
+        assert after == 0
+    finally:
+        if sniffer is not None:
+            sniffer.close()
+        lab.stop()

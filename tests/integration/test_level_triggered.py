@@ -139,8 +139,8 @@ def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
             return old, new, legacy, fresh, stale
         finally:
             await nc.close()
-            for h in c.cfg.hosts:
-                c.procs.find(h, "arbiter").signal(signal.SIGCONT)
+            for h in c.cfg.hosts:  # the old bucket's arbiters die (frozen, never resumed)
+                c.procs.find(h, "arbiter").signal(signal.SIGKILL)
 
     old, new, legacy, fresh, stale = asyncio.run(_go())
     assert old != new
@@ -149,6 +149,22 @@ def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
     assert not stale.ok and old in stale.reason and new in stale.reason
     st = c.status("node-a", "ip-manager") or {}
     assert st["term"] == 3
+
+    # End to end: a new arbiter on the new bucket (its term a small revision of it) is
+    # obeyed, every group is held again, and node-a serves its addresses.
+    n_events = len(c.events())
+    witness = c.cfg.witness.host
+    c.start_service(witness, "arbiter")
+    c.wait_for(lambda: c.arbiter_role(witness) == "active", 30,
+               what="a new arbiter to become active on the new bucket")
+    c.wait_for(c.home_held, 30, what="every group held again in the new bucket")
+    c.wait_for(lambda: all(a in c.recorded_addresses("node-a") for a in A_ADDRESSES), 10,
+               what="node-a's ip-manager to serve its addresses again")
+    term = (c.status(witness, "arbiter") or {}).get("term")
+    st = c.status("node-a", "ip-manager") or {}
+    assert term is not None and st["term"] == term < 10_000
+    refused = [e for e in c.events()[n_events:] if e.kind == "command.refused"]
+    assert refused == [], [e.reason for e in refused]
 
 
 def test_node_services_wait_for_the_bucket_and_never_create_it(

@@ -185,6 +185,23 @@ def test_a_revoke_is_final_for_its_epoch() -> None:
     assert g.verdict(G, NOW) is Why.HOLD
 
 
+def test_a_revoke_is_final_only_for_notices_decided_before_it() -> None:
+    """``since`` is when the lease holder decided (renewal sent, or dropped). A notice of
+    the revoked epoch decided after the drop comes from a lease holder that took the group
+    again by compare-and-set (a recreated bucket starting at the same epoch): it holds."""
+    g = HoldGate(MARGIN)
+    g.on_notice(G, 1, VALID, False, since=NOW - 0.5)
+    g.on_notice(G, 1, 0.0, True, since=NOW - 0.25)  # dropped
+    g.on_notice(G, 1, VALID + 1.0, False, since=NOW - 0.375)  # decided before: late
+    assert g.verdict(G, NOW) is Why.REVOKED
+    g.on_notice(G, 1, VALID, False, since=NOW - 0.125)  # decided after the drop
+    assert g.verdict(G, NOW) is Why.HOLD
+    g.on_notice(G, 1, 0.0, True, since=NOW - 0.25)  # the old revoke delivered again
+    assert g.verdict(G, NOW) is Why.HOLD
+    g.on_notice(G, 1, 0.0, True, since=NOW)  # a new drop
+    assert g.verdict(G, NOW) is Why.REVOKED
+
+
 def test_out_of_order_notices_of_one_epoch_do_not_shorten_validity() -> None:
     g = gate(1, (1, VALID + 0.125, False))
     g.on_notice(G, 1, VALID, False)  # an earlier renewal's notice, delivered late

@@ -1,24 +1,18 @@
 """Unit tests of the node's lease holder (``LeaseHolder``, DESIGN.md "Safety: no split
-brain"): one table test (or parametrized case) per rule, plain objects, no mocks; then the
-simulator (``sim_safety``): no instant at which both nodes' executors hold the group, over
-random histories with faults, and a check that the simulator finds overlaps when a rule
-is dropped. Times are binary-exact so boundaries compare exactly."""
+brain"): one table test (or parametrized case) per rule, plain objects, no mocks. Times
+are binary-exact so boundaries compare exactly. The simulator that drives it with the
+other shipped classes through random histories, and the mutants it must catch, are in
+``test_sim.py`` (``tests/unit/sim``)."""
 
 from __future__ import annotations
 
-import dataclasses
-import random
-
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
-from hypothesis import strategies as st
 
 from vtlha.messages import GroupRecord, GroupState, decode, encode
 from vtlha.protocol.hold import HoldGate
 from vtlha.protocol.lease import (
     AskPromise,
     Effect,
-    GroupLease,
     KvResult,
     LeaseHolder,
     Note,
@@ -27,15 +21,6 @@ from vtlha.protocol.lease import (
     Probe,
     PromiseAnswer,
     Renew,
-)
-
-from .sim_safety import (
-    Chooser,
-    RandomChooser,
-    Scenario,
-    Timings,
-    draw_scenario,
-    simulate,
 )
 
 A, B, C = "node-a", "node-b", "node-c"
@@ -680,151 +665,3 @@ def test_group_resumed_from_its_record_waits_for_a_promise_given_for_it() -> Non
     assert lh.on_promise_request(A, [G], TTL, started + 0.5).granted
     lh.on_record(G, rec(B, 2, "held"), 9, started + 0.5 + RTT)  # the KV is back
     assert first_renewal_at(lh, started + 0.5 + RTT, started + 2.0) == started + 0.5 + TTL
-
-
-# ---- the simulator: no two holders at once ------------------------------------------------
-
-
-class _Draws:
-    """A ``Chooser`` backed by hypothesis, so failing histories shrink."""
-
-    def __init__(self, draw: st.DrawFn) -> None:
-        self.draw = draw
-
-    def uniform(self, lo: float, hi: float) -> float:
-        return self.draw(st.floats(min_value=lo, max_value=hi, allow_nan=False))
-
-    def chance(self, p: float) -> bool:  # shrinks towards False: no fault
-        return self.draw(st.integers(0, 999)) >= round(1000 * (1 - p))
-
-    def integer(self, lo: int, hi: int) -> int:
-        return self.draw(st.integers(lo, hi))
-
-
-@st.composite
-def scenarios(draw: st.DrawFn, restarts: bool = True) -> Scenario:
-    c: Chooser = _Draws(draw)
-    sc = draw_scenario(c)
-    return sc if restarts else dataclasses.replace(sc, restarts=())
-
-
-def _explain(sc: Scenario, holder_cls: type[LeaseHolder] = LeaseHolder) -> str:
-    res = simulate(sc, holder=holder_cls)
-    return f"overlap at {res.overlap}\n{sc}\n{res.story()}"
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(sc=scenarios(restarts=False))
-def test_never_two_holders_at_once(sc: Scenario) -> None:
-    """Link cuts, KV outages, pauses, lost and delayed messages, a lagging arbiter, clock
-    offsets: at no instant do both executors hold the group."""
-    res = simulate(sc)
-    assert res.overlap is None, _explain(sc)
-    story = "\n".join(res.history)
-    event("B held" if res.b_held_at is not None else "B never held")
-    event(f"faults: {len(sc.kv_cut) + len(sc.kv_outage) + len(sc.pair_cut) + len(sc.pauses)}")
-    for what, line in (("promise granted", "promise: granted=True"),
-                       ("release acknowledged", "acknowledged the release"),
-                       ("renewal conflict", ": conflict")):
-        if line in story:
-            event(what)
-
-
-# Found by the simulator (seeds 25051 and 27401 of draw_scenario, among 20,000), shrunk:
-# no message delays, one clock offset per node. A is cut from the KV and the witness at 0.9;
-# its renewals fail and B, which reaches the KV, refuses it promises. The arbiter claims
-# for B at 1.2 (wait 0: A's renewal was last seen at 0.83); the release to A is lost, so A's
-# executor is still told to hold epoch 1 (its lease ran out at 1.10). B serves from 1.20.
-# A KV outage starts at 1.6; B's lease holder restarts at 1.7 and cannot read the key: it
-# knows of no group, its probe finds the KV unavailable, so it grants A's requests (1.93,
-# 2.13): A's executor holds epoch 1 again on the promise, until 2.40. The KV is back at
-# 2.2: B's lease holder reads "B holds epoch 2", resumes renewing at once, disregarding
-# its own promise, and B's executor holds at 2.254 -- both hold until 2.40.
-RESTART_DURING_OUTAGE = Scenario(
-    claim_at=1.2, offsets=(1000.0, 2000.0), max_delay=0.0, watch_lag=0.0, arbiter_lag=0.0,
-    notice_delay=0.0, release_timeout=0.0, kv_timeout=0.2, promise_timeout=0.2,
-    kv_cut=((A, (0.9, 2.3)),), kv_outage=((1.6, 2.2),), restarts=((B, 1.7),))
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(sc=RESTART_DURING_OUTAGE)
-@given(sc=scenarios(restarts=True))
-def test_never_two_holders_at_once_with_lease_holder_restarts(sc: Scenario) -> None:
-    res = simulate(sc)
-    assert res.overlap is None, _explain(sc)
-
-
-def test_no_faults_b_holds_soon_after_the_claim_and_a_lets_go() -> None:
-    """Liveness sanity: without faults the takeover completes, through the fast path
-    (A's release acknowledged) or at the latest lease_ttl + margin after the claim."""
-    t = Timings()
-    for claim_at in (0.3, 0.77, 1.234):
-        res = simulate(Scenario(claim_at=claim_at, offsets=(5.0, 7000.0)))
-        assert res.overlap is None
-        assert res.a_held_at is not None and res.a_held_at < 0.1
-        assert res.claimed_at is not None and res.b_held_at is not None
-        assert res.b_held_at - res.claimed_at < t.lease_ttl + t.margin + 0.1, res.story()
-        assert res.b_holds_at_end and not res.a_holds_at_end
-
-
-def test_simulator_is_deterministic() -> None:
-    sc = draw_scenario(RandomChooser(random.Random(7)))
-    assert simulate(sc).history == simulate(sc).history
-
-
-# ---- the simulator finds overlaps when a rule is dropped ---------------------------------
-
-
-class AcquireAtOnce(LeaseHolder):
-    """Drops the wait of the acquire gate: serves right after the claim."""
-
-    def gate(self, g: GroupLease) -> float:
-        return max(self.started_at + self.lease_ttl, self.promises_given.get(g.group, 0.0))
-
-
-class PromiseWhileHolding(LeaseHolder):
-    """Drops "never promise for a group held or being acquired"."""
-
-    def on_promise_request(self, requester: str, groups: list[str], duration: float,
-                           now: float) -> PromiseAnswer:
-        mine, self.groups = self.groups, {}
-        try:
-            return super().on_promise_request(requester, groups, duration, now)
-        finally:
-            self.groups = mine
-
-
-class PromiseNotHonoured(LeaseHolder):
-    """Drops "an acquisition waits until a promise given for it ran out"."""
-
-    def gate(self, g: GroupLease) -> float:
-        return max(g.gate_at, self.started_at + self.lease_ttl)
-
-
-class PromiseTooLong(LeaseHolder):
-    """Drops "a promise never lasts longer than lease_ttl" on the asking side: takes
-    three times what was granted."""
-
-    def on_promise_reply(self, sent_at: float, answer: PromiseAnswer | None,
-                         groups: tuple[str, ...]) -> list[Effect]:
-        if answer is None or not answer.granted:
-            return super().on_promise_reply(sent_at, answer, groups)
-        ttl, self.lease_ttl = self.lease_ttl, 3 * self.lease_ttl
-        try:
-            return super().on_promise_reply(
-                sent_at, PromiseAnswer(True, 3 * answer.duration, answer.reason), groups)
-        finally:
-            self.lease_ttl = ttl
-
-
-@pytest.mark.parametrize(("mutant", "within"), [
-    (AcquireAtOnce, 60), (PromiseWhileHolding, 80), (PromiseNotHonoured, 120),
-    (PromiseTooLong, 60),
-])
-def test_simulator_finds_an_overlap_when_a_rule_is_dropped(mutant: type[LeaseHolder],
-                                                          within: int) -> None:
-    for seed in range(within):
-        sc = draw_scenario(RandomChooser(random.Random(seed)))
-        if simulate(sc, holder=mutant).overlap is not None:
-            return
-    pytest.fail(f"no overlap in {within} histories without the rule ({mutant.__doc__})")

@@ -16,7 +16,11 @@ Commands only make things faster:
 
 When notices stop (the lease holder died, or the node is cut off) the lease lapses and
 the executor releases on its own; a revoked notice (the group was taken) releases at
-once and is final for its epoch. After a restart nothing is held until a valid notice
+once and is final for its epoch — for every notice decided before it (``since``: when
+the lease holder sent the renewal or promise request, or dropped the group; one host's
+monotonic clock). A notice of that epoch decided *after* the revoke comes from a lease
+holder that took the group again by a successful compare-and-set (a bucket recreated
+with the same epochs), and counts. After a restart nothing is held until a valid notice
 arrives."""
 
 from __future__ import annotations
@@ -36,21 +40,27 @@ class Why(StrEnum):
 @dataclass
 class HoldGate:
     margin: float
-    notices: dict[str, tuple[int, float, bool]] = field(default_factory=dict)
+    #: group -> (epoch, valid_until, revoked, since) of the latest notice
+    notices: dict[str, tuple[int, float, bool, float]] = field(default_factory=dict)
     #: group -> release floor: a notice for an epoch below it never makes it hold
     floors: dict[str, int] = field(default_factory=dict)
 
     # ---- inputs ------------------------------------------------------------------
-    def on_notice(self, group: str, epoch: int, valid_until: float, revoked: bool) -> None:
+    def on_notice(self, group: str, epoch: int, valid_until: float, revoked: bool,
+                  since: float = 0.0) -> None:
         """A lease notice from this node's lease holder."""
         cur = self.notices.get(group)
         if cur is not None and epoch < cur[0]:
             return  # an older epoch's notice arriving late
-        if cur is not None and epoch == cur[0] and cur[2]:
-            return  # a revoke is final for its epoch
-        if cur is not None and epoch == cur[0] and not revoked and not cur[2]:
-            valid_until = max(valid_until, cur[1])  # notices may arrive out of order
-        self.notices[group] = (epoch, valid_until, revoked)
+        if cur is not None and epoch == cur[0]:
+            if cur[2] and (revoked or since <= cur[3]):
+                return  # a revoke is final for what was decided before it
+            if revoked and not cur[2] and since < cur[3]:
+                return  # a revoke older than the renewal that took the group again
+            if not revoked and not cur[2]:
+                valid_until = max(valid_until, cur[1])  # notices may arrive out of order
+                since = max(since, cur[3])
+        self.notices[group] = (epoch, valid_until, revoked, since)
 
     def on_acquire(self, group: str, epoch: int) -> None:
         """An acquire command: it only asks the executor to converge now; whether it
@@ -74,7 +84,7 @@ class HoldGate:
         notice = self.notices.get(group)
         if notice is None:
             return Why.NO_NOTICE
-        epoch, valid_until, revoked = notice
+        epoch, valid_until, revoked, _ = notice
         if epoch < self.floors.get(group, 0):
             return Why.RELEASED
         if revoked:

@@ -79,6 +79,9 @@ class Notice:
     valid_until: float  # this host's monotonic clock; 0 with revoked
     revoked: bool = False
     reason: str = ""
+    #: when what it says was decided (the renewal or promise request sent; the drop):
+    #: a revoke is final only for notices of its epoch decided before it
+    since: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class LeaseHolder:
         if rec is None or rec.owner != self.node:
             if g is None:
                 return []
-            return self._drop(group, f"{group} is now owned by "
+            return self._drop(group, now, f"{group} is now owned by "
                               f"{rec.owner if rec else 'nobody'} (epoch "
                               f"{rec.epoch if rec else '-'})")
         if g is not None and rec.epoch == g.epoch:
@@ -247,7 +250,7 @@ class LeaseHolder:
             self.applied[group] = max(self.applied.get(group, 0), revision)
             g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
             g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
-            out: list[Effect] = [Notice(group, g.epoch, g.valid_until)]
+            out: list[Effect] = [Notice(group, g.epoch, g.valid_until, since=sent_at)]
             if first:
                 out.append(Note("lease.acquired", group, f"{self.node} serves {group} "
                                 f"(epoch {g.epoch})"))
@@ -266,7 +269,7 @@ class LeaseHolder:
                 return []
             if current is not None and current.epoch < g.epoch:
                 return []  # a stale read (a follower behind): adopt nothing, drop nothing
-            return self._drop(group, f"{group} was taken: its key now shows "
+            return self._drop(group, now, f"{group} was taken: its key now shows "
                               f"{current.owner if current else 'nothing'} (epoch "
                               f"{current.epoch if current else '-'}), this node had epoch "
                               f"{g.epoch}")
@@ -295,7 +298,8 @@ class LeaseHolder:
                 continue
             if until > g.valid_until:
                 g.valid_until = until
-                out.append(Notice(grp, g.epoch, until, reason="failsafe promise"))
+                out.append(Notice(grp, g.epoch, until, reason="failsafe promise",
+                                  since=sent_at))
         return out
 
     def on_promise_request(self, requester: str, groups: list[str], duration: float,
@@ -340,7 +344,7 @@ class LeaseHolder:
         self.probe_in_flight = False
         self.kv_reachable = result is not KvResult.UNAVAILABLE
 
-    def _drop(self, group: str, why: str) -> list[Effect]:
+    def _drop(self, group: str, now: float, why: str) -> list[Effect]:
         g = self.groups.pop(group)
-        return [Notice(group, g.epoch, 0.0, revoked=True, reason=why),
+        return [Notice(group, g.epoch, 0.0, revoked=True, reason=why, since=now),
                 Note("lease.dropped", group, f"{self.node} drops {group}: {why}")]

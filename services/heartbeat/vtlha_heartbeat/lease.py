@@ -261,7 +261,7 @@ class LeaseRunner:
     async def _notice(self, n: Notice) -> None:
         msg = LeaseNotice(cluster=self.svc.config.cluster, node=self.svc.node, group=n.group,
                           epoch=n.epoch, valid_until=n.valid_until, revoked=n.revoked,
-                          reason=n.reason)
+                          reason=n.reason, since=n.since)
         await self.svc.nc.publish(self.svc.subjects.lease(self.svc.node), encode(msg))
 
     async def _renew(self, r: Renew) -> None:
