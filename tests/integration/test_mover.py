@@ -112,7 +112,7 @@ async def test_an_automatic_claim_on_a_stale_revision_reads_again_and_wins(host:
                        rule=Rule.HEARTBEATS_STOPPED)
     mover.start(decided, {"snapshot": {}, "now": 0.0})
 
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
         got = decode(GroupRecord, (await kv.get(key)).value or b"")
         if got.epoch == 4:
@@ -120,6 +120,6 @@ async def test_an_automatic_claim_on_a_stale_revision_reads_again_and_wins(host:
         await asyncio.sleep(0.01)
     assert (got.owner, got.epoch, got.term, got.state) == ("node-b", 4, 7, "acquiring")
     # the run takes the claim's answer on its next turn, then announces the move
-    await asyncio.wait_for(host.emitted.wait(), 5.0)
+    await asyncio.wait_for(host.emitted.wait(), 10.0)
     assert host.events[0] == "failover.started"
     assert mover.takeovers.labels("claim_lost")._value.get() == 0

@@ -8,10 +8,12 @@ clock and does no I/O. ``vtlha_arbiter.mover`` carries it out for the policy's m
 for operator requests alike; a simulator can drive it with a fake clock and network.
 
 Inputs (methods): ``start``, ``on_claim`` (``Won`` / ``Lost`` / ``Unknown``),
-``on_record`` (the group's record, from the watch or a read), ``on_released`` and
-``on_acquired`` (whether every executor acknowledged), ``on_storage`` (the new owner's
-storage-monitor: served / failed at our epoch), ``on_node_down``, ``on_not_acting`` (the
-arbiter lost the leader key or the activation changed), ``tick`` (time).
+``on_record`` (the group's record, from the watch or a read; in ``rereading`` only the
+answer to its ``Read``: the watch's view may be the stale one the claim lost on),
+``on_released`` and ``on_acquired`` (whether every executor acknowledged),
+``on_storage`` (the new owner's storage-monitor: served / failed at our epoch),
+``on_node_down``, ``on_not_acting`` (the arbiter lost the leader key or the activation
+changed), ``tick`` (time).
 
 Outputs: ``Claim`` (compare-and-set, or create when ``last`` is None), ``Read`` (the
 key, afresh), ``Release``, ``Acquire`` (with its wait: None leaves the lease holder's own
