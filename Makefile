@@ -15,6 +15,7 @@ help:
 	@echo "make lint   - ruff and mypy only"
 	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
+	@echo "make sim-long - the protocol simulator over SIM_SEEDS (20,000) more seeds"
 	@echo "make bench-events - failover time with the event stream healthy vs its leader killed (root)"
 	@echo "make clean  - remove the venv and caches"
 
@@ -84,3 +85,9 @@ bench-events: venv sysdeps
 bench-fence: venv sysdeps
 	$(BIN)/python bench/fence_refresh.py
 	$(BIN)/python bench/keepalived_compare.py
+
+# The protocol simulator's long run (tests/unit/sim; make test runs 2,000 seeds).
+SIM_SEEDS ?= 20000
+.PHONY: sim-long
+sim-long: venv
+	$(BIN)/python -m tests.unit.sim --many $(SIM_SEEDS)
