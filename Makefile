@@ -15,6 +15,8 @@ help:
 	@echo "make lint   - ruff and mypy only"
 	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
+	@echo "make chaos-short - every chaos fault kind once over the network lab (root); docs/chaos-report.md"
+	@echo "make chaos  - 200 chaos iterations (root); docs/chaos-report.md"
 	@echo "make clean  - remove the venv and caches"
 
 $(BIN)/python:
@@ -78,3 +80,14 @@ clean:
 bench-fence: venv sysdeps
 	$(BIN)/python bench/fence_refresh.py
 	$(BIN)/python bench/keepalived_compare.py
+
+# The chaos suite (root: network lab). chaos-short: every fault kind once (a few
+# minutes); chaos: 200 iterations. Both write docs/chaos-report.md (+ docs/chaos/*.png)
+# and fail on any violation, printing the seed and the command that replays the run.
+CHAOS_SEED ?= 1
+.PHONY: chaos-short chaos
+chaos-short: venv sysdeps
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 20 --report docs/chaos-report.md
+
+chaos: venv sysdeps
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md

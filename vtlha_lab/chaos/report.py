@@ -144,6 +144,8 @@ def write_report(result: Result, records: Sequence[Mapping[str, Any]], path: Pat
     lines += kind_rows(result)
     lines += ["", "## Violations", ""]
     pictures.mkdir(parents=True, exist_ok=True)
+    for old in pictures.glob("iteration-*.png"):  # a previous report's
+        old.unlink()
     by_it: dict[int | None, list[Violation]] = defaultdict(list)
     for v in result.violations:
         by_it[v.iteration].append(v)
