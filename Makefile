@@ -87,7 +87,7 @@ bench-fence: venv sysdeps
 CHAOS_SEED ?= 1
 .PHONY: chaos-short chaos
 chaos-short: venv sysdeps
-	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 20 --report docs/chaos-report.md
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report docs/chaos-report.md
 
 chaos: venv sysdeps
 	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md

@@ -50,7 +50,8 @@ def _finish(history: Path, report: Path | None, pictures: Path | None,
                "lab (root), write the history, check it, and exit 1 on any violation "
                "(printing the seed and the command that replays the run).")
 @click.option("--seed", type=int, required=True)
-@click.option("--iterations", type=click.IntRange(min=1), required=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Default: one per fault kind (each kind once, in a seeded order).")
 @click.option("--faults", default=None, help="Comma-separated fault kinds (default: all).")
 @click.option("--config", "config_path", default="examples/cluster.yaml", show_default=True,
               type=click.Path(exists=True, dir_okay=False))
@@ -59,7 +60,7 @@ def _finish(history: Path, report: Path | None, pictures: Path | None,
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write a markdown report here (pictures in a chaos/ folder beside it).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False))
-def run(seed: int, iterations: int, faults: str | None, config_path: str,
+def run(seed: int, iterations: int | None, faults: str | None, config_path: str,
         history: str | None, report: str | None, work_dir: str | None) -> None:
     from vtlha_lab.chaos.runner import RunOptions
     from vtlha_lab.chaos.runner import run as run_
@@ -67,6 +68,7 @@ def run(seed: int, iterations: int, faults: str | None, config_path: str,
     if os.geteuid() != 0:
         raise click.ClickException("the chaos suite runs over the network lab: it needs root")
     kinds = _kinds(faults)
+    iterations = iterations or len(kinds)
     wd = Path(work_dir or tempfile.mkdtemp(prefix="vtlha-chaos-"))
     hist = Path(history) if history else wd / "history.jsonl"
     command = (f"vtlha-lab chaos run --seed {seed} --iterations {iterations}"
