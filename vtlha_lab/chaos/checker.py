@@ -6,8 +6,9 @@ Violation classes:
 - ``double-answer``: two nodes answered ARP for one address in one round (start, length);
 - ``recovery-bound``: after a fault, an address (or a data group's tape portal) was
   served again later than the table's bound for that fault;
-- ``stranded``: at the iteration's check a group is owned (KV) but nobody serves it
-  (no ARP answer for its address; for a data group, no block acknowledged lately);
+- ``stranded``: at the iteration's check a group is owned (KV, state held) but nobody
+  serves it (no ARP answer for its address for the last second; for a data group, no
+  block acknowledged for the last two);
 - ``baseline``: the runner could not restore every group at home within the bound;
 - ``lost-event``: a fault that must cause an event did not; a ``<kind>.started``
   without its ``.completed`` / ``.failed``;
@@ -29,6 +30,7 @@ from vtlha_lab.chaos import faults as ft
 
 DATA_GAP = 0.3     # an ack gap longer than this counts as a data outage
 STRANDED_ACK = 2.0  # a data group with no ack this long before the check is unserved
+STRANDED_ARP = 1.0  # an address nobody answered this long before the check is unserved
 MOVE_KINDS = ("failover",)
 
 
@@ -165,6 +167,16 @@ def answering_at(seq: list[tuple[float, list[str]]], t: float) -> list[str] | No
     return cur
 
 
+def silent_since(seq: list[tuple[float, list[str]]], t: float) -> float | None:
+    """Since when nobody has answered at ``t`` (None if somebody answers at ``t``)."""
+    since = None
+    for ts, nodes in seq:
+        if ts > t:
+            break
+        since = None if nodes else (ts if since is None else since)
+    return since
+
+
 def double_answers(h: History) -> list[Violation]:
     out = []
     for addr, seq in sorted(h.arp.items()):
@@ -248,7 +260,8 @@ def stranded(h: History) -> list[Violation]:
             if not isinstance(o, dict) or o.get("state") != "held":
                 continue
             silent = [a for a in addrs_of.get(g, [])
-                      if not answering_at(h.arp.get(a, []), it.check)]
+                      if (s := silent_since(h.arp.get(a, []), it.check)) is not None
+                      and it.check - s >= STRANDED_ARP]
             acks = [a for a in h.acks.get(g, []) if float(a["t"]) <= it.check]
             no_data = g in h.run.get("data_groups", []) and (
                 not acks or it.check - float(acks[-1]["t"]) > STRANDED_ACK)
