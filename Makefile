@@ -85,9 +85,10 @@ bench-fence: venv sysdeps
 # minutes); chaos: 200 iterations. Both write docs/chaos-report.md (+ docs/chaos/*.png)
 # and fail on any violation, printing the seed and the command that replays the run.
 CHAOS_SEED ?= 1
+CHAOS_ARGS ?=
 .PHONY: chaos-short chaos
 chaos-short: venv sysdeps
-	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report docs/chaos-report.md
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report docs/chaos-report.md $(CHAOS_ARGS)
 
 chaos: venv sysdeps
-	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md $(CHAOS_ARGS)

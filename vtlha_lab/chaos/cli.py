@@ -60,8 +60,12 @@ def _finish(history: Path, report: Path | None, pictures: Path | None,
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write a markdown report here (pictures in a chaos/ folder beside it).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--time-limit", default=None, type=click.FloatRange(min=0),
+              help="Minutes: start no new iteration after this (the run is still checked "
+              "and reported; the report says how many iterations ran).")
 def run(seed: int, iterations: int | None, faults: str | None, config_path: str,
-        history: str | None, report: str | None, work_dir: str | None) -> None:
+        history: str | None, report: str | None, work_dir: str | None,
+        time_limit: float | None) -> None:
     from vtlha_lab.chaos.runner import RunOptions
     from vtlha_lab.chaos.runner import run as run_
 
@@ -76,7 +80,8 @@ def run(seed: int, iterations: int | None, faults: str | None, config_path: str,
                + (f" --config {config_path}" if config_path != "examples/cluster.yaml" else ""))
     opts = RunOptions(seed=seed, iterations=iterations, faults=kinds,
                       config=Path(config_path), work_dir=wd, history=hist,
-                      report=Path(report) if report else None, command=command)
+                      report=Path(report) if report else None, command=command,
+                      time_limit=time_limit * 60 if time_limit else None)
     t0 = time.monotonic()
     n = run_(opts)
     elapsed = time.monotonic() - t0

@@ -52,6 +52,7 @@ class RunOptions:
     tape_interval: float = 0.02
     observer_interval: float = 0.015
     command: str = ""
+    time_limit: float | None = None  # seconds: no new iteration starts after this
 
 
 def plan(seed: int, iterations: int, kinds: list[str]) -> list[tuple[str, ...]]:
@@ -338,7 +339,14 @@ class Runner:
             if wait_until(self.at_home, 60) is None:
                 self.record({"type": "info", "process": "runner",
                              "value": "not served at home before the first fault"})
+            t_start = time.monotonic()
             for it, kinds in enumerate(plan_):
+                if opts.time_limit and time.monotonic() - t_start > opts.time_limit:
+                    self.record({"type": "info", "process": "runner",
+                                 "value": f"time limit: stopped after {it} of {len(plan_)} "
+                                          "iterations"})
+                    print(f"time limit reached after {it} iterations", flush=True)
+                    break
                 print(f"[{it + 1}/{len(plan_)}] {'+'.join(kinds)}", flush=True)
                 self.iteration(it, kinds)
             self.finish(logs, obs)
