@@ -5,7 +5,8 @@ Violation classes:
 
 - ``double-answer``: two nodes answered ARP for one address in one round (start, length);
 - ``recovery-bound``: after a fault, an address (or a data group's tape portal) was
-  served again later than the table's bound for that fault;
+  served again later than the table's bound for that fault (address outages shorter
+  than ``BLIP`` do not count for the bound; they count as unavailability);
 - ``stranded``: at the iteration's check a group is owned (KV, state held) but nobody
   serves it (no ARP answer for its address for the last second; for a data group, no
   block acknowledged for the last two);
@@ -29,6 +30,7 @@ from typing import Any
 from vtlha_lab.chaos import faults as ft
 
 DATA_GAP = 0.3     # an ack gap longer than this counts as a data outage
+BLIP = 0.1         # an address outage shorter than this does not count for the bound
 STRANDED_ACK = 2.0  # a data group with no ack this long before the check is unserved
 STRANDED_ARP = 1.0  # an address nobody answered this long before the check is unserved
 MOVE_KINDS = ("failover",)
@@ -207,8 +209,17 @@ def _outages(spans: list[tuple[float, float]], lo: float, hi: float) -> tuple[fl
     return longest, recovery
 
 
-def address_outages(h: History, addr: str) -> list[tuple[float, float]]:
-    return [(s, e) for s, e, _ in answer_spans(h.arp.get(addr, []), h.end, lambda n: not n)]
+def address_outages(h: History, addr: str, blip: float = 0.0) -> list[tuple[float, float]]:
+    """Spans with no ARP answer for ``addr`` (of at least ``blip`` seconds)."""
+    return [(s, e) for s, e, _ in answer_spans(h.arp.get(addr, []), h.end, lambda n: not n)
+            if e - s >= blip]
+
+
+def held(h: History, it: Iteration, timings: Mapping[str, float]) -> bool:
+    """A group moved (a move completed) less than failback_hold_time before the fault."""
+    hold = float(timings.get("failback_hold_time", 0.0))
+    return any(_family(e["kind"]) and e["kind"].endswith(".completed")
+               and it.start - hold <= float(e["t"]) <= it.start for e in h.events)
 
 
 def data_outages(h: History, group: str, until: float) -> list[tuple[float, float]]:
@@ -229,7 +240,8 @@ def recovery(h: History, timings: Mapping[str, float]) -> list[Violation]:
             continue
         exp = ft.expectation(it.kinds, timings)
         for addr, group in sorted(h.run.get("addresses", {}).items()):
-            longest, rec = _outages(address_outages(h, addr), it.start, it.check)
+            longest, _ = _outages(address_outages(h, addr), it.start, it.check)
+            _, rec = _outages(address_outages(h, addr, BLIP), it.start, it.check)
             it.unavailable = max(it.unavailable, longest)
             it.recovery = max(it.recovery, rec)
             if rec > exp.address_bound:
@@ -297,7 +309,7 @@ def lost_events(h: History, timings: Mapping[str, float]) -> list[Violation]:
     for it in h.iterations:
         if not it.check:
             continue
-        exp = ft.expectation(it.kinds, timings)
+        exp = ft.expectation(it.kinds, timings, held(h, it, timings))
         seen = {e["kind"] for e in h.events if it.start <= float(e["t"]) <= it.check}
         for kind in exp.events:
             if kind not in seen:

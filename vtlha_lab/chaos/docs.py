@@ -33,7 +33,11 @@ def fault_rows(timings: Mapping[str, float]) -> str:
             except ValueError:
                 return formula
         evs = ", ".join(f"`{e}`" for e in f.events) or "—"
-        note = f" ({f.notes})" if f.notes else ""
+        notes = [f.notes] if f.notes else []
+        if f.waits_for_hold:
+            notes.append("no move is required while the group moved less than "
+                         "`failback_hold_time` ago: the policy's hold after a move")
+        note = f" ({'; '.join(notes)})" if notes else ""
         out.append(f"| `{f.kind}` | {f.does}{note} | {f.recovery} | {f.moves.value} | {evs} | "
                    f"{val(f.address_bound)} | {val(f.data_bound)} | {val(f.duration)} |")
     out += ["", "Constants the bounds use (seconds): "

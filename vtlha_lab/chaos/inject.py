@@ -224,15 +224,29 @@ def device_fail(ctx: Ctx) -> Active:
     backing = backing if backing.is_absolute() else ctx.lab.state_root / backing
     size = backing.stat().st_size
     saved = ctx.lab.work_dir / f"{dev}.saved"
-    subprocess.run(["cp", "--sparse=always", str(backing), str(saved)], check=True, timeout=60)
-    os.truncate(backing, 0)  # EIO for everyone
+    target = ctx.lab.procs.find("san", "san-target")
+    # The target is paused while the device's content is saved and the file truncated
+    # (and while it is put back), so that no block it acknowledges falls in between:
+    # the fault is the device failing, not the device losing acknowledged writes.
+    target.signal(signal.SIGSTOP)
+    try:
+        subprocess.run(["cp", "--sparse=always", str(backing), str(saved)], check=True,
+                       timeout=60)
+        os.truncate(backing, 0)  # EIO for everyone
+    finally:
+        target.signal(signal.SIGCONT)
 
     def undo() -> None:
-        if saved.exists():
+        if not saved.exists():
+            return
+        target.signal(signal.SIGSTOP)
+        try:
             subprocess.run(["cp", "--sparse=always", str(saved), str(backing)], check=True,
                            timeout=60)
             os.truncate(backing, size)
-            saved.unlink()
+        finally:
+            target.signal(signal.SIGCONT)
+        saved.unlink()
     return Active("device-fail", {"device": dev}, undo=undo)
 
 

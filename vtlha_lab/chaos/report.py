@@ -75,7 +75,7 @@ def timeline(records: Sequence[Mapping[str, Any]], it: Iteration, end: float,
     h = parse(records)
     t0, t1 = it.start - 1.0, max(it.baseline_end or it.check, it.check) + 1.0
     rows = sorted(h.arp) + [f"{g} blocks" for g in sorted(h.acks)]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6), dpi=72)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 2.2), dpi=72)
     for y, addr in enumerate(sorted(h.arp)):
         seq = h.arp[addr]
         for i, (t, nodes) in enumerate(seq):
@@ -92,23 +92,26 @@ def timeline(records: Sequence[Mapping[str, Any]], it: Iteration, end: float,
             if t0 <= t <= t1:
                 ax.plot([t - it.start], [y], "|", color=COLOURS.get(str(a.get("node")), "k"),
                         markersize=8)
-    ax.axvspan(0, (it.end or it.start) - it.start, color="#ff000022", label="fault")
+    top = len(rows)
+    ax.barh(top, max((it.end or it.start) - it.start, 0.05), left=0, height=0.6,
+            color="#d62728")
     if it.baseline_end:
-        ax.axvspan(it.check - it.start, it.baseline_end - it.start, color="#0000ff11",
-                   label="baseline restore")
+        ax.barh(top, it.baseline_end - it.check, left=it.check - it.start, height=0.6,
+                color="#9ecae9")
+    rows.append("fault (red) / back home (blue)")
     for e in h.events:
         t = float(e["t"])
         if t0 <= t <= t1 and e["kind"].split(".")[0] in ("failover", "failback", "node",
                                                          "arbiter", "storage", "check"):
             ax.axvline(t - it.start, color="#555555", lw=0.6, ls=":")
-            ax.text(t - it.start, len(rows) - 0.4, e["kind"], rotation=90, fontsize=6,
+            ax.text(t - it.start, len(rows) + 0.9, e["kind"], rotation=90, fontsize=6,
                     va="top", ha="right")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel("seconds from the fault's start", fontsize=8)
     ax.set_title(f"iteration {it.index}: {' + '.join(it.kinds)}  (blue node-a, orange node-b, "
                  "red both, grey nobody)", fontsize=8)
     ax.set_xlim(t0 - it.start, t1 - it.start)
-    ax.set_ylim(-0.7, len(rows) + 0.3)
+    ax.set_ylim(-0.7, len(rows) + 1.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -36,6 +36,7 @@ from vtlha_lab.lab import Lab
 BIN = Path(sys.executable).parent
 DEVICE_SIZE = 256 * 1024 * 1024  # sparse; 65,536 blocks of 4 KiB per device
 QUIET = 1.0  # after recovery, watch this long for needless moves before the check
+FAILBACK_HOLD = 2.0  # s: the chaos cluster's failback_hold_time (see prepare)
 MIN_WAIT_CAP = 15.0  # an iteration watches at least min(its bound, this) before its check
 
 
@@ -126,6 +127,11 @@ def prepare(opts: RunOptions) -> Path:
     raw = yaml.safe_load(opts.config.read_text())
     raw["state_dir"] = str(opts.work_dir / "state")
     raw["cluster"] = f"chaos{opts.seed % 100000}"
+    for pair in raw.get("pairs", []):
+        # Every baseline moves groups home; with the default 30 s hold a management-path
+        # or storage fault right after it would wait out the hold (the policy's rule)
+        # and the iteration would test nothing. The runner waits this hold out instead.
+        pair["failback_hold_time"] = FAILBACK_HOLD
     opts.work_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.work_dir / "cluster.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -183,6 +189,7 @@ class Runner:
         self.opts = opts
         self.rng = random.Random(opts.seed ^ 0x5EED)
         self.runner_log = opts.work_dir / "runner.jsonl"
+        self.moved_home = False
         self.observer_log = opts.work_dir / "observer.jsonl"
 
     # ---- operator actions through the real CLI ----------------------------------
@@ -253,9 +260,12 @@ class Runner:
                 self.operator_actions()
                 last_try = time.monotonic()
             time.sleep(0.1)
+        waited = round(time.monotonic() - t0, 3)
+        if self.moved_home:  # let the hold after a move pass before the next fault
+            time.sleep(FAILBACK_HOLD)
+            self.moved_home = False
         self.record({"type": "baseline", "phase": "end", "iteration": it, "ok": ok,
-                     "waited": round(time.monotonic() - t0, 3), "bound": bound,
-                     "restarted": started})
+                     "waited": waited, "bound": bound, "restarted": started})
 
     def operator_actions(self) -> None:
         c = self.cluster
@@ -263,7 +273,7 @@ class Runner:
             self.vtlha("clear-hold", c.pair, node)
         owners = self.owners()
         if any(o.get("owner") != c.homes.get(g) for g, o in owners.items() if g in c.homes):
-            self.vtlha("failback", c.pair, "--wait", "20")
+            self.moved_home |= self.vtlha("failback", c.pair, "--wait", "20") == 0
 
     # ---- one iteration -------------------------------------------------------------
     def iteration(self, it: int, kinds: tuple[str, ...]) -> None:
@@ -329,7 +339,9 @@ class Runner:
             self.supervisor = Supervisor(lab, self.rng, self.record)
             self.record({"type": "run", "phase": "start", "seed": opts.seed,
                          "iterations": opts.iterations, "faults": opts.faults,
-                         "command": replay_command(opts), "timings": self.cluster.timings(),
+                         "command": replay_command(opts),
+                         "timings": {**self.cluster.timings(),
+                                     "failback_hold_time": FAILBACK_HOLD},
                          "constants": {k: v for k, (v, _) in ft.CONSTANTS.items()},
                          "homes": self.cluster.homes, "addresses": self.cluster.addr_group,
                          "data_groups": self.cluster.data_groups,
