@@ -364,9 +364,11 @@ def _decreases(seq: list[tuple[float, int]]) -> list[tuple[float, int, int]]:
 
 def epochs(h: History) -> list[Violation]:
     series: dict[str, list[tuple[float, int]]] = {}
-    for e in h.events:
-        if e.get("group") and e.get("epoch") and _family(e["kind"]) == "failover":
-            series.setdefault(f"group {e['group']} (events)", []).append(
+    for e in h.events:  # the claims, in stream order (a move's end may come after the
+        # next claim: a takeover that failed once a newer one began)
+        if e.get("group") and e.get("epoch") and _family(e["kind"]) and \
+                e["kind"].endswith(".started"):
+            series.setdefault(f"group {e['group']} (claims)", []).append(
                 (float(e["t"]), int(e["epoch"])))
     for it in h.iterations:
         for g, o in it.owners.items():

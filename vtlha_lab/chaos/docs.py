@@ -34,6 +34,8 @@ def fault_rows(timings: Mapping[str, float]) -> str:
                 return formula
         evs = ", ".join(f"`{e}`" for e in f.events) or "—"
         notes = [f.notes] if f.notes else []
+        if f.window != "0":
+            notes.append(f"watched at least `{f.window}` for its events")
         if f.waits_for_hold:
             notes.append("no move is required while the group moved less than "
                          "`failback_hold_time` ago: the policy's hold after a move")

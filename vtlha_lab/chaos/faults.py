@@ -61,6 +61,7 @@ class Fault:
     address_bound: str             # formula (seconds from the fault's start)
     data_bound: str                # formula (seconds from the fault's start)
     duration: str = "0"            # formula: how long the fault lasts before it is undone
+    window: str = "0"              # formula: the runner watches at least this long
     notes: str = ""
     #: the move waits while the group moved less than failback_hold_time ago (the
     #: policy's hold after a move): then a move is not required during the fault
@@ -91,6 +92,7 @@ FAULTS: tuple[Fault, ...] = (
           Moves.NONE, (), "slack", "slack"),
     Fault("kill-active-arbiter", "SIGKILL of the active arbiter (normally the witness's)",
           "supervisor restart", Moves.NONE, ("arbiter.active",), "slack", "slack",
+          window="leader_ttl + leader_standby_delay + lease_ttl + slack",
           notes="a standby takes the leader key after leader_ttl"),
     Fault("kill-arbiter-at-claim", "a node's heartbeat killed, and the active arbiter "
           "SIGKILLed the moment it claims a group in the KV (state acquiring)",
@@ -206,6 +208,7 @@ class Expectation:
     events: tuple[str, ...]
     address_bound: float
     data_bound: float
+    window: float = 0.0
 
 
 def expectation(kinds: tuple[str, ...], timings: Mapping[str, float],
@@ -229,7 +232,8 @@ def expectation(kinds: tuple[str, ...], timings: Mapping[str, float],
     return Expectation(
         kinds=tuple(kinds), moves=moves, events=evs,
         address_bound=max(evaluate(r.address_bound, timings) for r in rows),
-        data_bound=max(evaluate(r.data_bound, timings) for r in rows))
+        data_bound=max(evaluate(r.data_bound, timings) for r in rows),
+        window=max(evaluate(r.window, timings) for r in rows))
 
 
 def duration(kind: str, timings: Mapping[str, float]) -> float:

@@ -223,21 +223,24 @@ def kernel_loop(nodes: dict[str, str], floating: set[str], res_path: str | None,
     last: dict[str, Any] = {}
     while not stop.is_set():
         t0 = time.time()
+        # Each record's time is taken right after its read: what it shows was so by then.
         for node, ns in nodes.items():
             try:
                 state = node_kernel(ns, floating)
             except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-                out.write({"type": "observer.error", "t": t0, "node": node, "error": repr(exc)})
+                out.write({"type": "observer.error", "t": time.time(), "node": node,
+                           "error": repr(exc)})
                 continue
             if last.get(node) != state:
                 last[node] = state
-                out.write({"type": "kernel", "t": t0, "node": node, "addresses": state[0],
-                           "fence": state[1]})
+                out.write({"type": "kernel", "t": time.time(), "node": node,
+                           "addresses": state[0], "fence": state[1]})
         if res_path:
-            for dev, (holder, epoch) in reservations(res_path).items():
+            res, t_read = reservations(res_path), time.time()
+            for dev, (holder, epoch) in res.items():
                 if last.get("res:" + dev) != (holder, epoch):
                     last["res:" + dev] = (holder, epoch)
-                    out.write({"type": "reservation", "t": t0, "device": dev,
+                    out.write({"type": "reservation", "t": t_read, "device": dev,
                                "holder": holder, "epoch": epoch})
         stop.wait(max(0.0, interval - (time.time() - t0)))
 

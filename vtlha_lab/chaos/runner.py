@@ -50,7 +50,7 @@ class RunOptions:
     history: Path
     report: Path | None = None
     pictures: Path | None = None
-    tape_interval: float = 0.02
+    tape_interval: float = 0.05
     observer_interval: float = 0.015
     command: str = ""
     time_limit: float | None = None  # seconds: no new iteration starts after this
@@ -303,7 +303,7 @@ class Runner:
         self.record({"type": "fault", "phase": "end", "iteration": it, "kinds": list(kinds),
                      "detail": [a.detail for a in actives]})
         c = self.cluster
-        bound = max(exp.address_bound, exp.data_bound)
+        bound = max(exp.address_bound, exp.data_bound, exp.window)
         started = time.monotonic() - dur
 
         def recovered() -> bool:
@@ -376,16 +376,22 @@ class Runner:
             child = lab.procs.find("client", f"tape-{g}")
             child.signal(signal.SIGTERM)
             child.proc.wait(10)
-        for g, log in logs.items():
-            out = subprocess.run([*lab.prefix("client"), str(BIN / "vtlha-lab"), "tape",
-                                  "verify", self.cluster.portals[g], "--log", str(log), "--json",
-                                  "--deadline", "120"], capture_output=True, text=True,
-                                 timeout=900)
+        verifiers = {g: subprocess.Popen(  # every group's blocks read back at once
+            [*lab.prefix("client"), str(BIN / "vtlha-lab"), "tape", "verify",
+             self.cluster.portals[g], "--log", str(log), "--json", "--deadline", "120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for g, log in logs.items()}
+        for g, proc in verifiers.items():
             try:
-                res = json.loads(out.stdout)
+                stdout, stderr = proc.communicate(timeout=1800)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+            try:
+                res = json.loads(stdout)
             except ValueError:
-                res = {"error": (out.stdout + out.stderr)[-500:]}
-            self.record({"type": "verify", "group": g, "exit": out.returncode, **res})
+                res = {"error": (stdout + stderr)[-500:]}
+            self.record({"type": "verify", "group": g, "exit": proc.returncode, **res})
         obs.send_signal(signal.SIGTERM)
         obs.wait(10)
         for seq, e in self.read_events():
