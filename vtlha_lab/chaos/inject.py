@@ -42,9 +42,6 @@ class Ctx:
     lab: Lab
     supervisor: Supervisor
     rng: random.Random
-    record: Callable[[dict[str, Any]], None]
-    durations: dict[str, float]
-    saved: dict[str, Path] = field(default_factory=dict)
 
     @property
     def nodes(self) -> list[str]:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -280,7 +279,7 @@ class Runner:
         timings = self.cluster.timings()
         exp = ft.expectation(kinds, timings)
         dur = max(ft.duration(k, timings) for k in kinds)
-        ctx = Ctx(self.cluster.lab, self.supervisor, self.rng, self.record, {})
+        ctx = Ctx(self.cluster.lab, self.supervisor, self.rng)
         self.record({"type": "fault", "phase": "start", "iteration": it, "kinds": list(kinds),
                      "load": os.getloadavg()[0]})
         actives: list[Active] = []
@@ -444,7 +443,3 @@ class Runner:
 def run(opts: RunOptions) -> int:
     """Run, then return the number of history records written."""
     return Runner(opts).run()
-
-
-def shell_quote(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
