@@ -17,6 +17,8 @@ help:
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
 	@echo "make sim-long - the protocol simulator over SIM_SEEDS (20,000) more seeds"
 	@echo "make bench-events - failover time with the event stream healthy vs its leader killed (root)"
+	@echo "make chaos-short - every chaos fault kind once over the network lab (root); docs/chaos-report.md"
+	@echo "make chaos  - 200 chaos iterations (root); docs/chaos-report.md"
 	@echo "make clean  - remove the venv and caches"
 
 $(BIN)/python:
@@ -91,3 +93,15 @@ SIM_SEEDS ?= 20000
 .PHONY: sim-long
 sim-long: venv
 	$(BIN)/python -m tests.unit.sim --many $(SIM_SEEDS)
+
+# The chaos suite (root: network lab). chaos-short: every fault kind once (a few
+# minutes); chaos: 200 iterations. Both write docs/chaos-report.md (+ docs/chaos/*.png)
+# and fail on any violation, printing the seed and the command that replays the run.
+CHAOS_SEED ?= 1
+CHAOS_ARGS ?=
+.PHONY: chaos-short chaos
+chaos-short: venv sysdeps
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report docs/chaos-report.md $(CHAOS_ARGS)
+
+chaos: venv sysdeps
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md $(CHAOS_ARGS)

@@ -5,6 +5,7 @@ network lab). The runtime package and the service images never import this packa
     vtlha-lab demo                 a local two-node cluster, a node crashed, the failover
     vtlha-lab san serve|status     the reference SAN target (test/demo stand-in for a SAN)
     vtlha-lab tape write|verify|status   a client of the tape data service
+    vtlha-lab chaos run|check|docs  the chaos suite (vtlha_lab.chaos)
 """
 
 from __future__ import annotations
@@ -339,6 +340,9 @@ def tape_status(portal: str) -> None:
         sys.exit(1)
 
 
+from vtlha_lab.chaos.cli import chaos  # noqa: E402 - registered last, after the group
+
+main.add_command(chaos)
 
 if __name__ == "__main__":
     main()
