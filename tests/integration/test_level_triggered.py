@@ -108,6 +108,48 @@ def test_traces_1_and_3_a_claim_with_no_command_is_served_by_the_new_owner(
             a.signal(signal.SIGCONT)
 
 
+def test_a_stalled_watch_is_restarted_and_a_claim_still_seen(
+        local_cluster: LocalCluster) -> None:
+    """Every consumer of the KV stream deleted under the services (as when the server
+    holding a watch's consumer is lost): the lease holders' watches go silent without an
+    error. Each sees its own renewals missing from its watch and restarts it; a claim
+    made after that (every arbiter frozen) is served by node-b."""
+    c = local_cluster
+    _ready(c)
+    subj = Subjects(c.cfg.cluster)
+    arbiters = [c.procs.find(h, "arbiter") for h in c.cfg.hosts]
+    for a in arbiters:
+        a.signal(signal.SIGSTOP)
+
+    async def _delete_consumers() -> int:
+        nc = await c.connect()
+        try:
+            js = nc.jetstream(timeout=2)
+            infos = await js.consumers_info(bus.kv_stream(subj))
+            for info in infos:
+                await js.delete_consumer(bus.kv_stream(subj), info.name)
+            return len(infos)
+        finally:
+            await nc.close()
+
+    def restarts(node: str) -> int:
+        return int(((c.status(node, "heartbeat") or {}).get("lease") or {})
+                   .get("watch_restarts", 0))
+
+    try:
+        assert asyncio.run(_delete_consumers()) >= 2  # one watch per lease holder at least
+        t0 = time.monotonic()
+        c.wait_for(lambda: restarts("node-a") >= 1 and restarts("node-b") >= 1, 10,
+                   what="both lease holders to restart their stalled watch")
+        print(f"watches restarted within {time.monotonic() - t0:.3f} s")
+        asyncio.run(_claim(c, ("node-a-mgmt",), "node-b"))
+        c.wait_for(lambda: "203.0.113.101/32" in c.recorded_addresses("node-b"), 5,
+                   what="node-b to serve the claimed group")
+    finally:
+        for a in arbiters:
+            a.signal(signal.SIGCONT)
+
+
 def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
     """The bucket is lost and created again (revisions start over, so the new arbiter's
     term is far below what executors persisted). A command of the new bucket's arbiter
