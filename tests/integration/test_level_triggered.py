@@ -248,3 +248,70 @@ def test_node_services_wait_for_the_bucket_and_never_create_it(
     services = ("heartbeat", "ip-manager", "storage-monitor")
     c.wait_for(lambda: all(c.http_get("node-a", s, "/readyz").get("ready") for s in services),
                20, what="the services to become ready once the bucket exists")
+
+
+def test_the_release_floor_survives_a_restart(local_cluster: LocalCluster) -> None:
+    """node-a's ip-manager alone (recording backend), its lease holder played by the test:
+    a valid notice alone makes it hold (no command); a release at epoch 2 drops the group
+    and a notice of epoch 1 does not bring it back — not even after a restart of the
+    ip-manager (the floor is persisted with the fencing tokens); epoch 2 does."""
+    from vtlha.messages import LeaseNotice
+
+    c = local_cluster
+    subj = Subjects(c.cfg.cluster)
+    group, address = "node-a-data", "198.51.100.101/32"
+
+    async def _bucket() -> None:
+        nc = await c.connect()
+        try:
+            await bus.ensure_kv(nc.jetstream(timeout=2), subj, replicas=1)
+        finally:
+            await nc.close()
+
+    async def _notice(epoch: int) -> None:
+        nc = await c.connect()
+        try:
+            n = LeaseNotice(cluster=c.cfg.cluster, node="node-a", group=group, epoch=epoch,
+                            valid_until=time.monotonic() + 60.0, since=time.monotonic())
+            await nc.publish(subj.lease("node-a"), encode(n))
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    async def _release(epoch: int) -> Ack:
+        nc = await c.connect()
+        try:
+            cmd = Command(cluster=c.cfg.cluster, node="witness", term=1, epoch=epoch,
+                          group=group, action="release")
+            return await bus.send_command(nc, subj.cmd("node-a", "ip-manager"), cmd, 3.0)
+        finally:
+            await nc.close()
+
+    def verdict() -> str:
+        return str(((c.status("node-a", "ip-manager") or {}).get("leases") or {})
+                   .get(group, {}).get("verdict"))
+
+    def ready() -> bool:
+        return bool(c.http_get("node-a", "ip-manager", "/readyz").get("ready"))
+
+    asyncio.run(_bucket())
+    c.start_service("node-a", "ip-manager")
+    c.wait_for(ready, 20, what="the ip-manager to be ready")
+    asyncio.run(_notice(1))
+    c.wait_for(lambda: address in c.recorded_addresses("node-a"), 5,
+               what="the address held on a notice alone")
+    assert asyncio.run(_release(2)).ok
+    assert address not in c.recorded_addresses("node-a")
+
+    child = c.procs.find("node-a", "ip-manager")
+    child.signal(signal.SIGKILL)
+    child.proc.wait(5)
+    c.start_service("node-a", "ip-manager")
+    c.wait_for(ready, 20, what="the restarted ip-manager to be ready")
+    asyncio.run(_notice(1))
+    c.wait_for(lambda: verdict() == "released at a newer epoch", 5,
+               what="the notice of epoch 1 to be refused by the persisted floor")
+    assert address not in c.recorded_addresses("node-a")
+    asyncio.run(_notice(2))
+    c.wait_for(lambda: address in c.recorded_addresses("node-a"), 5,
+               what="a notice of epoch 2 to make it hold")
