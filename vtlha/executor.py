@@ -308,6 +308,10 @@ class HoldingExecutor(Executor):
                                      extra={"group": group, "reason": str(exc)})
                     return
                 if why in (Why.EXPIRED, Why.REVOKED, Why.NO_NOTICE):
+                    self.log.info("released on its own", extra={
+                        "group": group, "why": str(why), "now": time.monotonic(),
+                        "notice": self.gate.notices.get(group),
+                        "floor": self.gate.floors.get(group)})
                     kind = "lease.revoked" if why is Why.REVOKED else "lease.expired"
                     self.emit_soon(kind, f"{self.name} on {self.node} released {group} "
                                    f"on its own: {why}", group=group,

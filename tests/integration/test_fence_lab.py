@@ -287,7 +287,7 @@ def test_frozen_ip_manager_resumed_after_its_group_moved_sends_no_gratuitous_arp
     from tests.conftest import lab_config
 
     def edit(raw: dict[str, Any]) -> None:
-        raw["ip"] = {**raw.get("ip", {}), "garp_count": 400, "garp_interval": 0.05}
+        raw["ip"] = {**raw.get("ip", {}), "garp_count": 100, "garp_interval": 0.2}
 
     lab = Lab(lab_config(request, tmp_path, edit), tmp_path)
     sniffer = None
@@ -300,7 +300,7 @@ def test_frozen_ip_manager_resumed_after_its_group_moved_sends_no_gratuitous_arp
         sniffer.bind(("eth0", 0x0806))
         mac_a = lab.mac("node-a")
         assert _garps(sniffer, A_DATA, mac_a, time.monotonic() + 1.0) > 0, \
-            "node-a repeats its gratuitous ARPs (garp_count 400)"
+            "node-a repeats its gratuitous ARPs (garp_count 100, every 0.2 s)"
         ipm = lab.procs.find("node-a", "ip-manager")
         ipm.signal(signal.SIGSTOP)
         try:
@@ -311,12 +311,12 @@ def test_frozen_ip_manager_resumed_after_its_group_moved_sends_no_gratuitous_arp
         finally:
             ipm.signal(signal.SIGCONT)
         after = _garps(sniffer, A_DATA, mac_a, time.monotonic() + 1.0)
+        print(f"\nresumed ip-manager: {after} gratuitous ARP(s) for {A_DATA} after SIGCONT")
+        assert after == 0
         lab.wait_for(lambda: f"{A_DATA}/32" not in lab.floating_on("node-a"), 5,
                      what="the resumed ip-manager to remove the address")
         st = lab.http_get("node-a", "ip-manager", "/status")
-        print(f"\nresumed ip-manager: {after} gratuitous ARP(s) for {A_DATA} after SIGCONT, "
-              f"{st['backend_status']['garp_withheld']} withheld")
-        assert after == 0
+        assert st["backend_status"]["garp_withheld"] >= 1
     finally:
         if sniffer is not None:
             sniffer.close()

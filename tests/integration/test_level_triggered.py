@@ -108,6 +108,48 @@ def test_traces_1_and_3_a_claim_with_no_command_is_served_by_the_new_owner(
             a.signal(signal.SIGCONT)
 
 
+def test_a_stalled_watch_is_restarted_and_a_claim_still_seen(
+        local_cluster: LocalCluster) -> None:
+    """Every consumer of the KV stream deleted under the services (as when the server
+    holding a watch's consumer is lost): the lease holders' watches go silent without an
+    error. Each sees its own renewals missing from its watch and restarts it; a claim
+    made after that (every arbiter frozen) is served by node-b."""
+    c = local_cluster
+    _ready(c)
+    subj = Subjects(c.cfg.cluster)
+    arbiters = [c.procs.find(h, "arbiter") for h in c.cfg.hosts]
+    for a in arbiters:
+        a.signal(signal.SIGSTOP)
+
+    async def _delete_consumers() -> int:
+        nc = await c.connect()
+        try:
+            js = nc.jetstream(timeout=2)
+            infos = await js.consumers_info(bus.kv_stream(subj))
+            for info in infos:
+                await js.delete_consumer(bus.kv_stream(subj), info.name)
+            return len(infos)
+        finally:
+            await nc.close()
+
+    def restarts(node: str) -> int:
+        return int(((c.status(node, "heartbeat") or {}).get("lease") or {})
+                   .get("watch_restarts", 0))
+
+    try:
+        assert asyncio.run(_delete_consumers()) >= 2  # one watch per lease holder at least
+        t0 = time.monotonic()
+        c.wait_for(lambda: restarts("node-a") >= 1 and restarts("node-b") >= 1, 10,
+                   what="both lease holders to restart their stalled watch")
+        print(f"watches restarted within {time.monotonic() - t0:.3f} s")
+        asyncio.run(_claim(c, ("node-a-mgmt",), "node-b"))
+        c.wait_for(lambda: "203.0.113.101/32" in c.recorded_addresses("node-b"), 5,
+                   what="node-b to serve the claimed group")
+    finally:
+        for a in arbiters:
+            a.signal(signal.SIGCONT)
+
+
 def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
     """The bucket is lost and created again (revisions start over, so the new arbiter's
     term is far below what executors persisted). A command of the new bucket's arbiter
@@ -206,3 +248,70 @@ def test_node_services_wait_for_the_bucket_and_never_create_it(
     services = ("heartbeat", "ip-manager", "storage-monitor")
     c.wait_for(lambda: all(c.http_get("node-a", s, "/readyz").get("ready") for s in services),
                20, what="the services to become ready once the bucket exists")
+
+
+def test_the_release_floor_survives_a_restart(local_cluster: LocalCluster) -> None:
+    """node-a's ip-manager alone (recording backend), its lease holder played by the test:
+    a valid notice alone makes it hold (no command); a release at epoch 2 drops the group
+    and a notice of epoch 1 does not bring it back — not even after a restart of the
+    ip-manager (the floor is persisted with the fencing tokens); epoch 2 does."""
+    from vtlha.messages import LeaseNotice
+
+    c = local_cluster
+    subj = Subjects(c.cfg.cluster)
+    group, address = "node-a-data", "198.51.100.101/32"
+
+    async def _bucket() -> None:
+        nc = await c.connect()
+        try:
+            await bus.ensure_kv(nc.jetstream(timeout=2), subj, replicas=1)
+        finally:
+            await nc.close()
+
+    async def _notice(epoch: int) -> None:
+        nc = await c.connect()
+        try:
+            n = LeaseNotice(cluster=c.cfg.cluster, node="node-a", group=group, epoch=epoch,
+                            valid_until=time.monotonic() + 60.0, since=time.monotonic())
+            await nc.publish(subj.lease("node-a"), encode(n))
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    async def _release(epoch: int) -> Ack:
+        nc = await c.connect()
+        try:
+            cmd = Command(cluster=c.cfg.cluster, node="witness", term=1, epoch=epoch,
+                          group=group, action="release")
+            return await bus.send_command(nc, subj.cmd("node-a", "ip-manager"), cmd, 3.0)
+        finally:
+            await nc.close()
+
+    def verdict() -> str:
+        return str(((c.status("node-a", "ip-manager") or {}).get("leases") or {})
+                   .get(group, {}).get("verdict"))
+
+    def ready() -> bool:
+        return bool(c.http_get("node-a", "ip-manager", "/readyz").get("ready"))
+
+    asyncio.run(_bucket())
+    c.start_service("node-a", "ip-manager")
+    c.wait_for(ready, 20, what="the ip-manager to be ready")
+    asyncio.run(_notice(1))
+    c.wait_for(lambda: address in c.recorded_addresses("node-a"), 5,
+               what="the address held on a notice alone")
+    assert asyncio.run(_release(2)).ok
+    assert address not in c.recorded_addresses("node-a")
+
+    child = c.procs.find("node-a", "ip-manager")
+    child.signal(signal.SIGKILL)
+    child.proc.wait(5)
+    c.start_service("node-a", "ip-manager")
+    c.wait_for(ready, 20, what="the restarted ip-manager to be ready")
+    asyncio.run(_notice(1))
+    c.wait_for(lambda: verdict() == "released at a newer epoch", 5,
+               what="the notice of epoch 1 to be refused by the persisted floor")
+    assert address not in c.recorded_addresses("node-a")
+    asyncio.run(_notice(2))
+    c.wait_for(lambda: address in c.recorded_addresses("node-a"), 5,
+               what="a notice of epoch 2 to make it hold")

@@ -77,7 +77,7 @@ def test_groups_are_independent() -> None:
     (VALID + 10.0, Why.EXPIRED),
 ])
 def test_holding_stops_margin_before_valid_until(now: float, why: Why) -> None:
-    assert gate(1, (1, VALID, False)).verdict(G, now) is why
+    assert gate(None, (1, VALID, False)).verdict(G, now) is why
 
 
 def test_valid_until_is_where_holding_stops() -> None:
@@ -89,7 +89,7 @@ def test_valid_until_is_where_holding_stops() -> None:
 
 def test_lease_runs_out_on_its_own_when_notices_stop() -> None:
     """A node cut off, or whose lease holder died, stops answering within the lease."""
-    g = gate(1, (1, VALID, False))
+    g = gate(None, (1, VALID, False))
     for now in (NOW, NOW + 0.125, VALID - MARGIN - 0.0078125):
         assert g.should_hold(G, now)
     assert g.verdict(G, VALID - MARGIN) is Why.EXPIRED
@@ -99,7 +99,7 @@ def test_lease_runs_out_on_its_own_when_notices_stop() -> None:
 
 
 def test_revoked_notice_releases_at_once() -> None:
-    g = gate(1, (1, VALID, False))
+    g = gate(None, (1, VALID, False))
     g.on_notice(G, 1, 0.0, True)
     assert g.verdict(G, NOW) is Why.REVOKED
     assert g.valid_until(G) is None
@@ -203,7 +203,7 @@ def test_a_revoke_is_final_only_for_notices_decided_before_it() -> None:
 
 
 def test_out_of_order_notices_of_one_epoch_do_not_shorten_validity() -> None:
-    g = gate(1, (1, VALID + 0.125, False))
+    g = gate(None, (1, VALID + 0.125, False))
     g.on_notice(G, 1, VALID, False)  # an earlier renewal's notice, delivered late
     assert g.valid_until(G) == VALID + 0.125 - MARGIN
     assert g.should_hold(G, VALID)

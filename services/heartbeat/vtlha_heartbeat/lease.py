@@ -345,4 +345,5 @@ class LeaseRunner:
                        for g in self.lh.groups.values()},
             "promises_given": {g: round(u - now, 3) for g, u in self.lh.promises_given.items()},
             "embargo_left_s": round(max(0.0, self.lh.started_at + self.lh.lease_ttl - now), 3),
+            "watch_restarts": self.wm.restarts,
         }
