@@ -21,8 +21,10 @@ Rules, each load-bearing:
 - **Granting a promise**: only to the companion, only while this node itself cannot
   reach the KV (its last write failed as unavailable; a companion that can reach it
   refuses: the owner is the one cut off), never for a group this node holds or is
-  acquiring, never for longer than ``lease_ttl``; the promised groups cannot be acquired
-  here before the promise has run out.
+  acquiring, never for longer than ``lease_ttl``, never within ``lease_ttl`` of this
+  lease holder's start (its executors may still hold groups on its predecessor's
+  notices; found by the simulator); the promised groups cannot be acquired here before
+  the promise has run out.
 - **Acquire gate**: a group the arbiter gave this node (its key shows this node, state
   ``acquiring``) is served only after its first renewal, which is sent no sooner than:
   ``lease_ttl + margin`` after the claim was seen here, or earlier by the arbiter's
@@ -311,6 +313,12 @@ class LeaseHolder:
         self-fence the companion's own groups during a KV outage."""
         if requester != self.companion:
             return PromiseAnswer(False, 0.0, f"{requester} is not {self.node}'s companion")
+        if now < self.started_at + self.lease_ttl:
+            # Its executors may still hold groups on its predecessor's notices (valid for
+            # up to lease_ttl), which this lease holder cannot know of: found by the
+            # simulator (docs/safety.md, "The simulator"), a promise then made two holders.
+            return PromiseAnswer(False, 0.0, f"{self.node}'s lease holder started less than "
+                                 "lease_ttl ago: its executors may still hold groups")
         if self.kv_reachable is not False:
             return PromiseAnswer(False, 0.0, f"{self.node} reaches the KV: {requester} is the "
                                  "one cut off" if self.kv_reachable else

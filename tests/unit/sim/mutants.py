@@ -138,14 +138,15 @@ def recall_acquire(gate: HoldGate, group: str, epoch: int) -> None:
 # ---- candidate fixes of what the simulator found (not mutants: proposals) ------------------
 
 
-class NoPromiseRightAfterStart(LeaseHolder):
-    """Refuse promises within ``lease_ttl`` of this lease holder's start: its node's
-    executors may still hold a group on its predecessor's notices, which it does not know
-    of (found by the simulator: ``docs/safety.md`` "The simulator")."""
+class PromiseRightAfterStart(LeaseHolder):
+    """The rule dropped: promises granted within ``lease_ttl`` of this lease holder's
+    start, when its node's executors may still hold a group on its predecessor's notices
+    (found by the simulator: ``docs/safety.md`` "The simulator")."""
 
     def on_promise_request(self, requester: str, groups: list[str], duration: float,
-                           now: float) -> PromiseAnswer:
-        if now < self.started_at + self.lease_ttl:
-            return PromiseAnswer(False, 0.0, f"{self.node}'s lease holder started less than "
-                                 "lease_ttl ago: its executors may still hold groups")
-        return super().on_promise_request(requester, groups, duration, now)
+                           now: float, partial: bool = False) -> PromiseAnswer:
+        started, self.started_at = self.started_at, now - self.lease_ttl
+        try:
+            return super().on_promise_request(requester, groups, duration, now, partial)
+        finally:
+            self.started_at = started
