@@ -93,7 +93,7 @@ class Arbiter(Service):
         self.book.store = EventStateStore(self.kv, self.subjects, self.book.pair_nodes,
                                           self.log)
         await bus.retry_js("group records", self.records.load)
-        await self.records.start_watch()
+        await bus.retry_js("group watch", self.records.start_watch)
         self.every(STALL_INTERVALS * self.t.heartbeat_interval, self.records.check,
                    "records")
         pairs = PairState(self.kv, self.subjects, self.config, self.log)
