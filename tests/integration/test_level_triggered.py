@@ -193,7 +193,12 @@ def test_a_recreated_bucket_is_harmless(local_cluster: LocalCluster) -> None:
     assert st["term"] == 3
 
     # End to end: a new arbiter on the new bucket (its term a small revision of it) is
-    # obeyed, every group is held again, and node-a serves its addresses.
+    # obeyed, every group is held again, and node-a serves its addresses. Events reach
+    # the stream through the ip-manager's outbox, so the stale command's refusal may be
+    # stored later: count from once it is there.
+    c.wait_for(lambda: any(e.kind == "command.refused" and old in e.reason and new in e.reason
+                           for e in c.events()), 15,
+               what="the stale command's refusal in the event stream")
     n_events = len(c.events())
     witness = c.cfg.witness.host
     c.start_service(witness, "arbiter")
