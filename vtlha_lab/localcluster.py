@@ -9,6 +9,7 @@ recorded by the recording IP backend, and it says so."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import random
 import socket
@@ -256,7 +257,8 @@ class LocalCluster:
         while True:
             try:
                 value = predicate()
-            except (OSError, nats.errors.Error):  # not reachable yet: try again
+            except (OSError, http.client.HTTPException, nats.errors.Error):  # not reachable yet
+                # (a service still starting may answer a half-read request): try again
                 value = None
             if value:
                 return value
