@@ -105,3 +105,9 @@ chaos-short: venv sysdeps
 
 chaos: venv sysdeps
 	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md $(CHAOS_ARGS)
+
+# The witness-only-cut lab tests (issue 14): not yet stable (they failed under load and
+# once on a quiet machine), so `make test` deselects them (marker witness_cut); run here.
+.PHONY: test-witness
+test-witness: venv sysdeps
+	$(BIN)/pytest -m witness_cut tests/integration/test_witness_lab.py $(PYTEST_ARGS)

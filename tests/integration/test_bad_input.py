@@ -115,7 +115,11 @@ def test_garbage_claiming_to_be_a_dead_node_does_not_keep_it_alive(
         t.join(5)
     completed = {e.group: e for _, e in events(url, c.cfg.cluster)
                  if e.kind == "failover.completed"}
-    assert "release acknowledged" in completed["node-a-mgmt"].reason
+    # node-a's executors, alive, acknowledge the release; with heartbeats stopped for
+    # dead_after >= lease_ttl the arbiter may also find node-a's lease already run out
+    # (level-triggered executors need neither): either ends the move.
+    reason = completed["node-a-mgmt"].reason
+    assert "release acknowledged" in reason or "lease ran out" in reason, reason
     assert c.recorded_addresses("node-a") == []
     assert c.status("node-a", "ip-manager")["held"] == {}  # type: ignore[index]
 

@@ -26,7 +26,7 @@ from vtlha.subjects import Subjects
 from vtlha_lab import netns
 from vtlha_lab.lab import Lab, OverlapObserver
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.witness_cut]
 
 B_OWN = ("198.51.100.102/32", "203.0.113.102/32")
 HOME = {"node-a-data": "node-a", "node-a-mgmt": "node-a", "node-b-data": "node-b",
