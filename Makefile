@@ -16,9 +16,12 @@ help:
 	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
 	@echo "make sim-long - the protocol simulator over SIM_SEEDS (20,000) more seeds"
+	@echo "make bench-iscsi - SCSI-3 PR and 4 KiB I/O round trips against a real tgtd (root)"
 	@echo "make bench-events - failover time with the event stream healthy vs its leader killed (root)"
 	@echo "make chaos-short - every chaos fault kind once over the network lab (root); docs/chaos-report.md"
 	@echo "make chaos  - 200 chaos iterations (root); docs/chaos-report.md"
+	@echo "make images - the container image, built offline (root; podman, mmdebstrap)"
+	@echo "make test-containers - node-a, node-b and the witness in containers (host network, network lab, under systemd): kill, take over (root)"
 	@echo "make clean  - remove the venv and caches"
 
 $(BIN)/python:
@@ -36,14 +39,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 # As root, install the system tools the network lab needs when they are missing
-# (Debian). Without root nothing is installed: the lab tests skip, the demo runs on
-# loopback, and both say so.
-SYS_TOOLS := ip:iproute2 setpriv:util-linux nft:nftables
+# (Debian); tgt and libiscsi are the real iSCSI target and initiator (docs/storage.md);
+# prometheus gives promtool, which checks every service's /metrics and the example alert
+# rules (tests/integration/test_cli_ops.py); chromium runs the dashboard's browser test
+# (tests/integration/test_dashboard.py, driven by Playwright: no `playwright install`).
+# Without root nothing is installed: the lab tests skip, the demo runs on loopback, and
+# both say so.
+SYS_TOOLS := ip:iproute2 setpriv:util-linux nft:nftables tgtd:tgt iscsi-ls:libiscsi-bin \
+             promtool:prometheus chromium:chromium
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  missing=""; for t in $(SYS_TOOLS); do \
 	    command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
 	  ldconfig -p | grep -q 'libfuse\.so\.2 ' || missing="$$missing libfuse2"; \
+	  ldconfig -p | grep -q 'libiscsi\.so\.7 ' || missing="$$missing libiscsi7"; \
 	  if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  fi; \
@@ -59,6 +68,13 @@ typecheck: venv
 # pytest exits 5 when no test ran; that is a failure here as any non-zero code is.
 test: lint sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The operator tools end to end (vtlha status and metrics with promtool, the notifier, the
+# dashboard in headless Chromium): their own target, run by .ci/run, to keep make test short.
+.PHONY: test-ops
+test-ops: venv sysdeps
+	$(BIN)/pytest -m ops tests/integration/test_cli_ops.py tests/integration/test_notify.py \
+	  tests/integration/test_dashboard.py $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -82,6 +98,11 @@ clean:
 bench-events: venv sysdeps
 	$(BIN)/python bench/events_failover.py
 
+# SCSI-3 PR and 4 KiB I/O round trips over iSCSI against a real tgtd (root, ~10 s).
+.PHONY: bench-iscsi
+bench-iscsi: venv sysdeps
+	$(BIN)/python bench/iscsi_rtt.py
+
 # A long run (minutes), kept out of `make test`. Results: bench/results/*.json.
 .PHONY: bench-fence
 bench-fence: venv sysdeps
@@ -99,15 +120,134 @@ sim-long: venv
 # and fail on any violation, printing the seed and the command that replays the run.
 CHAOS_SEED ?= 1
 CHAOS_ARGS ?=
+CHAOS_REPORT ?= docs/chaos-report.md
 .PHONY: chaos-short chaos
 chaos-short: venv sysdeps
-	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report docs/chaos-report.md $(CHAOS_ARGS)
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --report $(CHAOS_REPORT) $(CHAOS_ARGS)
 
 chaos: venv sysdeps
-	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report docs/chaos-report.md $(CHAOS_ARGS)
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report $(CHAOS_REPORT) $(CHAOS_ARGS)
 
-# The witness-only-cut lab tests (issue 14): not yet stable (they failed under load and
-# once on a quiet machine), so `make test` deselects them (marker witness_cut); run here.
+# The witness-only-cut lab tests (issue 14), alone (they are also part of `make test`).
 .PHONY: test-witness
 test-witness: venv sysdeps
 	$(BIN)/pytest -m witness_cut tests/integration/test_witness_lab.py $(PYTEST_ARGS)
+
+# ---- container images (root, Debian; docs/deploy.md, "Images") ------------------------
+# Built offline: a Debian base from mmdebstrap (cached as a tarball under build/images),
+# a wheelhouse built on the host from the project (runtime only, no lab) and the pinned
+# dependencies, then `podman build --network none`. One image for every service.
+VERSION       := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE         ?= localhost/vtlha:$(VERSION)
+BASE_IMAGE    ?= localhost/vtlha-base:bookworm
+IMAGES_DIR    := build/images
+APT_SOURCES   ?= /etc/apt/sources.list.d/debian.sources
+# libnftables1: the fence; libiscsi7: SCSI-3 reservations over iSCSI (vtlha.iscsi)
+BASE_PACKAGES := python3,python3-venv,libnftables1,libiscsi7,ca-certificates,iproute2,tini
+# the tarball's name carries the package list: a changed list builds a new one
+BASE_TAR      := $(IMAGES_DIR)/base-bookworm-$(shell echo $(BASE_PACKAGES) | md5sum | cut -c1-8).tar
+IMAGE_CTX     := $(IMAGES_DIR)/context
+WHEELHOUSE    := $(IMAGE_CTX)/wheelhouse
+# the runtime's last commit: an unchanged runtime gives the same wheel, a cached layer
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct -- vtlha services pyproject.toml 2>/dev/null || echo 1700000000)
+CONTAINERS_CONF ?= $(CURDIR)/deploy/podman/containers.conf
+PODMAN        := CONTAINERS_CONF=$(CONTAINERS_CONF) podman
+IMAGE_TOOLS   := podman:podman mmdebstrap:mmdebstrap runc:runc
+# podman-compose from PyPI (Debian's 1.0.3 adds a network to host-network containers)
+PODMAN_COMPOSE_VERSION := 1.6.0
+TOOLS         := build/tools
+
+.PHONY: image-deps images image-lock test-containers
+image-deps:
+	@[ "$$(id -u)" = 0 ] || { echo "make images needs root (podman, mmdebstrap)"; exit 1; }
+	@missing=""; for t in $(IMAGE_TOOLS); do \
+	  command -v $${t%%:*} >/dev/null || missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	@[ -x $(TOOLS)/bin/podman-compose ] || { $(PY) -m venv $(TOOLS) && \
+	  $(TOOLS)/bin/pip install -q --disable-pip-version-check \
+	    podman-compose==$(PODMAN_COMPOSE_VERSION); }
+
+# The base: Debian bookworm from the host's apt sources (bookworm's Python is 3.11, as
+# the wheels are). Delete the tarball to rebuild it with newer packages.
+$(BASE_TAR):
+	@mkdir -p $(IMAGES_DIR)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) mmdebstrap --quiet --variant=apt \
+	  --include=$(BASE_PACKAGES) bookworm $(IMAGES_DIR)/base.tmp.tar $(APT_SOURCES)
+	mv $(IMAGES_DIR)/base.tmp.tar $@
+
+# The wheelhouse: the pinned dependencies (again only when the lock changes) and the
+# runtime wheel (always; reproducible, so an unchanged tree hits podman's layer cache).
+$(WHEELHOUSE)/.deps: deploy/image/requirements.lock | venv
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "the wheelhouse needs the venv's Python to be 3.11 (the image's)"; exit 1; }
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(BIN)/pip wheel -q --disable-pip-version-check -w $(WHEELHOUSE) -r $<
+	@touch $@
+
+# BASE_FROM_TAR=0: use BASE_IMAGE as it is in podman's storage (a site with a registry:
+# `podman pull` a base with the same packages first; docs/deploy.md, "Images").
+BASE_FROM_TAR ?= 1
+.PHONY: base-image
+base-image: image-deps
+ifeq ($(BASE_FROM_TAR),1)
+base-image: $(BASE_TAR)
+	@if ! $(PODMAN) image exists $(BASE_IMAGE) || [ $(BASE_TAR) -nt $(IMAGES_DIR)/.base-imported ]; \
+	then echo "podman import $(BASE_TAR) $(BASE_IMAGE)"; \
+	  $(PODMAN) import -q $(BASE_TAR) $(BASE_IMAGE) && touch $(IMAGES_DIR)/.base-imported; fi
+else
+base-image:
+	@$(PODMAN) image exists $(BASE_IMAGE) || { echo "no image $(BASE_IMAGE): podman pull it"; exit 1; }
+endif
+
+images: image-deps venv base-image $(WHEELHOUSE)/.deps
+	$(BIN)/python deploy/image/runtime_project.py $(IMAGES_DIR)/runtime-src
+	rm -f $(WHEELHOUSE)/vtlha-*.whl
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) $(BIN)/pip wheel -q --disable-pip-version-check \
+	  --no-deps -w $(WHEELHOUSE) ./$(IMAGES_DIR)/runtime-src
+	cp deploy/image/.containerignore $(IMAGE_CTX)/
+	$(PODMAN) build -q --pull=never --network none --build-arg BASE=$(BASE_IMAGE) \
+	  --build-arg VERSION=$(VERSION) -f deploy/image/Containerfile -t $(IMAGE) $(IMAGE_CTX)
+	@$(PODMAN) image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^localhost/vtlha'
+
+# The systemd host (tests/integration/test_systemd_units.py): systemd as init, podman and
+# runc, to run the rendered units under a real systemd on a machine without one. Built
+# offline as the base is: an mmdebstrap tarball (cached), `podman import`.
+SYSTEMD_HOST_PACKAGES := systemd,systemd-sysv,dbus,podman,runc,conmon,iproute2,ca-certificates
+SYSTEMD_HOST_TAR   := $(IMAGES_DIR)/systemd-host-bookworm-$(shell echo $(SYSTEMD_HOST_PACKAGES) | md5sum | cut -c1-8).tar
+SYSTEMD_HOST_IMAGE ?= localhost/vtlha-systemd-host:bookworm
+.PHONY: systemd-host-image
+$(SYSTEMD_HOST_TAR):
+	@mkdir -p $(IMAGES_DIR)
+	SOURCE_DATE_EPOCH=$(SOURCE_DATE_EPOCH) mmdebstrap --quiet --variant=apt \
+	  --include=$(SYSTEMD_HOST_PACKAGES) bookworm $(IMAGES_DIR)/systemd-host.tmp.tar $(APT_SOURCES)
+	mv $(IMAGES_DIR)/systemd-host.tmp.tar $@
+
+systemd-host-image: image-deps $(SYSTEMD_HOST_TAR)
+	@if ! $(PODMAN) image exists $(SYSTEMD_HOST_IMAGE) || \
+	  [ $(SYSTEMD_HOST_TAR) -nt $(IMAGES_DIR)/.systemd-host-imported ]; then \
+	  echo "podman import $(SYSTEMD_HOST_TAR) $(SYSTEMD_HOST_IMAGE)"; \
+	  $(PODMAN) import -q $(SYSTEMD_HOST_TAR) $(SYSTEMD_HOST_IMAGE) && \
+	  touch $(IMAGES_DIR)/.systemd-host-imported; fi
+
+# Re-pin the image's dependencies to the versions in .venv (after a dependency change).
+image-lock: venv
+	$(BIN)/python deploy/image/runtime_project.py $(IMAGES_DIR)/runtime-src
+	$(BIN)/pip freeze --exclude-editable > $(IMAGES_DIR)/venv-freeze.txt
+	$(BIN)/pip install -q --dry-run --ignore-installed --report $(IMAGES_DIR)/lock.json \
+	  -c $(IMAGES_DIR)/venv-freeze.txt ./$(IMAGES_DIR)/runtime-src
+	$(BIN)/python deploy/image/runtime_project.py --lock $(IMAGES_DIR)/lock.json \
+	  > deploy/image/requirements.lock
+
+# The cluster in containers (root): builds the image (cached), runs node-a, node-b and
+# the witness from the rendered compose files with bus credentials and TLS, on the
+# host's network (kills node-a's heartbeat container, checks node-b takes over; the
+# services' nice value) and in the network lab's namespaces (kills all of node-a's
+# containers: node-b answers node-a's address, node-a's fence stops it answering),
+# removes every container (tests/integration/test_containers*.py); and the rendered
+# systemd units under systemd, in a container with systemd as PID 1 and a nested podman
+# (tests/integration/test_systemd_units.py).
+test-containers: images systemd-host-image sysdeps
+	$(BIN)/pytest -m containers tests/integration/test_containers.py \
+	  tests/integration/test_containers_lab.py tests/integration/test_systemd_units.py \
+	  $(PYTEST_ARGS)

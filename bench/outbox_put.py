@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import sys
@@ -33,15 +32,12 @@ from vtlha import bus  # noqa: E402
 from vtlha.messages import Event  # noqa: E402
 from vtlha.outbox import Outbox, stream_publisher  # noqa: E402
 from vtlha.subjects import Subjects  # noqa: E402
-from vtlha_lab.localcluster import _port_free  # noqa: E402
 from vtlha_lab.natsserver import NatsServer, NatsServerSpec  # noqa: E402
+from vtlha_lab.ports import free_port  # noqa: E402
 
 
 def _port() -> int:
-    while True:
-        p = random.randrange(20000, 60000)
-        if _port_free(p):
-            return p
+    return free_port()
 
 
 def _event(i: int, inputs_kib: int) -> Event:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from vtlha_lab.localcluster import LocalCluster, _port_free, prepare_config
+from vtlha_lab.localcluster import LocalCluster, prepare_config
+from vtlha_lab.ports import free_port
 
 if TYPE_CHECKING:
     from vtlha_lab.lab import Lab as LabT
@@ -34,13 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _free_port() -> int:
-    import random
-
-    for _ in range(500):
-        p = random.randrange(20000, 60000)
-        if _port_free(p):
-            return p
-    raise RuntimeError("no free port")
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +108,35 @@ def lab_config(request: pytest.FixtureRequest, tmp_path: Path,
     return cfg
 
 
+def torn_down_lab(request: pytest.FixtureRequest, tmp_path: Path,
+                  edit: Callable[[dict[str, Any]], None] | None = None) -> Iterator[LabT]:
+    """For a fixture: a network lab (not yet started) for the example cluster changed by
+    ``edit``; always torn down."""
+    from vtlha_lab.lab import Lab
+
+    the_lab = Lab(lab_config(request, tmp_path, edit), tmp_path)
+    try:
+        yield the_lab
+    finally:
+        the_lab.stop()
+
+
 @pytest.fixture
 def lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabT]:
     """A network lab (not yet started) for the example cluster; always torn down."""
+    yield from torn_down_lab(request, tmp_path)
+
+
+@pytest.fixture
+def secured_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LabT]:
+    """A network lab run as a deployment runs: `vtlha deploy render`'s server configs,
+    a least-privilege credential per service per host, TLS for clients and routes
+    (``Lab.secure``); not yet started; always torn down."""
     from vtlha_lab.lab import Lab
 
     the_lab = Lab(lab_config(request, tmp_path), tmp_path)
     try:
+        the_lab.secure()
         yield the_lab
     finally:
         the_lab.stop()

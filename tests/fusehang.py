@@ -1,6 +1,6 @@
 """A tiny FUSE filesystem whose reads hang on demand (test infrastructure).
 
-    python tests/fusehang.py MOUNTPOINT BACKINGDIR CONTROLFILE
+    python tests/fusehang.py MOUNTPOINT BACKINGDIR CONTROLFILE [WRITECONTROLFILE]
 
 Mounts BACKINGDIR (a flat directory of regular files) at MOUNTPOINT, passing reads
 and writes through to the real files. While CONTROLFILE exists, every ``read`` blocks
@@ -8,6 +8,11 @@ and writes through to the real files. While CONTROLFILE exists, every ``read`` b
 device for the process reading a file of the mount. Only reads hang: ``getattr``,
 ``open`` and writes go on, so a reader that already opened its file sees exactly a
 device that stops answering reads.
+
+While WRITECONTROLFILE exists, a ``write`` whose data starts with that file's content
+(a marker; every write when it is empty) blocks the same way until the file is removed,
+and then goes through; ``WRITECONTROLFILE.hit`` is created while one is blocked. Other
+writes go on: one writer's write stalls in the device, the others' do not.
 
 Mounted with ``direct_io`` (no page cache: every read reaches this process, also a
 read of a block read before) and ``allow_other``; runs in the foreground until
@@ -20,6 +25,7 @@ stopped. Needs root (``/dev/fuse``), ``libfuse.so.2`` and ``fusepy``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -37,18 +43,20 @@ STATVFS_KEYS = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffr
 
 
 class HangFS(Operations):  # type: ignore[misc]
-    def __init__(self, root: str, control: str) -> None:
+    def __init__(self, root: str, control: str, write_control: str | None = None) -> None:
         self.root = os.path.realpath(root)
         self.control = control
+        self.write_control = write_control
 
     def _full(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
 
-    def _wait_while_hung(self) -> None:
-        if not os.path.exists(self.control):
+    def _wait_while_hung(self, control: str | None = None) -> None:
+        control = control or self.control
+        if not os.path.exists(control):
             return
         deadline = time.monotonic() + HANG_LIMIT
-        while os.path.exists(self.control):
+        while os.path.exists(control):
             if time.monotonic() > deadline:
                 raise FuseOSError(errno.EIO)
             time.sleep(POLL)
@@ -80,7 +88,25 @@ class HangFS(Operations):  # type: ignore[misc]
         return os.pread(fh, size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        wc = self.write_control
+        if wc is not None and self._marked(wc, data):
+            hit = wc + ".hit"
+            open(hit, "w").close()
+            try:
+                self._wait_while_hung(wc)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(hit)
         return os.pwrite(fh, data, offset)
+
+    @staticmethod
+    def _marked(control: str, data: bytes) -> bool:
+        try:
+            with open(control, "rb") as f:
+                marker = f.read()
+        except FileNotFoundError:
+            return False
+        return data.startswith(marker)
 
     def flush(self, path: str, fh: int) -> int:
         return 0
@@ -95,11 +121,12 @@ class HangFS(Operations):  # type: ignore[misc]
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    mountpoint, backing, control = argv
-    FUSE(HangFS(backing, control), mountpoint, foreground=True, nothreads=False,
+    mountpoint, backing, control = argv[:3]
+    write_control = argv[3] if len(argv) == 4 else None
+    FUSE(HangFS(backing, control, write_control), mountpoint, foreground=True, nothreads=False,
          direct_io=True, allow_other=True, fsname="fusehang")
     return 0
 

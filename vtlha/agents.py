@@ -14,6 +14,10 @@ The agent learns what to act on from its environment:
 ``VTLHA_RESOURCE``     the resource's name in the cluster file
 ``VTLHA_PORTAL``       ``host:port`` the data service listens on
 ``VTLHA_SAN_HOST``     the SAN target's address; ``VTLHA_SAN_PORT`` its port base
+``VTLHA_SAN_KIND``     the cluster file's ``san.kind`` (reference, iscsi)
+``VTLHA_PERMIT_FILE``  iSCSI: the hold rule's permit for the group at the epoch
+                       (``vtlha.iscsi.permitfile``): register, reserve and
+                       acknowledge writes only while it is valid
 ``VTLHA_CONFIG``       the cluster file
 ``VTLHA_RUN_DIR``      a directory of the resource's own (pid file, logs)
 =====================  ===========================================================

@@ -8,7 +8,9 @@ Every request has a timeout; nothing here waits forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -18,7 +20,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
-    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -38,6 +39,7 @@ from tenacity import (
 )
 
 from vtlha.messages import Ack, Command, Event, decode, encode
+from vtlha.natsauth import NONE, ClientAuth
 from vtlha.subjects import Subjects
 
 log = logging.getLogger("vtlha.bus")
@@ -84,9 +86,11 @@ async def connect(
     servers: Sequence[str],
     name: str,
     connect_deadline: float = 30.0,
+    auth: ClientAuth = NONE,
 ) -> NATS:
     """Connect to the first reachable server of ``servers`` (own node's first), retrying
-    with exponential backoff for up to ``connect_deadline`` seconds."""
+    with exponential backoff for up to ``connect_deadline`` seconds, as ``auth`` says
+    (credential, TLS; none by default)."""
 
     async def _disconnected() -> None:
         log.warning("nats disconnected")
@@ -118,26 +122,62 @@ async def connect(
                 disconnected_cb=_disconnected,
                 reconnected_cb=_reconnected,
                 error_cb=_error,
+                **auth.connect_options(),
             )
     return nc
 
 
-async def ensure_kv(js: JetStreamContext, subjects: Subjects, replicas: int) -> KeyValue:
+#: a bucket's first revision counts microseconds of the wall clock when it is created
+FIRST_REVISION_PER_SECOND = 1_000_000
+
+
+def kv_first_revision(now: float, floor: int = 0) -> int:
+    """The first revision of a KV bucket created at wall-clock ``now``: its time in
+    microseconds, and above ``floor`` (the highest revision its creator knows of a
+    bucket it replaces). Revisions are the stream's sequence numbers; a bucket lost and
+    created again would otherwise start them at 1 again, and a compare-and-set made
+    against a revision of the old bucket (a lease holder or an arbiter that has not
+    noticed the new one yet) would succeed whenever the new bucket's key stood at that
+    very revision (found by the simulator: two holders). Counted from the clock, a new
+    bucket starts above every revision of an older one unless that one took more than a
+    million writes a second of its life, or the creators' clocks differ by more than
+    the older bucket's age; terms (revisions too) then never go down either."""
+    return max(int(now * FIRST_REVISION_PER_SECOND), floor + 1)
+
+
+def kv_stream_config(subjects: Subjects, replicas: int, first_seq: int) -> StreamConfig:
+    """The KV bucket's stream, as nats-py's ``create_key_value`` makes it (history
+    ``KV_HISTORY``, file storage), with its first revision set (``kv_first_revision``)."""
+    return StreamConfig(
+        name=subjects.kv_stream,
+        subjects=[subjects.kv_subject()],
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=KV_HISTORY,
+        num_replicas=replicas,
+        storage=StorageType.FILE,
+        first_seq=first_seq,
+    )
+
+
+async def ensure_kv(js: JetStreamContext, subjects: Subjects, replicas: int,
+                    floor: int = 0) -> KeyValue:
+    """The KV bucket, created when absent (only the arbiter, or an operator's admin
+    command, does that) with its first revision above every revision of an older
+    bucket (``kv_first_revision``; ``floor``: the highest its caller knows)."""
     try:
         return await js.key_value(subjects.kv_bucket)
     except NotFoundError:
         pass
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=subjects.kv_bucket,
-                history=KV_HISTORY,
-                replicas=replicas,
-                storage=StorageType.FILE,
-            )
-        )
-    except BadRequestError:  # created by someone else in between
-        return await js.key_value(subjects.kv_bucket)
+    with contextlib.suppress(BadRequestError):  # (created by someone else in between)
+        await js.add_stream(kv_stream_config(subjects, replicas,
+                                             kv_first_revision(time.time(), floor)))
+    return await js.key_value(subjects.kv_bucket)
 
 
 async def kv_identity(nc: NATS, subjects: Subjects, timeout: float = 1.0) -> str:
@@ -184,13 +224,17 @@ EVENTS_DUPLICATE_WINDOW = 120.0
 
 
 def events_stream_config(subjects: Subjects, replicas: int, max_bytes: int, max_age: float,
-                         duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> StreamConfig:
+                         duplicate_window: float = EVENTS_DUPLICATE_WINDOW,
+                         max_msgs: int = -1) -> StreamConfig:
+    """The event stream: limits retention (``max_age``, ``max_bytes``, ``max_msgs``; -1:
+    no count limit), the oldest events dropped first."""
     return StreamConfig(
         name=subjects.events_stream,
         subjects=[subjects.events_all],
         retention=RetentionPolicy.LIMITS,
         max_age=max_age,
         max_bytes=max_bytes,
+        max_msgs=max_msgs,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
         num_replicas=replicas,
@@ -200,10 +244,13 @@ def events_stream_config(subjects: Subjects, replicas: int, max_bytes: int, max_
 
 async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replicas: int,
                                max_bytes: int, max_age: float,
-                               duplicate_window: float = EVENTS_DUPLICATE_WINDOW) -> None:
-    """Create the event stream, or bring an existing one's limits and duplicate window
-    to these (a stream created before the window was set has the server's default)."""
-    cfg = events_stream_config(subjects, replicas, max_bytes, max_age, duplicate_window)
+                               duplicate_window: float = EVENTS_DUPLICATE_WINDOW,
+                               max_msgs: int = -1) -> None:
+    """Create the event stream, or bring an existing one's limits (age, bytes, count)
+    and duplicate window to these (a stream created before the window was set has the
+    server's default; an operator may change the retention in the cluster file)."""
+    cfg = events_stream_config(subjects, replicas, max_bytes, max_age, duplicate_window,
+                               max_msgs)
     try:
         info = await js.stream_info(subjects.events_stream)
     except NotFoundError:
@@ -214,14 +261,19 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects, replica
             info = await js.stream_info(subjects.events_stream)
     have = info.config
     if (abs((have.duplicate_window or 0) - duplicate_window) > 1e-3
-            or have.max_bytes != max_bytes or abs((have.max_age or 0) - max_age) > 1e-3):
+            or have.max_bytes != max_bytes or abs((have.max_age or 0) - max_age) > 1e-3
+            or (have.max_msgs if have.max_msgs is not None else -1) != max_msgs):
         log.info("updating the event stream's limits", extra={
-            "duplicate_window": duplicate_window, "was": have.duplicate_window})
+            "duplicate_window": duplicate_window, "max_age": max_age, "max_bytes": max_bytes,
+            "max_msgs": max_msgs, "was": {"duplicate_window": have.duplicate_window,
+                                          "max_age": have.max_age,
+                                          "max_bytes": have.max_bytes,
+                                          "max_msgs": have.max_msgs}})
         await js.update_stream(cfg.evolve(num_replicas=have.num_replicas or replicas))
 
 
 def kv_stream(subjects: Subjects) -> str:
-    return f"KV_{subjects.kv_bucket}"
+    return subjects.kv_stream
 
 
 async def stream_leader(js: JetStreamContext, stream: str) -> str | None:

@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -26,6 +27,8 @@ from pydantic import (
 )
 
 from vtlha.errors import ConfigError
+from vtlha.iscsi.scsi import node_tag
+from vtlha.notifyconfig import Notifications
 
 NAME_RE = r"^[a-z0-9][a-z0-9-]*$"
 Name = Annotated[str, StringConstraints(pattern=NAME_RE, max_length=63)]
@@ -159,6 +162,38 @@ class Resource(_Model):
     monitor_timeout: float = Field(5.0, gt=0)
     monitor_interval: float = Field(10.0, ge=0, description="seconds between monitor runs "
                                     "while the resource runs (0: never)")
+    migration_threshold: StrictInt = Field(
+        2, ge=0, description="Pacemaker's migration-threshold: after this many failures of "
+        "the resource on a node (a failed monitor while served, or a failed start), counted "
+        "within failure_timeout, the node gives its group up and the arbiter moves the group "
+        "to the companion (rule storage_local_failure); each failure before that is "
+        "recovered locally (stop, then start). 2 (the default): one local restart, the "
+        "second failure moves the group; 1: the first failure moves it; 0: never move, "
+        "always restart. A restart that fails itself gives the group up at once")
+    failure_timeout: float = Field(
+        600.0, ge=0, description="Pacemaker's failure-timeout: seconds after which a "
+        "failure no longer counts towards migration_threshold (0: failures never expire)")
+
+    @model_validator(mode="after")
+    def _failures_can_add_up(self) -> Resource:
+        """A resource that fails at every monitor must reach migration_threshold: its
+        failures are at most monitor_interval + monitor_timeout + stop_timeout +
+        start_timeout apart (a restart in between), so failure_timeout must cover
+        migration_threshold - 1 such gaps, or it would be restarted forever."""
+        if self.failure_timeout == 0 or self.migration_threshold < 2:
+            return self
+        gap = self.monitor_interval + self.monitor_timeout + self.stop_timeout \
+            + self.start_timeout
+        need = (self.migration_threshold - 1) * gap
+        if self.failure_timeout <= need:
+            raise ValueError(
+                f"failure_timeout ({self.failure_timeout:g} s) must be longer than "
+                f"(migration_threshold - 1) * (monitor_interval + monitor_timeout + "
+                f"stop_timeout + start_timeout) = {need:g} s: failures of a resource that "
+                f"fails at every monitor would expire before migration_threshold "
+                f"({self.migration_threshold}) is reached, and it would be restarted forever "
+                f"(0 makes failures never expire)")
+        return self
 
 
 class DataGroup(_Model):
@@ -275,8 +310,66 @@ class Witness(_Model):
         return None if v is None else _check_iface(v)
 
 
+class NatsListen(_Model):
+    """Where one nats-server listens; clients and the other servers reach it there."""
+
+    host: str = Field(min_length=1, description="address (or DNS name) the server listens "
+                      "on and is reached at")
+    client_port: int = Field(4222, ge=1, le=65535)
+    cluster_port: int = Field(6222, ge=1, le=65535, description="routes between servers")
+    monitor_port: int | None = Field(None, ge=1, le=65535, description="the HTTP monitoring "
+                                     "endpoint (/healthz, /varz); none when not given")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if any(c.isspace() or c in "\"'/@[]" for c in v):
+            raise ValueError(f"not a host address or name: {v!r}")
+        if ":" in v:  # only an IPv6 address has one; "host:port" is a mistake
+            try:
+                ipaddress.IPv6Address(v)
+            except ValueError:
+                raise ValueError(f"not a host address or name: {v!r} (give the port as "
+                                 f"client_port)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> NatsListen:
+        ports = [p for p in (self.client_port, self.cluster_port, self.monitor_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"client_port, cluster_port and monitor_port must differ, "
+                             f"got {ports}")
+        return self
+
+
+class NatsTls(_Model):
+    """TLS for clients and routes. ``cert`` and ``key`` may contain ``{host}``, replaced by
+    the server's host name (one certificate per server)."""
+
+    ca: str = Field(min_length=1, description="CA file: clients and servers trust it")
+    cert: str = Field(min_length=1, description="server certificate (PEM), e.g. "
+                      "/etc/vtlha/tls/{host}.pem; used for routes too, so it must allow "
+                      "client and server authentication")
+    key: str = Field(min_length=1, description="the certificate's private key (PEM)")
+    timeout: float = Field(2.0, gt=0, description="TLS handshake timeout, seconds")
+
+    def cert_for(self, host: str) -> str:
+        return self.cert.replace("{host}", host)
+
+    def key_for(self, host: str) -> str:
+        return self.key.replace("{host}", host)
+
+
 class Nats(_Model):
     servers: list[Name] = Field(min_length=1)
+    listen: dict[Name, NatsListen] = Field(
+        default_factory=dict, description="per server host: where it listens (every server "
+        "of `servers`, or none: the loopback lab, 127.0.0.1 with the `ports` of each host)")
+    credentials_dir: str | None = Field(
+        None, description="directory holding each service's NATS credential "
+        "(<host>-<service>.nk, an nkey seed; `vtlha deploy render` writes them); "
+        "none: connect without credentials (the lab)")
+    tls: NatsTls | None = Field(None, description="TLS for clients and routes; none: plain")
     replicas: int | None = Field(None, ge=1, le=5, description="JetStream replicas (default: "
                                  "one per server, at most 3)")
     keep_leaders_on_witness: bool = Field(
@@ -285,6 +378,9 @@ class Nats(_Model):
     events_max_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024,
                                   description="event stream size limit (oldest dropped)")
     events_max_age: float = Field(30 * 86400.0, gt=0, description="event stream age limit, s")
+    events_max_msgs: int | None = Field(
+        None, ge=1000, description="event stream count limit (oldest dropped); none: "
+        "no count limit")
     events_duplicate_window: float = Field(
         120.0, gt=0, description="seconds within which the event stream drops a second "
         "copy of an event (same id); readers drop later copies by id whatever the age")
@@ -294,6 +390,31 @@ class Nats(_Model):
                                   description="size bound of a service's outbox, bytes")
 
     @model_validator(mode="after")
+    def _listen_every_server(self) -> Nats:
+        if not self.listen:
+            return self
+        for host in self.listen:
+            if host not in self.servers:
+                raise ValueError(f"listen.{host}: {host!r} is not one of servers "
+                                 f"({', '.join(self.servers)})")
+        missing = [s for s in self.servers if s not in self.listen]
+        if missing:
+            raise ValueError(f"listen: gives no address for server(s) {', '.join(missing)} "
+                             f"(give every server of `servers`, or none for the loopback lab)")
+        seen: dict[tuple[str, int], str] = {}
+        for host, at in self.listen.items():
+            for kind, port in (("client_port", at.client_port),
+                               ("cluster_port", at.cluster_port),
+                               ("monitor_port", at.monitor_port)):
+                if port is None:
+                    continue
+                other = seen.setdefault((at.host, port), f"listen.{host}.{kind}")
+                if other != f"listen.{host}.{kind}":
+                    raise ValueError(f"listen.{host}.{kind}: {at.host}:{port} is also "
+                                     f"{other}")
+        return self
+
+    @model_validator(mode="after")
     def _window_within_age(self) -> Nats:
         if self.events_duplicate_window > self.events_max_age:
             raise ValueError(f"events_duplicate_window ({self.events_duplicate_window} s) "
@@ -301,19 +422,48 @@ class Nats(_Model):
         return self
 
     @property
+    def stream_max_msgs(self) -> int:
+        """``events_max_msgs`` as the stream takes it (-1: no limit)."""
+        return -1 if self.events_max_msgs is None else self.events_max_msgs
+
+    @property
     def stream_replicas(self) -> int:
         return self.replicas if self.replicas is not None else min(3, len(self.servers))
 
 
 class San(_Model):
+    """The SAN the data groups' devices are on (docs/storage.md).
+
+    ``kind: reference`` (the default): the project's own reference target
+    (``vtlha/san/``, ``vtlha-lab san serve``) on ``host``, path ``i`` at ``port + i``.
+    ``kind: iscsi``: a real iSCSI target with SCSI-3 persistent reservations; path ``i``
+    is the portal ``portals[i]`` ("host:port"), every device is a LUN (``devices.X.lun``)
+    of the target ``iqn``."""
+
+    kind: Literal["reference", "iscsi"] = Field("reference", description="reference: the "
+                                                "project's target; iscsi: a real one")
     host: Name = "witness"
     port: int = Field(3260, ge=1, le=65535)
+    iqn: str | None = Field(None, min_length=1, description="kind iscsi: the target's IQN")
+    portals: list[str] = Field(default_factory=list, description="kind iscsi: path i's "
+                               "portal, \"host:port\"")
+
+    @field_validator("portals")
+    @classmethod
+    def _portals(cls, v: list[str]) -> list[str]:
+        for k, p in enumerate(v):
+            host, sep, port = p.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"portals[{k}]: {p!r} is not \"host:port\"")
+        return v
 
 
 class Device(_Model):
     backing: str
     paths: dict[Name, int] = Field(default_factory=dict)
     block_size: int = Field(4096, ge=512)
+    lun: int | None = Field(None, ge=0, le=16383, description="san.kind iscsi: the "
+                            "device's LUN at the target")
 
     @field_validator("paths")
     @classmethod
@@ -339,6 +489,15 @@ class IpSettings(_Model):
                                        "(default: the one holding the node's mgmt_ip)")
 
 
+class Scheduling(_Model):
+    """CPU priority of the HA services (``vtlha.priority``)."""
+
+    nice: int = Field(
+        -10, ge=-20, le=19, description="the nice value every vtl-ha service (and the lab's "
+        "nats-servers) runs at when the host allows it (root or CAP_SYS_NICE): under CPU "
+        "contention a service at the default priority renews late and its leases lapse")
+
+
 class Ports(_Model):
     """Base ports; in loopback mode each host adds 100 x its index."""
 
@@ -349,6 +508,8 @@ class Ports(_Model):
     storage_monitor: int = 9102
     ip_manager: int = 9103
     arbiter: int = 9104
+    notifier: int = 9105
+    dashboard: int = 9106  # the web dashboard (services/dashboard), where it runs
     tape: int = 10001  # the reference tape data service, on the data group's portal address
 
 
@@ -362,13 +523,16 @@ class ClusterConfig(_Model):
     devices: dict[Name, Device] = Field(default_factory=dict)
     ports: Ports = Field(default_factory=Ports)
     ip: IpSettings = Field(default_factory=IpSettings)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    notifications: Notifications = Field(default_factory=Notifications)
     state_dir: str = "/var/lib/vtlha"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ClusterConfig:
         # An "after" model validator's error is located at the top level, so each
         # problem starts with the dotted path of the field it is about.
-        problems = [*_node_problems(self), *_address_problems(self)]
+        problems = [*_node_problems(self), *_address_problems(self), *_san_problems(self),
+                    *_notify_problems(self)]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -430,13 +594,46 @@ class ClusterConfig(_Model):
         base: int = getattr(self.ports, service.replace("-", "_"))
         return base + 100 * self.host_index(host)
 
+    def nats_listen(self, server: str) -> NatsListen:
+        """Where ``server``'s nats-server listens: ``nats.listen`` when the cluster file
+        gives it, else the loopback lab's (127.0.0.1, the host's ports)."""
+        if server in self.nats.listen:
+            return self.nats.listen[server]
+        return NatsListen(host="127.0.0.1", client_port=self.port(server, "nats_client"),
+                          cluster_port=self.port(server, "nats_cluster"),
+                          monitor_port=self.port(server, "nats_monitor"))
+
     def nats_urls(self, first: str | None = None, host: str = "127.0.0.1") -> list[str]:
-        """Client URLs of the configured servers in loopback mode, `first`'s own first."""
+        """Client URLs of the configured servers, `first`'s own first: from
+        ``nats.listen`` when given, else loopback mode's (``host``, the hosts' ports)."""
         order = sorted(self.nats.servers, key=lambda s: s != first)
+        if self.nats.listen:
+            return [f"nats://{_url_host(self.nats.listen[s].host)}:"
+                    f"{self.nats.listen[s].client_port}" for s in order]
         return [f"nats://{host}:{self.port(s, 'nats_client')}" for s in order]
+
+    @property
+    def notifier_hosts(self) -> list[str]:
+        """The hosts that run a notifier: ``notifications.hosts``, by default the
+        witness; none when no target is configured."""
+        if not self.notifications.targets:
+            return []
+        hosts = self.notifications.hosts
+        return list(hosts) if hosts is not None else [self.witness.host]
+
+    def host_services(self, host: str) -> tuple[str, ...]:
+        """The services that run on ``host``: the four on a node, the arbiter on the
+        witness, and a notifier on each of ``notifier_hosts``."""
+        own = SERVICES if self.has_node(host) else ("arbiter",)
+        return own + (("notifier",) if host in self.notifier_hosts else ())
 
     def state_path(self, host: str) -> Path:
         return Path(self.state_dir) / host
+
+
+def _url_host(host: str) -> str:
+    """A host as it goes into a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _node_places(cfg: ClusterConfig) -> Iterator[tuple[str, Node]]:
@@ -461,6 +658,13 @@ def _node_problems(cfg: ClusterConfig) -> Iterator[str]:
         for node in dev.paths:
             if node not in first:
                 yield f"devices.{name}.paths: device {name} has paths for unknown node {node!r}"
+    tags: dict[int, str] = {}
+    for at, n in _node_places(cfg):
+        tag = node_tag(cfg.cluster, n.name)
+        if tags.setdefault(tag, n.name) != n.name:
+            yield (f"{at}.name: node {n.name!r} has the same SCSI reservation key tag "
+                   f"({tag:06x}) as {tags[tag]!r} in cluster {cfg.cluster!r} "
+                   "(docs/storage.md, \"Keys\"): rename a node or the cluster")
 
 
 def _address_problems(cfg: ClusterConfig) -> Iterator[str]:
@@ -478,6 +682,32 @@ def _address_problems(cfg: ClusterConfig) -> Iterator[str]:
                     yield (f"{here}: floating addresses must be unique, {ip} is repeated "
                            f"(first at {first[ip]})")
                 first.setdefault(ip, here)
+
+
+def _san_problems(cfg: ClusterConfig) -> Iterator[str]:
+    """``san.kind: iscsi`` needs the target's IQN, a portal per path index in use and a
+    LUN per device."""
+    if cfg.san.kind != "iscsi":
+        return
+    if cfg.san.iqn is None:
+        yield "san.iqn: san.kind iscsi needs the target's IQN"
+    need = max((n for d in cfg.devices.values() for n in d.paths.values()), default=0)
+    if len(cfg.san.portals) < need:
+        yield (f"san.portals: san.kind iscsi needs a portal per path: a device has {need} "
+               f"path(s), {len(cfg.san.portals)} portal(s) given")
+    luns: dict[int, str] = {}
+    for name, dev in cfg.devices.items():
+        if dev.lun is None:
+            yield f"devices.{name}.lun: san.kind iscsi needs the device's LUN"
+        elif luns.setdefault(dev.lun, name) != name:
+            yield (f"devices.{name}.lun: LUN {dev.lun} is also device {luns[dev.lun]}'s")
+
+
+def _notify_problems(cfg: ClusterConfig) -> Iterator[str]:
+    for k, host in enumerate(cfg.notifications.hosts or []):
+        if host not in cfg.hosts:
+            yield (f"notifications.hosts[{k}]: {host!r} is not a host of the cluster "
+                   f"({', '.join(cfg.hosts)})")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

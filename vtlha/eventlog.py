@@ -1,5 +1,8 @@
 """Reading the event stream: a finite range by sequence (``read``) or following new
-events as they arrive (``follow``, an ordered consumer from a start sequence).
+events as they arrive (``follow``, an ordered consumer from a start sequence); the first
+sequence stored at or after a time (``seq_since``), so that reading from a time is
+reading from a sequence (an ordered consumer started by time does not survive its
+server's death: PLATFORM.md).
 
 Both drop a second copy of an event (same ``Event.id``): the stream drops one within its
 duplicate window, but an outbox drained after a longer outage may store one again.
@@ -8,9 +11,12 @@ What a reader sees is therefore each event once, at its first copy's number."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 
+import orjson
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -31,6 +37,10 @@ class Dedupe:
         self.memory = memory
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.dropped = 0
+
+    def has(self, event_id: str) -> bool:
+        """True when an event with this id was seen (among the last ``memory``)."""
+        return event_id in self._seen
 
     def first(self, event: Event) -> bool:
         if event.id in self._seen:
@@ -85,6 +95,39 @@ async def follow(js: JetStreamContext, subjects: Subjects,
                 yield msg.metadata.sequence.stream, event
     finally:
         await sub.unsubscribe()
+
+
+#: JetStream's "no message found" (a time after the last message)
+NO_MESSAGE = 10037
+
+
+async def seq_since(nc: NATS, subjects: Subjects, wall: float, timeout: float = 2.0) -> int:
+    """The sequence of the first event the stream stored at or after wall-clock time
+    ``wall`` (the server's ``STREAM.MSG.GET`` by ``start_time``); the stream's last
+    sequence + 1 when it stored none since; 1 when the stream does not exist yet."""
+    at = datetime.datetime.fromtimestamp(wall, datetime.UTC)
+    req = orjson.dumps({"start_time": at.isoformat().replace("+00:00", "Z")})
+    reply = await nc.request(Subjects.js_api("STREAM", "MSG", "GET", subjects.events_stream),
+                             req, timeout=timeout)
+    body = orjson.loads(reply.data)
+    if not isinstance(body, dict):
+        raise InvalidMessage(f"STREAM.MSG.GET answered {body!r}")
+    err = body.get("error")
+    if isinstance(err, dict):
+        if err.get("err_code") == NO_MESSAGE:
+            try:
+                info = await asyncio.wait_for(nc.jetstream().stream_info(
+                    subjects.events_stream), timeout)
+            except NotFoundError:
+                return 1
+            return int(info.state.last_seq) + 1
+        if err.get("code") == 404 and "stream not found" in str(err.get("description")):
+            return 1
+        raise InvalidMessage(f"STREAM.MSG.GET by time refused: {err.get('description')}")
+    seq = body.get("message", {}).get("seq") if isinstance(body.get("message"), dict) else None
+    if not isinstance(seq, int) or seq < 1:
+        raise InvalidMessage(f"STREAM.MSG.GET by time answered no sequence: {body!r:.200}")
+    return seq
 
 
 def format_event(seq: int, e: Event) -> str:

@@ -58,17 +58,28 @@ class EventState(_Open):
     alarms: dict[str, list[str]] = Field(default_factory=dict)  # node -> checks (check.alarm)
     storage_alarms: list[str] = Field(default_factory=list)  # groups (storage.global_failure)
     started: dict[str, StartedMove] = Field(default_factory=dict)  # group -> move
+    #: group -> the newest epoch whose move's ``<kind>.started`` went out (a move noted
+    #: in a group record at a newer epoch was never announced: ``GroupRecord.move``)
+    announced: dict[str, int] = Field(default_factory=dict)
+
+
+def end_id(started: str) -> str:
+    """The id of the event that ends the move whose ``.started`` had id ``started``: the
+    same whichever arbiter ends it, so a repeat is dropped as a duplicate."""
+    return f"{started}.end"
 
 
 def make_state(down: Iterable[str], alarms: Mapping[str, Iterable[str]],
                storage_alarms: Iterable[str],
-               started: Iterable[StartedMove]) -> EventState:
+               started: Iterable[StartedMove],
+               announced: Mapping[str, int] | None = None) -> EventState:
     """A pair's state in its one canonical form (sorted, no empty entries), so that two
     states are equal exactly when they say the same."""
     return EventState(down=sorted(set(down)),
                       alarms={n: sorted(set(c)) for n, c in sorted(alarms.items()) if c},
                       storage_alarms=sorted(set(storage_alarms)),
-                      started={m.group: m for m in sorted(started, key=lambda m: m.group)})
+                      started={m.group: m for m in sorted(started, key=lambda m: m.group)},
+                      announced=dict(sorted((announced or {}).items())))
 
 
 def unfinished(states: Mapping[str, EventState]) -> list[StartedMove]:
@@ -126,7 +137,8 @@ class EventStateStore:
     async def _read(self, pair: str) -> EventState:
         key = self.subjects.event_state_key(pair)
         try:
-            entry = await asyncio.wait_for(self.kv.get(key), KV_TIMEOUT)
+            async with asyncio.timeout(KV_TIMEOUT):  # not wait_for (3.11 loses its errors)
+                entry = await self.kv.get(key)
         except (KeyNotFoundError, NotFoundError):
             self.revisions[pair] = None
             self.written[pair] = EventState()

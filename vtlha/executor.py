@@ -147,9 +147,8 @@ class Executor(Service):
 
     async def _on_command(self, msg: Msg) -> None:
         try:
+            self.check_envelope(msg.data)  # another cluster's, or from no host: refused
             cmd = decode(Command, msg.data)
-            if cmd.cluster != self.config.cluster:
-                raise InvalidMessage(f"Command: cluster {cmd.cluster!r} is not ours")
             if cmd.action != "term" and cmd.group not in self.my_groups:
                 raise InvalidMessage(f"Command: group {cmd.group!r} is not of this node's pair")
         except InvalidMessage as exc:
@@ -245,6 +244,10 @@ class HoldingExecutor(Executor):
         self.gate = HoldGate(margin=self.config.timings.margin,
                              floors=dict(self.fencing.floors))
         self._group_locks: dict[str, asyncio.Lock] = {g: asyncio.Lock() for g in self.my_groups}
+        self.notices_ignored = Counter(
+            "vtlha_lease_notices_other_bucket_total", "Lease notices of another KV bucket "
+            "than this executor's, ignored", registry=self.registry)
+        self._checking_bucket = False
 
     def executor_groups(self) -> set[str]:
         """The groups this executor holds anything for (all of the pair's by default)."""
@@ -278,12 +281,27 @@ class HoldingExecutor(Executor):
         n = decode(LeaseNotice, msg.data)
         if n.node != self.node or n.group not in self.my_groups:
             raise InvalidMessage(f"LeaseNotice: {n.node}/{n.group} is not for this executor")
+        if n.bucket and self.fencing.bucket and n.bucket != self.fencing.bucket:
+            # Another bucket's epochs (the lease holder or this executor has not noticed
+            # the recreated bucket yet): an old one's notice after this executor's reset
+            # would otherwise stand above every epoch of the new bucket (issue 14).
+            self.notices_ignored.inc()
+            if not self._checking_bucket:  # this executor may be the one behind
+                self._checking_bucket = True
+                self.spawn(self._check_bucket_now(), "bucket-check-now", critical=False)
+            return
         self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked, n.since)
         # At once, unless starting to hold may take long (resource agents): then the
         # group's own loop acts on it. Notices must never queue behind a start, or the
         # gate would see the lease lapse while renewals wait in line.
         if n.group in self.executor_groups() and not self.slow_start:
             await self.enforce(n.group)
+
+    async def _check_bucket_now(self) -> None:
+        try:
+            await self._check_bucket()
+        finally:
+            self._checking_bucket = False
 
     async def enforce_all(self) -> None:
         await asyncio.gather(*(self.enforce(g) for g in self.executor_groups()))

@@ -23,7 +23,9 @@ connection belongs:
 
 - the own server is good and the connection is elsewhere: go home;
 - the server in use is bad and another is good: go to the first good one, in the
-  configured order (own node's first).
+  configured order (own node's first);
+- the connection left the own server without being moved (nats-py reconnected
+  elsewhere): the own server is bad until ``rise`` fresh answers (``note_left_home``).
 
 Moving is ``set_server_pool`` with the chosen server first, then ``force_reconnect``
 (~5 ms; subscriptions are re-made by nats-py). Nothing moves while every server is bad
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -44,6 +47,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from vtlha.health import Hysteresis
+from vtlha.natsauth import NONE, ClientAuth
 from vtlha.subjects import Subjects
 
 log = logging.getLogger("vtlha.homeserver")
@@ -52,6 +56,7 @@ log = logging.getLogger("vtlha.homeserver")
 INTERVAL = 1.0
 RISE = 3
 FALL = 2
+CHANGES_KEPT = 64  # state changes remembered (for status and tests; bounded)
 
 
 def netloc(url: str) -> str:
@@ -80,18 +85,24 @@ class HomeServer:
     """Runs ``choose`` over the service connection ``nc`` (see the module's doc)."""
 
     def __init__(self, nc: NATS, urls: Sequence[str], subjects: Subjects, name: str,
-                 interval: float = INTERVAL, rise: int = RISE, fall: int = FALL) -> None:
+                 interval: float = INTERVAL, rise: int = RISE, fall: int = FALL,
+                 auth: ClientAuth = NONE) -> None:
         self.nc = nc
         self.urls = list(urls)
-        self.subject = f"$JS.API.STREAM.MSG.GET.KV_{subjects.kv_bucket}"
-        self.body = orjson.dumps(
-            {"last_by_subj": f"$KV.{subjects.kv_bucket}.{Subjects.LEADER_KEY}"})
+        self.auth = auth
+        self.subject = Subjects.js_api("STREAM", "MSG", "GET", subjects.kv_stream)
+        self.body = orjson.dumps({"last_by_subj": subjects.kv_subject(Subjects.LEADER_KEY)})
         self.name = name
         self.interval = interval
         self.timeout = min(1.0, interval / 2)
+        self.rise, self.fall = rise, fall
         self.states = {u: Hysteresis(rise, fall) for u in self.urls}
         self.probes: dict[str, NATS] = {}
         self.moves = 0
+        #: the last server the connection was seen on (None: not seen yet)
+        self.last_seen: str | None = None
+        #: the last changes of a server's state, in order: (url, reaches the KV leader)
+        self.changes: deque[tuple[str, bool]] = deque(maxlen=CHANGES_KEPT)
 
     def current(self) -> str | None:
         if not self.nc.is_connected or self.nc.connected_url is None:
@@ -118,13 +129,16 @@ class HomeServer:
     async def step(self) -> str | None:
         """Ask every server once, then move if ``choose`` says so; returns the URL moved
         to (None: stayed)."""
+        self.note_left_home()
         answers = await asyncio.gather(*(self._ask(u) for u in self.urls))
         for u, ok in zip(self.urls, answers, strict=True):
             h = self.states[u]
             h.update(ok)
             if h.changed:
+                self.changes.append((u, ok))
                 log.info("nats server " + ("reaches" if ok else "does not reach")
                          + " the KV leader", extra={"server": u, "client": self.name})
+        self.note_left_home()
         cur = self.current()
         to = choose(self.urls, cur, {u: h.state for u, h in self.states.items()})
         if to is None or self.nc.is_closed or self.nc.is_reconnecting:
@@ -138,6 +152,23 @@ class HomeServer:
         self.moves += 1
         return to
 
+    def note_left_home(self) -> None:
+        """The connection left the own server without being moved (nats-py reconnected
+        elsewhere: the server died or cut it off): the own server is bad from here
+        until ``rise`` answers in a row say otherwise. Else a server down for less than
+        ``fall`` probes would still count as good and the connection would go back the
+        moment it restarts, before its routes carry the subscriptions' interest (seen:
+        the heartbeat's beats went nowhere for 0.3 s and its node was failed over)."""
+        cur, home = self.current(), self.urls[0]
+        if cur is None:
+            return
+        if self.last_seen == home and cur != home and self.states[home].state is not False:
+            self.states[home] = Hysteresis(self.rise, self.fall, initial=False)
+            self.changes.append((home, False))
+            log.info("left the own nats server: it must answer again before going back",
+                     extra={"server": home, "now_on": cur, "client": self.name})
+        self.last_seen = cur
+
     async def _ask(self, url: str) -> bool:
         try:
             p = self.probes.get(url)
@@ -147,7 +178,8 @@ class HomeServer:
                         await p.close()
                 p = self.probes[url] = await asyncio.wait_for(nats.connect(
                     servers=[url], name=f"{self.name}-probe", connect_timeout=self.timeout,
-                    allow_reconnect=False, error_cb=_quiet), self.timeout * 2)
+                    allow_reconnect=False, error_cb=_quiet, **self.auth.connect_options()),
+                    self.timeout * 2)
             reply = await p.request(self.subject, self.body, timeout=self.timeout)
             body = orjson.loads(reply.data)
         except (OSError, nats.errors.Error, TimeoutError, ValueError):

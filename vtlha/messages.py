@@ -55,12 +55,29 @@ class StorageVerdict(_Open):
     age: float | None = None  # seconds since the storage report it summarises
 
 
+class LeaseState(_Open):
+    """One group's lease as the node's own lease holder sees it, for operators
+    (``vtlha status``): durations only, since clocks differ between hosts. No decision
+    reads it."""
+
+    group: str
+    epoch: int = Field(ge=0)
+    phase: Literal["acquiring", "holding"]
+    #: seconds of validity left (0: none; the executors hold the group while > 0)
+    valid_for: float = Field(ge=0)
+    #: seconds since the renewal (or promise request) its validity counts from was sent;
+    #: None while acquiring
+    age: float | None = Field(None, ge=0)
+
+
 class Heartbeat(Envelope):
     incarnation: str = Field(min_length=1, max_length=64)
     seq: int = Field(ge=0)
     interval: float = Field(gt=0)
     checks: list[CheckResult] = Field(default_factory=list)
     storage: StorageVerdict | None = None
+    #: the groups its lease holder renews or acquires (an older node sends none)
+    leases: list[LeaseState] = Field(default_factory=list)
 
 
 class PathHealth(_Open):
@@ -141,6 +158,10 @@ class LeaseNotice(Envelope):
     #: or promise request sent, or the drop): a revoke is final only for notices of its
     #: epoch decided before it. 0: unknown (an older lease holder).
     since: float = Field(0.0, ge=0)
+    #: the KV bucket's identity (``vtlha.bus.kv_identity``) the lease holder's records
+    #: come from; an executor of another bucket ignores the notice (its epochs count in
+    #: another bucket). "": unknown (an older lease holder, or before it learnt it).
+    bucket: str = ""
 
 
 class PromiseRequest(Envelope):
@@ -160,6 +181,19 @@ class PromiseReply(Envelope):
     reason: str = ""
     #: the groups granted when the request was ``partial``; None: every group asked for
     groups: list[str] | None = None
+
+
+class HandbackRequest(Envelope):
+    """The preferred arbiter (``node``, this process ``incarnation``) asks the active one
+    to give the leader key up (``vtlha_arbiter.handback``)."""
+
+    incarnation: str = Field(min_length=1, max_length=64)
+
+
+class HandbackReply(Envelope):
+    ok: StrictBool
+    reason: str = ""
+    term: int = Field(0, ge=0)
 
 
 class Ack(Envelope):
@@ -209,20 +243,23 @@ def event_json_schema() -> str:
 
 # ---- operator requests (``ha.<c>.admin.<verb>``, request/reply) --------------------
 
-AdminVerb = Literal["switchover", "failback", "maintenance", "clear-hold"]
+AdminVerb = Literal["switchover", "failback", "maintenance", "clear-hold", "standby",
+                    "failback-mode"]
 #: what each verb needs besides ``verb`` (the policy's request, ``policy.answer``)
 ADMIN_FIELDS: dict[str, tuple[str, ...]] = {
     "switchover": ("group",),
     "failback": ("pair",),
     "maintenance": ("pair", "on"),
     "clear-hold": ("pair", "target_node"),
+    "standby": ("pair", "target_node", "on"),
+    "failback-mode": ("pair", "mode"),
 }
 
 
 class AdminRequest(Envelope):
     """An operator's request to the active arbiter. ``node`` is the envelope's sender
     (the host the request came from); ``target_node`` is the node a request is about
-    (clear-hold); ``operator`` says who asked (for the events)."""
+    (clear-hold, standby); ``operator`` says who asked (for the events)."""
 
     verb: AdminVerb
     operator: str = Field(min_length=1, max_length=128)
@@ -230,6 +267,7 @@ class AdminRequest(Envelope):
     pair: str | None = None
     target_node: str | None = None
     on: StrictBool | None = None
+    mode: Literal["manual", "auto"] | None = None  # failback-mode
 
     @model_validator(mode="after")
     def _fields_for_verb(self) -> AdminRequest:
@@ -281,6 +319,19 @@ class AdminReply(Envelope):
 GroupState = Literal["acquiring", "held", "releasing"]
 
 
+class MoveNote(_Open):
+    """Written with a takeover's claim (``GroupRecord.move``) and kept by every renewal:
+    which move gave the owner this epoch, and the id its ``<kind>.started`` event has
+    (or will have). An active arbiter that finds such a move never announced (its
+    predecessor died between the claim and the event) announces and ends it."""
+
+    kind: str = Field(min_length=1, max_length=32)  # failover, failback, switchover
+    old: str
+    started: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    term: int = Field(ge=0)
+    reason: str = ""
+
+
 class GroupRecord(_Open):
     owner: str
     term: int = Field(ge=0)
@@ -288,6 +339,7 @@ class GroupRecord(_Open):
     state: GroupState
     renewed_by: str | None = None
     since: float = Field(default_factory=time.time)
+    move: MoveNote | None = None
 
 
 class LeaderRecord(_Open):
@@ -312,6 +364,7 @@ class PairRecord(_Open):
     hold: list[str] = Field(default_factory=list)
     failback: Literal["manual", "auto"] = "manual"
     failures: dict[str, list[float]] = Field(default_factory=dict)
+    standby: list[str] = Field(default_factory=list)  # nodes an operator put in standby
 
 
 M = TypeVar("M", bound=BaseModel)

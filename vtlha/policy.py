@@ -16,11 +16,13 @@ The rules (``docs/policy.md`` draws them as a tree), per group, first match wins
    at once like a death.
 3. **Storage** (``storage_local_failure``, ``storage_global_failure``): a device stays
    served while one of its paths on the owner is up (path failover, no node failover).
-   When the owner's fresh view shows no path left to some device of a data group, the
-   companion takes over that data group only if its own fresh view reaches every device
-   of the group (the failure is local; the management group stays). Otherwise the
-   failure is global: no failover, one alarm per episode, cleared when the owner reaches
-   every device again.
+   When the owner's fresh view shows no path left to some device of a data group, or
+   reports the group ``failed`` at its epoch (a resource agent failed and the
+   storage-monitor gave the group up: ``vtlha.recovery``), the companion takes over
+   that data group only if its own fresh view reaches every device of the group (the
+   failure is local; the management group stays). Otherwise the failure is global: no
+   failover, one alarm per episode, cleared when the owner reaches every device again
+   and serves the group.
 4. **Management path** (``mgmt_path_failure``): the owner's management path failed
    (it is alive: its heartbeats travel the data network) and the companion's is known
    healthy: the management group alone moves.
@@ -68,6 +70,8 @@ class Rule(StrEnum):
     OPERATOR_FAILBACK = "operator_failback"
     HOLD_CLEARED = "hold_cleared"
     MAINTENANCE = "maintenance"
+    STANDBY = "standby"  # a node put in standby; its groups move away (and stay away)
+    FAILBACK_MODE = "failback_mode"
 
 
 #: automatic moves away from a node for a fault of that node: each counts towards the
@@ -132,6 +136,8 @@ class PairView:
     held_down: frozenset[str] = frozenset()  # nodes given no group automatically
     #: node -> when it failed (the arbiter's monotonic clock; see ``record_failure``)
     failures: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: nodes an operator put in standby: given no group, their groups moved away
+    standby: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,16 @@ class DevicePaths:
 
 
 @dataclass(frozen=True)
+class GroupFailure:
+    """A data group its holder reports ``failed`` at ``epoch``: not served there (a
+    reservation refused, or a resource agent failed and was not recovered on that node:
+    ``migration_threshold`` reached or its restart failed)."""
+
+    epoch: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class StorageView:
     """A node's latest storage report, as the arbiter received it (its monotonic clock).
     A device the report does not mention is absent: neither lost nor confirmed."""
@@ -165,6 +181,9 @@ class StorageView:
     reachable_since: dict[str, float] = field(default_factory=dict)
     #: device -> since when the node has had no path up to it (absent: it has one)
     lost_since: dict[str, float] = field(default_factory=dict)
+    #: group -> the node holds it but reports it failed (the storage rule reads this
+    #: like a lost device of the group, at the group's epoch only)
+    failed: dict[str, GroupFailure] = field(default_factory=dict)
 
 
 DEFAULT_STORAGE_STALE_AFTER = 1.5  # 3 x the default probe_interval
@@ -202,6 +221,7 @@ class Snapshot:
         d["storage_alarms"] = sorted(self.storage_alarms)
         for p, pd in zip(self.pairs, d["pairs"], strict=True):
             pd["held_down"] = sorted(p.held_down)
+            pd["standby"] = sorted(p.standby)
             pd["failures"] = {n: list(ts) for n, ts in sorted(p.failures.items())}
         return d
 
@@ -233,6 +253,7 @@ def _pair_from(p: Mapping[str, Any]) -> PairView:
         flap_max=p.get("flap_max", DEFAULT_FLAP_MAX),
         flap_window=p.get("flap_window", DEFAULT_FLAP_WINDOW),
         held_down=frozenset(p.get("held_down", ())),
+        standby=frozenset(p.get("standby", ())),
         failures={n: tuple(ts) for n, ts in p.get("failures", {}).items()},
     )
 
@@ -249,7 +270,8 @@ def _group_from(v: Mapping[str, Any]) -> GroupView:
 def _storage_from(v: Mapping[str, Any]) -> StorageView:
     return StorageView(v["node"], v["received_at"],
                        {k: DevicePaths(**p) for k, p in v.get("devices", {}).items()},
-                       dict(v.get("reachable_since", {})), dict(v.get("lost_since", {})))
+                       dict(v.get("reachable_since", {})), dict(v.get("lost_since", {})),
+                       {k: GroupFailure(**f) for k, f in v.get("failed", {}).items()})
 
 
 # ---- actions -----------------------------------------------------------------
@@ -408,7 +430,31 @@ class Refusal:
 
 Action = (MarkDown | MarkUp | Assign | Takeover | Resume | RaiseStorageAlarm | ClearStorageAlarm
           | RaiseCheckAlarm | ClearCheckAlarm | HoldDown)
-OperatorAction = Takeover | ClearHold | SetMaintenance
+@dataclass(frozen=True)
+class SetStandby:
+    """Operator: ``node`` of the pair enters (``on``) or leaves standby. ``changed`` is
+    False when it already was in that state (nothing to write)."""
+
+    pair: str
+    node: str
+    on: bool
+    changed: bool
+    status: str
+    rule: Rule
+
+
+@dataclass(frozen=True)
+class SetFailbackMode:
+    """Operator: the pair's failback mode (``auto`` | ``manual``) at run time."""
+
+    pair: str
+    mode: str
+    changed: bool
+    status: str
+    rule: Rule
+
+
+OperatorAction = Takeover | ClearHold | SetMaintenance | SetStandby | SetFailbackMode
 
 
 @dataclass(frozen=True)
@@ -475,6 +521,13 @@ def reaches_all(view: StorageView | None, devices: tuple[str, ...]) -> bool:
     return view is not None and not unconfirmed_devices(view, devices)
 
 
+def failed_group(view: StorageView, g: GroupView) -> GroupFailure | None:
+    """The view's node reports ``g`` failed at the group's current epoch (a report about
+    an older epoch says nothing about the group now)."""
+    f = view.failed.get(g.name)
+    return f if f is not None and f.epoch == g.epoch else None
+
+
 def recent_failures(pair: PairView, node: str, now: float) -> int:
     """How many of the node's recorded failures lie within the pair's flap_window."""
     return sum(1 for t in pair.failures.get(node, ()) if now - t <= pair.flap_window)
@@ -535,7 +588,7 @@ def event_kind(rule: Rule) -> str:
     """The event family of a takeover made by ``rule``: failover, failback, switchover."""
     if rule in (Rule.FAILBACK, Rule.OPERATOR_FAILBACK):
         return "failback"
-    return "switchover" if rule is Rule.SWITCHOVER else "failover"
+    return "switchover" if rule in (Rule.SWITCHOVER, Rule.STANDBY) else "failover"
 
 
 def _silence(node: NodeView, now: float) -> str:
@@ -671,6 +724,8 @@ def _barrier(c: _Ctx, node: str, *, strict: bool = True) -> str | None:
         return f"{node} is not alive ({_silence(nv, c.now)})"
     if node in c.held:
         return f"{node} is held down after repeated failures (until an operator clears it)"
+    if node in c.pair.standby:
+        return f"{node} is in standby (until an operator takes it out)"
     if nv.fatal_failing:
         return f"{node} has {_fatal_phrase(nv.fatal_failing)}"
     return None
@@ -687,7 +742,7 @@ def _decide_group(c: _Ctx, g: GroupView) -> Action | None:
                       Rule.RESUME_ACQUIRE)
     if g.owner not in c.pair.nodes:
         return None
-    for rule in (_fatal_error, _decide_storage, _mgmt_path, _auto_failback):
+    for rule in (_fatal_error, _decide_storage, _mgmt_path, _standby_owner, _auto_failback):
         action = rule(c, g)
         if action is not None:
             return action
@@ -713,7 +768,8 @@ def _initial_owner(c: _Ctx, g: GroupView) -> Action | None:
                       f"{g.home} serves its home group {g.name}", Rule.INITIAL_ASSIGN)
     other = c.other(g.home)
     waited = c.now - c.snap.started_at > c.snap.initial_assign_wait
-    home_out = g.home in c.dead or g.home in c.held or bool(c.node(g.home).fatal_failing)
+    home_out = g.home in c.dead or g.home in c.held or g.home in c.pair.standby \
+        or bool(c.node(g.home).fatal_failing)
     if not home_out or not waited or c.pair.maintenance \
             or _barrier(c, other, strict=False) is not None:
         return None
@@ -753,12 +809,14 @@ def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
     if view is None:
         return None  # the owner's own view is missing or stale: nothing to act on
     lost = lost_devices(view, g.devices)
-    if not lost:
+    failed = failed_group(view, g)
+    if not lost and failed is None:
         return _storage_recovered(c, g, view)
     if c.pair.maintenance:
         return None
     new = c.other(g.owner)
     doubt, storage_doubt = _cannot_confirm(c, new, g.devices)
+    loss = _owner_loss(g.owner, lost, failed)
     if doubt is None:
         if is_recently_moved(c.pair, g, c.now):
             return None  # moved less than failback_hold_time ago: decided again after it
@@ -768,16 +826,30 @@ def _decide_storage(c: _Ctx, g: GroupView) -> Action | None:
             return None  # wait for a companion report from a probe round after the loss
         return Takeover(
             g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
-            f"{new} takes over {g.name}: {g.owner} has no path left to {_names(lost)} and "
-            f"{new} reaches all {len(g.devices)} devices of the group (a local failure; "
-            f"the management group stays)", Rule.STORAGE_LOCAL_FAILURE)
+            f"{new} takes over {g.name}: {loss} and {new} reaches all {len(g.devices)} "
+            f"devices of the group (a local failure; the management group stays)",
+            Rule.STORAGE_LOCAL_FAILURE)
     if g.name in c.snap.storage_alarms:
         return None  # raised already in this episode
-    what = "is not local, no failover" if storage_doubt else "cannot fail over"
+    what = "is not local, no failover" if storage_doubt and lost else "cannot fail over"
     return RaiseStorageAlarm(
         g.name, g.owner, c.pair.name, lost, g.epoch,
-        f"storage failure of {g.name} {what}: {g.owner} has no path "
-        f"left to {_names(lost)} and {doubt}", Rule.STORAGE_GLOBAL_FAILURE)
+        f"storage failure of {g.name} {what}: {loss} and {doubt}",
+        Rule.STORAGE_GLOBAL_FAILURE)
+
+
+REASON_CHARS = 300  # of a failed group's reason, in a status sentence
+
+
+def _owner_loss(owner: str, lost: tuple[str, ...], failed: GroupFailure | None) -> str:
+    """What the owner lacks, as a phrase: devices with no path left, the group failed."""
+    parts = [f"{owner} has no path left to {_names(lost)}"] if lost else []
+    if failed is not None:
+        why = failed.reason or "no reason given"
+        if len(why) > REASON_CHARS:
+            why = why[:REASON_CHARS - 3] + "..."
+        parts.append(f"{'it' if lost else owner} reports the group failed ({why})")
+    return " and ".join(parts)
 
 
 def _settled(c: _Ctx, node: str, devices: tuple[str, ...]) -> bool:
@@ -873,8 +945,8 @@ def healthy_for(snap: Snapshot, node: str, g: GroupView, now: float,
     fresh storage view reaching every one of them."""
     nv = snap.nodes[node]
     pair = pair_of(snap, node)
-    if not is_alive(nv, now, snap.dead_after) or nv.fatal_failing \
-            or node in held or (pair is not None and node in pair.held_down):
+    if not is_alive(nv, now, snap.dead_after) or nv.fatal_failing or node in held \
+            or (pair is not None and (node in pair.held_down or node in pair.standby)):
         return None
     spans = [nv.healthy_since]
     if g.kind == "mgmt":
@@ -888,6 +960,22 @@ def healthy_for(snap: Snapshot, node: str, g: GroupView, now: float,
     if any(s is None for s in spans):
         return None
     return now - max(s for s in spans if s is not None)
+
+
+def _standby_owner(c: _Ctx, g: GroupView) -> Action | None:
+    """A group still owned by a node in standby (its move at the request did not happen
+    or did not last) goes to the companion when the companion may serve it now; not in
+    maintenance, not within the hold after the group's last move."""
+    assert g.owner is not None
+    if g.owner not in c.pair.standby or c.pair.maintenance \
+            or is_recently_moved(c.pair, g, c.now):
+        return None
+    new = c.other(g.owner)
+    if _barrier(c, new) is not None \
+            or _target_refusal(c.snap, c.pair, new, g, c.now) is not None:
+        return None
+    return Takeover(g.name, g.owner, new, c.pair.name, g.epoch, g.revision,
+                    f"{new} takes over {g.name}: {g.owner} is in standby", Rule.STANDBY)
 
 
 def _auto_failback(c: _Ctx, g: GroupView) -> Action | None:
@@ -920,6 +1008,8 @@ def _target_refusal(snap: Snapshot, pair: PairView, node: str, g: GroupView,
     if node in pair.held_down:
         return (f"{node} is held down after repeated failures (clear the hold first: "
                 f"clear-hold {pair.name} {node})")
+    if node in pair.standby:
+        return f"{node} is in standby (take it out first: standby off {pair.name} {node})"
     if nv.fatal_failing:
         return f"{node} has {_fatal_phrase(nv.fatal_failing)}"
     if g.kind == "mgmt" and nv.mgmt_healthy is False:
@@ -987,19 +1077,35 @@ def failback(snap: Snapshot, pair_name: str, now: float) -> tuple[Takeover, ...]
                           f"by an operator", Rule.OPERATOR_FAILBACK) for g in away)
 
 
-def clear_hold(snap: Snapshot, pair_name: str, node: str) -> ClearHold | Refusal:
-    """Operator: a held-down node may be given groups automatically again."""
-    req = f"clear-hold {pair_name} {node}"
+def _pair_node(snap: Snapshot, req: str, pair_name: str,
+               node: str | None = None) -> PairView | Refusal:
+    """The pair a request names (and that ``node`` is one of its nodes), or the refusal."""
     pair = next((p for p in snap.pairs if p.name == pair_name), None)
     if pair is None:
         return Refusal(req, f"there is no pair {pair_name}")
-    if node not in pair.nodes:
+    if node is not None and node not in pair.nodes:
         return Refusal(req, f"{node} is not a node of {pair_name}")
-    if node not in pair.held_down:
-        return Refusal(req, f"{node} is not held down")
-    return ClearHold(node, pair.name, f"{node} is no longer held down: it may be given "
-                     f"groups automatically again (its failures are forgotten)",
-                     Rule.HOLD_CLEARED)
+    return pair
+
+
+def clear_hold(snap: Snapshot, pair_name: str, node: str) -> ClearHold | Refusal:
+    """Operator: a held-down node may be given groups automatically again; a node not
+    held down has its recorded failures forgotten (its flap count starts again, as
+    Pacemaker's failcount cleanup)."""
+    pair = _pair_node(snap, f"clear-hold {pair_name} {node}", pair_name, node)
+    if isinstance(pair, Refusal):
+        return pair
+    req = f"clear-hold {pair_name} {node}"
+    if node in pair.held_down:
+        return ClearHold(node, pair.name, f"{node} is no longer held down: it may be given "
+                         f"groups automatically again (its failures are forgotten)",
+                         Rule.HOLD_CLEARED)
+    recorded = len(pair.failures.get(node, ()))
+    if not recorded:
+        return Refusal(req, f"{node} is not held down and has no failure recorded")
+    return ClearHold(node, pair.name, f"{node}'s {recorded} recorded "
+                     f"failure{'s' if recorded != 1 else ''} forgotten (it was not held "
+                     f"down; its flap count starts again)", Rule.HOLD_CLEARED)
 
 
 def set_maintenance(snap: Snapshot, pair_name: str, on: bool) -> SetMaintenance | Refusal:
@@ -1020,6 +1126,68 @@ def set_maintenance(snap: Snapshot, pair_name: str, on: bool) -> SetMaintenance 
     return SetMaintenance(pair_name, on, changed, status, Rule.MAINTENANCE)
 
 
+def standby(snap: Snapshot, pair_name: str, node: str, on: bool,
+            now: float) -> tuple[OperatorAction, ...] | Refusal:
+    """Operator: put ``node`` in standby (``on``; Pacemaker's ``node standby``): it is
+    given no group, and every group it serves moves to its companion now — all or
+    none: refused with each group's reason if one cannot go (the companion not alive,
+    held down, failing a fatal check, or unable to serve it). Off: it may be given
+    groups again; its groups come home by the pair's failback mode."""
+    req = f"standby {'on' if on else 'off'} {pair_name} {node}"
+    pair = _pair_node(snap, req, pair_name, node)
+    if isinstance(pair, Refusal):
+        return pair
+    if not on:
+        if node not in pair.standby:
+            return (SetStandby(pair_name, node, False, False, f"{node} is not in standby",
+                               Rule.STANDBY),)
+        home = ("its groups come home by themselves (failback is auto)"
+                if pair.failback == "auto"
+                else f"its groups come home with `failback {pair_name}` (failback is manual)")
+        return (SetStandby(pair_name, node, False, True, f"{node} leaves standby: it may be "
+                           f"given groups again; {home}", Rule.STANDBY),)
+    other = pair.nodes[1] if pair.nodes[0] == node else pair.nodes[0]
+    owned = [g for g in sorted(snap.groups.values(), key=lambda g: g.name)
+             if g.home in pair.nodes and g.owner == node]
+    reasons = []
+    for g in owned:
+        why = ("a takeover is under way" if _busy(snap, g)
+               else _target_refusal(snap, pair, other, g, now))
+        if why is not None:
+            reasons.append(f"{g.name}: {why}")
+    if reasons:
+        return Refusal(req, "; ".join(reasons))
+    moves = tuple(Takeover(g.name, node, other, pair.name, g.epoch, g.revision,
+                           f"{other} takes over {g.name} from {node}: {node} is put in "
+                           f"standby by an operator", Rule.STANDBY) for g in owned)
+    if node in pair.standby:
+        return (SetStandby(pair_name, node, True, False, f"{node} is already in standby",
+                           Rule.STANDBY), *moves)
+    what = (f"its {len(owned)} group{'s' if len(owned) != 1 else ''} move to {other}"
+            if owned else "it serves no group")
+    return (SetStandby(pair_name, node, True, True, f"{node} enters standby: it is given no "
+                       f"group until taken out; {what}", Rule.STANDBY), *moves)
+
+
+def set_failback_mode(snap: Snapshot, pair_name: str, mode: str) -> SetFailbackMode | Refusal:
+    """Operator: the pair's failback mode at run time (kept in ``pair.<pair>``, over the
+    cluster file's until changed again)."""
+    req = f"failback-mode {mode} {pair_name}"
+    pair = next((p for p in snap.pairs if p.name == pair_name), None)
+    if pair is None:
+        return Refusal(req, f"there is no pair {pair_name}")
+    if mode not in ("auto", "manual"):
+        return Refusal(req, f"unknown failback mode {mode!r} (auto or manual)")
+    if pair.failback == mode:
+        return SetFailbackMode(pair_name, mode, False, f"failback of {pair_name} is already "
+                               f"{mode}", Rule.FAILBACK_MODE)
+    what = ("a group away from home goes back once its home has been healthy for "
+            f"failback_hold_time ({pair.failback_hold_time:g} s)" if mode == "auto"
+            else f"groups away from home stay until `failback {pair_name}`")
+    return SetFailbackMode(pair_name, mode, True, f"failback of {pair_name} is now {mode}: "
+                           f"{what}", Rule.FAILBACK_MODE)
+
+
 Answer = tuple[OperatorAction, ...] | Refusal
 
 
@@ -1027,9 +1195,11 @@ def answer(snap: Snapshot, request: Mapping[str, Any], now: float) -> Answer:
     """One operator request, as carried in an admin message and in the event's inputs:
     ``{"verb": "switchover", "group": G}``, ``{"verb": "failback", "pair": P}``,
     ``{"verb": "clear-hold", "pair": P, "node": N}``,
-    ``{"verb": "maintenance", "pair": P, "on": bool}``."""
+    ``{"verb": "maintenance", "pair": P, "on": bool}``,
+    ``{"verb": "standby", "pair": P, "node": N, "on": bool}``,
+    ``{"verb": "failback-mode", "pair": P, "mode": "auto" | "manual"}``."""
     verb = request.get("verb")
-    result: OperatorAction | tuple[Takeover, ...] | Refusal
+    result: OperatorAction | tuple[OperatorAction, ...] | Refusal
     if verb == "switchover":
         result = switchover(snap, str(request.get("group", "")), now)
     elif verb == "failback":
@@ -1038,6 +1208,12 @@ def answer(snap: Snapshot, request: Mapping[str, Any], now: float) -> Answer:
         result = clear_hold(snap, str(request.get("pair", "")), str(request.get("node", "")))
     elif verb == "maintenance":
         result = set_maintenance(snap, str(request.get("pair", "")), bool(request.get("on")))
+    elif verb == "standby":
+        result = standby(snap, str(request.get("pair", "")), str(request.get("node", "")),
+                         bool(request.get("on")), now)
+    elif verb == "failback-mode":
+        result = set_failback_mode(snap, str(request.get("pair", "")),
+                                   str(request.get("mode", "")))
     else:
         return Refusal(str(verb), f"unknown request {verb!r}")
     if isinstance(result, Refusal | tuple):

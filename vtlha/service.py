@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import click
+import orjson
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -38,10 +41,19 @@ from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
 from vtlha.homeserver import HomeServer
 from vtlha.log import setup_logging
 from vtlha.messages import Event
+from vtlha.natsauth import ClientAuth, client_auth, service_user
 from vtlha.outbox import Outbox, stream_publisher
+from vtlha.priority import raise_priority
+from vtlha.rejects import RejectLog
 from vtlha.subjects import Subjects
 
 SHUTDOWN_GRACE = 3.0  # seconds for work in flight at SIGTERM
+
+
+#: inputs whose handler validates the envelope itself: a liveness ping's body is ignored,
+#: an operator's request comes from any host, and both a request and a command are
+#: answered even when refused
+OWN_VALIDATION = frozenset({"ping", "admin", "command"})
 
 
 class Service:
@@ -51,6 +63,12 @@ class Service:
     http_port_key: ClassVar[str] = ""
     #: extra click options of this service; their values reach ``self.options``
     cli_options: ClassVar[list[click.Option]] = []
+    #: the NATS user when it is not ``<host>-<service>`` (one user wherever it runs)
+    nats_user: ClassVar[str | None] = None
+    #: raise the scheduling priority (``scheduling.nice``): the services on the failover
+    #: path do; one that is not (notifier, dashboard) must not compete with them, nor
+    #: hand a raised priority to the scripts it runs
+    raises_priority: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -65,6 +83,9 @@ class Service:
         self.node = node
         self.subjects = Subjects(config.cluster)
         self.nats_urls = nats_urls
+        #: this service's NATS user on this host (credential and TLS; none in the lab)
+        self.nats_auth: ClientAuth = client_auth(
+            config, self.nats_user or service_user(node, self.name))
         self.state_root = state_root
         self.state_dir = state_root / node
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -77,11 +98,17 @@ class Service:
             ["kind"],
             registry=self.registry,
         )
+        #: logs and reports invalid input once per source per interval
+        self.rejects = RejectLog()
         self.loop_errors = Counter(
             "vtlha_loop_errors_total", "Errors caught by a background loop", ["loop"],
             registry=self.registry,
         )
         self.up = Gauge("vtlha_up", "1 while the service runs", registry=self.registry)
+        self.version = _version()
+        Gauge("vtlha_build_info", "Always 1: the version of vtl-ha this service runs, its "
+              "Python's", ["version", "service", "python"], registry=self.registry).labels(
+            self.version, self.name, platform.python_version()).set(1)
         n = config.nats
         #: events go through here: written locally first, published until stored
         self.outbox = Outbox(self.state_dir / f"outbox-{self.name}", self.registry,
@@ -108,6 +135,10 @@ class Service:
 
     def is_ready(self) -> bool:
         return True
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for the HTTP side (None: plain HTTP, as the services' probes are)."""
+        return None
 
     # ---- helpers for subclasses --------------------------------------------
     @property
@@ -188,16 +219,50 @@ class Service:
             if self.stopping:
                 return
             try:
+                if kind not in OWN_VALIDATION:
+                    self.check_envelope(msg.data)
                 await handler(msg)
             except InvalidMessage as exc:
                 self.invalid_messages.labels(kind).inc()
-                self.log.warning("invalid message dropped",
-                                 extra={"kind": kind, "subject": msg.subject, "error": str(exc)})
+                self.reject(kind, msg.subject, str(exc))
             except Exception as exc:
                 self.loop_errors.labels(kind).inc()
                 self.log.exception("handler failed", extra={"kind": kind, "error": repr(exc)})
 
         return _cb
+
+    def check_envelope(self, data: bytes) -> None:
+        """Raise InvalidMessage for a message of another cluster or from no host of this
+        one (what a schema cannot know); anything else is left to the handler's decode,
+        which says what is wrong with it. It parses the JSON once more than the handler
+        does (a few microseconds for these sizes): the price of checking every subscriber
+        in one place rather than trusting each handler to pass the cluster to decode."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        cluster, node = obj.get("cluster"), obj.get("node")
+        if isinstance(cluster, str) and cluster != self.config.cluster:
+            raise InvalidMessage(f"cluster {cluster[:64]!r} is not ours")
+        if isinstance(node, str) and node not in self.config.hosts:
+            raise InvalidMessage(f"node {node[:64]!r} is not a host of the cluster")
+
+    def reject(self, kind: str, subject: str, error: str) -> None:
+        """An invalid message was dropped (and counted): log it and report it as an
+        ``input.rejected`` event, once per source per interval (``vtlha.rejects``)."""
+        report = self.rejects.note(kind, subject, error)
+        if report is None:
+            return
+        self.log.warning("invalid message dropped", extra={
+            "kind": kind, "subject": report.subject, "error": report.error,
+            "dropped": report.dropped})
+        self.emit_soon("input.rejected",
+                       f"{self.name} on {self.node} dropped {report.dropped} invalid {kind} "
+                       f"message(s) on {report.subject}: {report.error}",
+                       data={"input": kind, "subject": report.subject, "error": report.error,
+                             "dropped": report.dropped})
 
     async def emit(self, kind: str, reason: str, **fields: Any) -> str | None:
         """Record an event and return its id at once (None when the outbox is full and
@@ -219,11 +284,13 @@ class Service:
 
     # ---- lifecycle ---------------------------------------------------------
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
-        self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}")
-        self.log.info("connected to nats", extra={"server": bus.server_url(self._nc)})
+        self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}",
+                                     auth=self.nats_auth)
+        self.log.info("connected to nats", extra={"server": bus.server_url(self._nc),
+                                                  **self.nats_auth.describe()})
         if len(self.nats_urls) > 1:  # back to its own server, away from one cut off
             self.home = HomeServer(self._nc, self.nats_urls, self.subjects,
-                                   f"{self.name}@{self.node}")
+                                   f"{self.name}@{self.node}", auth=self.nats_auth)
             self.spawn(self.home.run(self._stopping), "nats-home", critical=False)
         yield
         with contextlib.suppress(Exception):
@@ -266,7 +333,10 @@ class Service:
         return app
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        dead = [t.get_name() for t in self._tasks if t.done() and not t.cancelled()]
+        # a task that ended with an error; one that just returned is on its way out of
+        # the list (its done-callback runs a moment later: no reason to answer 503)
+        dead = [t.get_name() for t in self._tasks
+                if t.done() and not t.cancelled() and t.exception() is not None]
         ok = not dead and self.fatal is None
         return web.json_response({"ok": ok, "dead_tasks": dead,
                                   "since_tick_s": round(time.monotonic() - self.last_tick, 3)},
@@ -289,6 +359,7 @@ class Service:
     async def _status(self, request: web.Request) -> web.Response:
         body = {"service": self.name, "node": self.node, "cluster": self.config.cluster,
                 "nats": bus.server_url(self._nc) if self._nc else None,
+                "nats_auth": self.nats_auth.describe(),
                 "outbox": self.outbox.status(), **self.status()}
         return web.json_response(body, dumps=_dumps)
 
@@ -298,7 +369,8 @@ class Service:
             loop.add_signal_handler(sig, self._stopping.set)
         runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, http_host, http_port, reuse_address=True)
+        site = web.TCPSite(runner, http_host, http_port, reuse_address=True,
+                           ssl_context=self.ssl_context())
         try:
             await site.start()
             self.log.info("http listening", extra={"host": http_host, "port": http_port})
@@ -344,6 +416,8 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
             click.echo(f"{config_path}: --node {node!r} is not a host of the cluster "
                        f"(hosts: {', '.join(cfg.hosts)})", err=True)
             sys.exit(2)
+        if cls.raises_priority:
+            raise_priority(cfg.scheduling.nice, log)
         urls = nats_urls.split(",") if nats_urls else cfg.nats_urls(first=node)
         options["config_path"] = str(Path(config_path).resolve())
         port = http_port if http_port is not None else cfg.port(node, cls.http_port_key)
@@ -365,3 +439,13 @@ def service_command(cls: type[Service]) -> Callable[..., None]:
     for opt in cls.cli_options:
         _cmd.params.append(opt)
     return _cmd
+
+
+def _version() -> str:
+    """This installation's version of vtl-ha ("unknown" when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vtlha")
+    except PackageNotFoundError:
+        return "unknown"

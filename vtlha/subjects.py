@@ -42,6 +42,12 @@ class Subjects:
         asks its node's executors whether they still run."""
         return f"{self._p}.ping.{node}.{service}"
 
+    @property
+    def handback(self) -> str:
+        """The preferred (witness's) arbiter asks a non-preferred active arbiter to hand
+        the active role back (request/reply)."""
+        return f"{self._p}.arbiter.handback"
+
     def admin(self, verb: str) -> str:
         return f"{self._p}.admin.{verb}"
 
@@ -64,6 +70,26 @@ class Subjects:
     @property
     def events_stream(self) -> str:
         return f"HA_EVENTS_{self.cluster}"
+
+    @property
+    def kv_stream(self) -> str:
+        """The stream behind the KV bucket."""
+        return f"KV_{self.kv_bucket}"
+
+    def kv_subject(self, key: str = ">") -> str:
+        """The subject a KV key's writes are published on (``key`` may be a wildcard)."""
+        return f"$KV.{self.kv_bucket}.{key}"
+
+    @staticmethod
+    def js_api(*tokens: str) -> str:
+        """A JetStream API subject: ``js_api("STREAM", "INFO", name)``."""
+        return ".".join(("$JS.API", *tokens))
+
+    @staticmethod
+    def inbox_prefix(user: str) -> str:
+        """A NATS user's own reply subjects (``_INBOX.<user>.>``): no user reads
+        another's replies."""
+        return f"_INBOX.{user}"
 
     @staticmethod
     def group_key(group: str) -> str:

@@ -311,9 +311,9 @@ def tape_verify(portal: str, log_path: str, deadline: float, as_json: bool) -> N
 
     from vtlha_lab.tapeclient import TapeError, read_acks, verify_blocks
 
-    blocks = sorted(read_acks(Path(log_path)))
+    acks = read_acks(Path(log_path))
     try:
-        out = asyncio.run(verify_blocks(portal, blocks, deadline))
+        out = asyncio.run(verify_blocks(portal, acks, deadline))
     except (TapeError, ValueError) as exc:
         click.echo(f"vtlha-lab tape verify: {exc}", err=True)
         sys.exit(1)

@@ -68,12 +68,24 @@ def _make_cluster(src: Path, tmp: Path, loopback: bool = False) -> LocalCluster:
         _say("  mode: NETWORK LAB — running as root: each host in its own network namespace,")
         _say("        veth links on bridges, floating addresses really configured, a client")
         _say("        namespace probing node-a's data address every 5 ms.")
-        return Lab(cfg_path, tmp)
+        lab = Lab(cfg_path, tmp)
+        _secure(lab)
+        return lab
     _say(f"  mode: LOOPBACK — {'asked for' if loopback else 'not root'}: every host's services "
          "on 127.0.0.1 with its own ports;")
     _say("        floating addresses are only RECORDED by the recording IP backend, not")
     _say("        configured. Run as root for the network lab.")
-    return LocalCluster(cfg_path, tmp)
+    c = LocalCluster(cfg_path, tmp)
+    _secure(c)
+    return c
+
+
+def _secure(c: LocalCluster) -> None:
+    """As a deployment runs: `vtlha deploy render`'s server configs and credentials."""
+    c.secure()
+    _say("  bus:  as deployed — `vtlha deploy render` wrote each nats-server's config and a")
+    _say("        least-privilege credential (nkey) per service per host; clients and routes")
+    _say(f"        use TLS (a throwaway CA under {c.work_dir / 'tls'}).")
 
 
 def _start_client(c: LocalCluster, address: str) -> Path | None:
@@ -160,6 +172,9 @@ def run_demo(src: Path, work_dir: Path | None, keep: bool, loopback: bool = Fals
 
     signal.signal(signal.SIGTERM, _term)
     logging.getLogger("vtlha").setLevel(logging.ERROR)
+    # asyncio warns at each close of a TLS connection ("returning true from
+    # eof_received() has no effect when using ssl", nats-py's protocol): not for a demo
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     _say("vtl-ha demo")
     c = _make_cluster(src, tmp, loopback)
     _say(f"  work dir: {tmp} (logs in {tmp / 'logs'})")

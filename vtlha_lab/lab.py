@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import signal
@@ -44,10 +45,13 @@ from pyroute2 import IPRoute, netns
 
 from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError
+from vtlha.priority import raise_priority
 from vtlha_lab import netns as ns_util
 from vtlha_lab.localcluster import SAN, LocalCluster, service_binary
 from vtlha_lab.natsserver import NatsServer, NatsServerSpec
+from vtlha_lab.tgt import SOCKET_DIR as TGTD_SOCKETS
 
+LOG = logging.getLogger("vtlha_lab.lab")
 PREFIX = "vtlha-"
 REGISTRY = Path(os.environ.get("VTLHA_LAB_REGISTRY", "/run/vtlha-labs"))
 CLIENT = "client"
@@ -67,6 +71,8 @@ class LabRecord:
     uplink_peer_ip: str  # with prefix (in the witness's namespace)
     nats_port: int = 4222
     pids: list[int] = field(default_factory=list)
+    #: tgtd's control port (``san.kind: iscsi``): its socket files go with the lab
+    tgtd_control_port: int | None = None
 
     @property
     def nats_url(self) -> str:
@@ -323,6 +329,15 @@ class Lab(LocalCluster):
                           for a in ipr.get_addr(family=2)
                           if not a.get_attr("IFA_ADDRESS").startswith("127."))
 
+    def fenced(self, host: str) -> list[str]:
+        """The addresses in a node's fence held set (read with nft in its namespace;
+        none when its fence table is not there)."""
+        from vtlha.fence import TABLE, parse_held
+
+        out = subprocess.run([*self.prefix(host), "nft", "list", "set", "inet", TABLE, "held"],
+                             capture_output=True, text=True, timeout=10, check=False)
+        return sorted(parse_held(out.stdout)) if out.returncode == 0 else []
+
     def floating_on(self, host: str) -> list[str]:
         floating = {a for g in self.cfg.groups() for a in self.cfg.group_addresses(g)}
         return [a for a in self.addresses(host) if a in floating]
@@ -334,25 +349,43 @@ class Lab(LocalCluster):
     def nats_specs(self) -> list[NatsServerSpec]:
         routes = [f"{self.service_ip(h).split('/')[0]}:{self.cfg.ports.nats_cluster}"
                   for h in self.cfg.nats.servers]
-        return [NatsServerSpec(
+        specs = [NatsServerSpec(
             name=h, host="0.0.0.0", client_port=self.cfg.ports.nats_client,
             monitor_port=self.cfg.ports.nats_monitor,
             store_dir=self.work_dir / "nats" / h / "jetstream",
             cluster_port=self.cfg.ports.nats_cluster if len(routes) > 1 else None,
             routes=routes if len(routes) > 1 else [], tags=[f"host:{h}"],
         ) for h in self.cfg.nats.servers]
+        if self.secured:  # `vtlha deploy render`'s configs, on every address of the host
+            for spec in specs:
+                spec.config_text = self._rendered_config(spec.name, spec.store_dir,
+                                                         bind="0.0.0.0")
+        return specs
+
+    def nats_listen(self) -> dict[str, dict[str, Any]] | None:
+        """Each server listens on its host's service address (the lab's ports)."""
+        ports = self.cfg.ports
+        return {h: {"host": self.service_ip(h).split("/")[0], "client_port": ports.nats_client,
+                    "cluster_port": ports.nats_cluster, "monitor_port": ports.nats_monitor}
+                for h in self.cfg.nats.servers}
+
+    def tls_addresses(self) -> list[str]:
+        return ["127.0.0.1", self.record.uplink_peer_ip,
+                *(self.service_ip(h) for h in self.cfg.nats.servers)]
 
     def start_nats(self) -> None:
         (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         for spec in self.nats_specs():
             srv = NatsServer(spec, self.work_dir / "logs" / f"{spec.name}-nats-server.log",
-                             prefix=self.prefix(spec.name))
+                             prefix=self.prefix(spec.name), nice=self.cfg.scheduling.nice)
             srv.start()
             self.servers[spec.name] = srv
         for host in self.servers:
             self.wait_nats(host)
 
-    def wait_nats(self, host: str, timeout: float = 30) -> None:
+    def wait_nats(self, host: str, timeout: float = 60) -> None:
+        # (a restarted server's /healthz waits for its streams to catch up: once, in CI, a
+        # stalled catch-up took longer than 30 s)
         srv = self.servers[host]
         srv.wait_ready(timeout=timeout, jetstream=len(self.servers) == 1,
                        fetch=self._monitor_fetch(host, srv.spec.monitor_port))
@@ -376,6 +409,11 @@ class Lab(LocalCluster):
         """The nodes reach the SAN target at the witness's service IP."""
         return self.service_ip(self.cfg.witness.host).split("/")[0]
 
+    def tgtd_prefix(self) -> list[str]:
+        """tgtd (``san.kind: iscsi``) runs in the witness's namespace, its portals on the
+        witness's service address: the nodes reach it over the lab's data network."""
+        return self.prefix(self.cfg.witness.host)
+
     def spawn_san(self) -> None:
         """The SAN target runs in the witness's namespace, on every address."""
         argv = [*self.prefix(self.cfg.witness.host), *self.san_argv()]
@@ -385,6 +423,26 @@ class Lab(LocalCluster):
     def spawn_in(self, host: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """A helper process (test server, client probe) inside ``host``'s namespace."""
         return self.procs.spawn(host, name, [*self.prefix(host), *argv]).proc
+
+    def probe_service(self, target: str, port: int, duration: float,
+                      timeout: float = 0.05, first: str = "node-a") -> Path:
+        """A TCP service on every node answering with the node's name (the appliance's
+        data service: ``vtlha_lab.probes serve``), and the client connecting to
+        ``target:port`` every 5 ms for ``duration`` seconds. Returns the client's
+        timeline file once ``first`` answered it."""
+        for n in self.cfg.nodes:
+            self.spawn_in(n.name, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
+                                            "--port", str(port), "--name", n.name])
+        timeline = self.work_dir / "probe.jsonl"
+        self.spawn_in(CLIENT, "probe", [sys.executable, "-m", "vtlha_lab.probes", "probe",
+                                        "--target", f"{target}:{port}", "--out", str(timeline),
+                                        "--interval", "0.005", "--duration", str(duration),
+                                        "--timeout", str(timeout)])
+        from vtlha_lab.probes import answered_by
+
+        self.wait_for(lambda: answered_by(timeline, first, 0), 10,
+                      what=f"the client reaching {target} on {first}")
+        return timeline
 
     def http_get(self, host: str, service: str, path: str, timeout: float = 1.0) -> Any:
         port = getattr(self.cfg.ports, service.replace("-", "_"))
@@ -416,6 +474,9 @@ class Lab(LocalCluster):
     def _save_pids(self) -> None:
         self.record.pids = [c.proc.pid for c in self.procs.children] + [
             s.proc.pid for s in self.servers.values() if s.proc is not None]
+        if self.tgtd is not None and self.tgtd.proc is not None:
+            self.record.pids.append(self.tgtd.proc.pid)
+            self.record.tgtd_control_port = self.tgtd.spec.control_port
         self.record.save()
 
     def stop(self) -> None:
@@ -453,6 +514,9 @@ class OverlapObserver:
         for a in floating:
             argv += ["--address", a]
         self.proc = subprocess.Popen(argv)
+        # the observer measures the services: it runs at their priority, or its own
+        # scheduling delays would read as gaps in what they serve
+        raise_priority(self.lab.cfg.scheduling.nice, LOG, self.proc.pid)
         ready = Path(str(self.out) + ".ready")
         deadline = time.monotonic() + 15
         while not ready.exists():  # every node polled once: it is watching
@@ -461,6 +525,14 @@ class OverlapObserver:
                 raise RuntimeError("the overlap observer did not start polling")
             time.sleep(0.01)
         return self
+
+    def stopped_answering_at(self, addr: str, node: str, since: float) -> float | None:
+        """The first moment after ``since`` at which ``node`` no longer answered for
+        ``addr`` (after the ``with`` block)."""
+        for t, who in self.holders.get(addr, []):
+            if t >= since and node not in who.split(","):
+                return t
+        return None
 
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
@@ -504,6 +576,10 @@ def teardown(rec: LabRecord) -> list[str]:
         if found:
             ipr.link("del", index=found[0])
             removed.append(rec.uplink_host_if)
+    if rec.tgtd_control_port is not None:  # the killed tgtd's control socket files
+        for suffix in ("", ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                (TGTD_SOCKETS / f"socket.{rec.tgtd_control_port}{suffix}").unlink()
     with contextlib.suppress(FileNotFoundError):
         (REGISTRY / f"{rec.lab_id}.json").unlink()
     return removed

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import logging
 import os
 import random
-import socket
 import sys
 import time
 import urllib.request
@@ -27,11 +27,16 @@ from nats.aio.client import Client as NATS
 from vtlha import bus, eventlog
 from vtlha.config import ClusterConfig, load_config
 from vtlha.messages import Event, GroupRecord
+from vtlha.natsauth import ClientAuth, client_auth
 from vtlha.ownership import read_groups
+from vtlha.priority import raise_priority
 from vtlha.subjects import Subjects
 from vtlha_lab.natsserver import NatsServer, NatsServerSpec
+from vtlha_lab.ports import LOWEST, below_ephemeral, port_free
 from vtlha_lab.procs import ProcessGroup
+from vtlha_lab.tgt import Tgtd, TgtdSpec
 
+LOG = logging.getLogger("vtlha_lab.localcluster")
 SAN = "san"  # the SAN target's process group name (not a host of the cluster)
 NODE_SERVICES = ("storage-monitor", "ip-manager", "heartbeat", "arbiter")
 DEVICE_BYTES = 16 * 1024 * 1024  # sparse: 4096 blocks of 4 KiB per device
@@ -41,18 +46,9 @@ def service_binary(service: str) -> str:
     return str(Path(sys.executable).parent / f"vtlha-{service}")
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def all_ports(cfg: ClusterConfig) -> list[int]:
     kinds = ("nats_client", "nats_cluster", "nats_monitor", "heartbeat", "storage_monitor",
-             "ip_manager", "arbiter")
+             "ip_manager", "arbiter", "notifier", "dashboard", "tape")
     return [cfg.port(h, k) for h in cfg.hosts for k in kinds]
 
 
@@ -66,12 +62,15 @@ def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
                    single_server: bool = False, tries: int = 200) -> Path:
     """Copy the cluster file to ``dst_dir`` with a free port offset, the state root
     under ``dst_dir``, optionally another cluster name, and optionally one NATS server
-    (the witness's: quick tests; not partition-safe)."""
+    (the witness's: quick tests; not partition-safe). Every port stays below the
+    kernel's ephemeral range (see ``vtlha_lab.ports``)."""
     raw: dict[str, Any] = yaml.safe_load(src.read_text())
     base = load_config(src)
     dst_dir.mkdir(parents=True, exist_ok=True)
+    room = below_ephemeral() - max(all_ports(base) + san_ports(base))
+    lowest = max(0, LOWEST - min(all_ports(base) + san_ports(base)))
     for _ in range(tries):
-        offset = random.randrange(1, 300) * 100 + random.randrange(0, 50)
+        offset = random.randrange(lowest, max(room, lowest + 1))
         ports = {k: v + offset for k, v in base.ports.model_dump().items()}
         raw["ports"] = ports
         raw.setdefault("san", {})["port"] = base.san.port + offset
@@ -83,7 +82,7 @@ def prepare_config(src: Path, dst_dir: Path, cluster: str | None = None,
         dst = dst_dir / "cluster.yaml"
         dst.write_text(yaml.safe_dump(raw, sort_keys=False))
         cfg = load_config(dst)
-        if all(_port_free(p) for p in all_ports(cfg) + san_ports(cfg)):
+        if all(port_free(p) for p in all_ports(cfg) + san_ports(cfg)):
             return dst
     raise RuntimeError("no free port range found for a local cluster")
 
@@ -99,40 +98,103 @@ class LocalCluster:
         self.external_nats = nats_urls
         self.servers: dict[str, NatsServer] = {}
         self.owner_pid = os.getpid()
+        #: the iSCSI target (``san.kind: iscsi``): a tgtd started by ``start_san``
+        self.tgtd: Tgtd | None = None
 
     # ---- set-up ------------------------------------------------------------
+    def backing(self, device: str) -> Path:
+        """A device's backing file (relative paths are under the state root)."""
+        p = Path(self.cfg.devices[device].backing)
+        return p if p.is_absolute() else self.state_root / p
+
     def create_devices(self) -> None:
-        for dev in self.cfg.devices.values():
-            p = Path(dev.backing)
-            p = p if p.is_absolute() else self.state_root / p
+        for name in self.cfg.devices:
+            p = self.backing(name)
             p.parent.mkdir(parents=True, exist_ok=True)
             if not p.exists():
                 with open(p, "wb") as f:
                     f.truncate(DEVICE_BYTES)
 
+    @property
+    def secured(self) -> bool:
+        """The cluster file names a credentials directory: the servers run `vtlha deploy
+        render`'s configs (users, permissions, TLS when given) with the credentials
+        there, and every client connects with its own (``render`` must have run)."""
+        return self.cfg.nats.credentials_dir is not None
+
+    def secure(self, tls: bool = True) -> None:
+        """Run this cluster as a deployment runs (before ``start``): the cluster file
+        names a credentials directory (and says where each server listens, in the
+        network lab), a least-privilege credential per service per host is written as
+        `vtlha deploy render` writes it (the servers' configs are rendered at start), and
+        with ``tls`` a throwaway CA and a certificate for every address the servers are
+        reached at secure clients and routes. Every service, the CLI and the tests then
+        connect as their own user."""
+        from vtlha import deploy
+        from vtlha_lab.tlsmaterial import make_tls
+
+        raw = yaml.safe_load(self.config_path.read_text())
+        nats_cfg = raw.setdefault("nats", {})
+        listen = self.nats_listen()
+        if listen is not None:
+            nats_cfg["listen"] = listen
+        nats_cfg["credentials_dir"] = str(self.work_dir / "deploy" / "creds")
+        if tls:
+            nats_cfg["tls"] = make_tls(self.work_dir / "tls", self.tls_addresses())
+        self.config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        self.cfg = load_config(self.config_path)
+        # The credentials only: each server's config is rendered when it starts
+        # (``nats_specs``), with the lab's store directory and bind address.
+        deploy.ensure_credentials(self.work_dir / "deploy" / "creds", list(deploy.users(self.cfg)),
+                                  False)
+
+    def nats_listen(self) -> dict[str, dict[str, Any]] | None:
+        """Where each server listens, for the cluster file (None: loopback, the default)."""
+        return None
+
+    def tls_addresses(self) -> list[str]:
+        """Every address a server is reached at (the certificate names them)."""
+        return ["127.0.0.1"]
+
+    def _rendered_config(self, host: str, store_dir: Path, bind: str | None = None) -> str:
+        from vtlha import deploy
+
+        assert self.cfg.nats.credentials_dir is not None
+        creds = deploy.read_credentials(Path(self.cfg.nats.credentials_dir),
+                                        deploy.users(self.cfg))
+        return deploy.render_server_config(self.cfg, host, creds, store_dir,
+                                           str(self.config_path), bind=bind)
+
     def nats_specs(self) -> list[NatsServerSpec]:
         cluster = len(self.cfg.nats.servers) > 1
         routes = [f"127.0.0.1:{self.cfg.port(h, 'nats_cluster')}" for h in self.cfg.nats.servers]
-        return [NatsServerSpec(
+        specs = [NatsServerSpec(
             name=h, client_port=self.cfg.port(h, "nats_client"),
             monitor_port=self.cfg.port(h, "nats_monitor"),
             store_dir=self.work_dir / "nats" / h / "jetstream",
             cluster_port=self.cfg.port(h, "nats_cluster") if cluster else None,
             routes=routes if cluster else [], tags=[f"host:{h}"],
         ) for h in self.cfg.nats.servers]
+        if self.secured:
+            for spec in specs:
+                spec.config_text = self._rendered_config(spec.name, spec.store_dir)
+        return specs
 
     def start_nats(self) -> None:
         if self.external_nats:
             return
         for spec in self.nats_specs():
-            srv = NatsServer(spec, self.work_dir / "logs" / f"{spec.name}-nats-server.log")
+            srv = NatsServer(spec, self.work_dir / "logs" / f"{spec.name}-nats-server.log",
+                             nice=self.cfg.scheduling.nice)
             (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
             srv.start()
             self.servers[spec.name] = srv
         for host in self.servers:
             self.wait_nats(host)
 
-    def wait_nats(self, host: str, timeout: float = 30) -> None:
+    def wait_nats(self, host: str, timeout: float = 60) -> None:
+        # (a restarted server's /healthz waits for its streams to catch up: once, in CI, a
+        # stalled catch-up took longer than 30 s)
         # Clustered: full /healthz, which waits for the JetStream meta leader too.
         self.servers[host].wait_ready(timeout=timeout, jetstream=len(self.servers) == 1)
 
@@ -157,7 +219,12 @@ class LocalCluster:
             pass
 
         return await nats.connect(self.client_urls(), connect_timeout=2, allow_reconnect=False,
-                                  error_cb=_quiet)
+                                  error_cb=_quiet, **self.client_auth().connect_options())
+
+    def client_auth(self, user: str = "operator") -> ClientAuth:
+        """``user``'s credential from the cluster file (none unless it names a credentials
+        directory): tests, the CLI and the demo read as the operator."""
+        return client_auth(self.cfg, user, env={})
 
     def start_service(self, host: str, service: str) -> None:
         argv = [service_binary(service), "--config", str(self.config_path), "--node", host,
@@ -181,11 +248,42 @@ class LocalCluster:
     def spawn_san(self) -> None:
         self.procs.spawn(SAN, "san-target", self.san_argv())
 
+    def tgtd_prefix(self) -> list[str]:
+        """How tgtd is run (in the lab: inside the witness's namespace)."""
+        return []
+
+    def start_tgtd(self) -> Tgtd:
+        """``san.kind: iscsi``: Debian's tgtd (root) as the SAN, a portal per path
+        (``san.portals``), a LUN per device (``devices.X.lun``) on its backing file."""
+        san = self.cfg.san
+        assert san.iqn is not None
+        paths = max((n for d in self.cfg.devices.values() for n in d.paths.values()),
+                    default=1)
+        blocks = {d.block_size for d in self.cfg.devices.values()}
+        if len(blocks) != 1:
+            raise RuntimeError(f"tgtd: one block size for every LUN, the devices have {blocks}")
+        spec = TgtdSpec(san.iqn, san.portals[:paths],
+                        {name: self.backing(name) for name in self.cfg.devices},
+                        block_size=blocks.pop(),
+                        numbers={name: d.lun for name, d in self.cfg.devices.items()
+                                 if d.lun is not None})
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.tgtd = Tgtd(spec, self.work_dir / "logs" / "tgtd.log", prefix=self.tgtd_prefix(),
+                         nice=self.cfg.scheduling.nice)
+        self.tgtd.start()
+        return self.tgtd
+
     def start_san(self, timeout: float = 15.0) -> None:
         """Start the SAN target (outside the nodes: its own process, host name ``san``,
-        so crashing a host never takes it along) and wait until it listens."""
+        so crashing a host never takes it along) and wait until it listens. With
+        ``san.kind: iscsi`` that is a real iSCSI target (:meth:`start_tgtd`)."""
+        if self.cfg.san.kind == "iscsi":
+            self.start_tgtd()
+            return
         self.spawn_san()
         child = self.procs.find(SAN, "san-target")
+        # it stands in for an array, which no load on the nodes slows down
+        raise_priority(self.cfg.scheduling.nice, LOG, child.proc.pid)
 
         def _listening() -> bool:
             if child.proc.poll() is not None:
@@ -234,6 +332,8 @@ class LocalCluster:
         if os.getpid() != self.owner_pid:
             return  # a forked helper (pyroute2 forks for namespace sockets) owns nothing
         self.procs.stop_all()
+        if self.tgtd is not None:
+            self.tgtd.stop()
         for srv in self.servers.values():
             srv.stop()
 

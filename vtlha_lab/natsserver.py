@@ -4,6 +4,7 @@ package in the venv). Used by the demo, the lab and the test fixtures."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vtlha.errors import FatalError
+from vtlha.priority import raise_priority
+
+LOG = logging.getLogger("vtlha_lab.natsserver")
 
 
 def nats_server_binary() -> str:
@@ -40,8 +44,13 @@ class NatsServerSpec:
     routes: list[str] = field(default_factory=list)  # host:port of every cluster member
     cluster_name: str = "vtlha"
     tags: list[str] = field(default_factory=list)
+    #: a whole config to use instead of the one rendered here (`vtlha deploy render`'s,
+    #: with users, permissions and TLS); its listen/http ports must be these
+    config_text: str | None = None
 
     def render(self) -> str:
+        if self.config_text is not None:
+            return self.config_text
         lines = [
             f'server_name: "{self.name}"',
             f'listen: "{self.host}:{self.client_port}"',
@@ -61,6 +70,13 @@ class NatsServerSpec:
                 "cluster {",
                 f'  name: "{self.cluster_name}"',
                 f'  listen: "{self.host}:{self.cluster_port}"',
+                # A route to a server cut off is found dead in 2-3 s (defaults: 2 min
+                # pings, 10 s write deadline), so it is made anew at once after the heal:
+                # a stalled old route held the nodes' requests (promises) back for 3.5-6
+                # s after a cut healed (docs/safety.md, "A node rejoining after a long cut")
+                '  ping_interval: "1s"',
+                "  ping_max: 2",
+                '  write_deadline: "2s"',
                 "  routes: [" + ", ".join(f'"nats-route://{r}"' for r in self.routes) + "]",
                 "}",
             ]
@@ -73,8 +89,9 @@ class NatsServerSpec:
 
 class NatsServer:
     def __init__(self, spec: NatsServerSpec, log_path: Path,
-                 prefix: list[str] | None = None) -> None:
+                 prefix: list[str] | None = None, nice: int | None = None) -> None:
         self.spec = spec
+        self.nice = nice  # raised to this when allowed (vtlha.priority), as the services
         self.log_path = log_path
         self.prefix = prefix or []  # e.g. ["ip", "netns", "exec", NS]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,12 +99,15 @@ class NatsServer:
     def start(self) -> None:
         self.spec.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.spec.store_dir.parent / f"{self.spec.name}.conf"
+        conf.touch(mode=0o600)  # it may hold a route secret
         conf.write_text(self.spec.render())
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             [*self.prefix, nats_server_binary(), "-c", str(conf)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
+        if self.nice is not None:
+            raise_priority(self.nice, LOG, self.proc.pid)
 
     def _fetch(self, path: str) -> int:
         url = f"http://{self.spec.host}:{self.spec.monitor_port}{path}"

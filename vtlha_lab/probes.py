@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import struct
@@ -124,6 +125,12 @@ def read_timeline(path: str) -> list[dict[str, object]]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def answered_by(path: str | os.PathLike[str], who: str, since: float) -> bool:
+    """Whether the timeline in ``path`` has an answer from ``who`` at or after ``since``."""
+    return any(e["ok"] and e["who"] == who and float(e["t"]) >= since  # type: ignore[arg-type]
+               for e in read_timeline(str(path)))
 
 
 def outage(timeline: list[dict[str, object]], before: str, after: str,

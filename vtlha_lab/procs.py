@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie nobody has reaped yet is dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @dataclass
 class Child:
     name: str

@@ -94,7 +94,7 @@ async def write_blocks(portal: str, log_path: Path, count: int | None = None,
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             entry = {"block": block, "node": reply.get("node"), "epoch": reply.get("epoch"),
-                     "t": time.time(), "sent": t0}
+                     "seq": reply.get("seq"), "t": time.time(), "sent": t0}
             log.write(orjson.dumps(entry) + b"\n")
             log.flush()
             if on_ack is not None:
@@ -119,15 +119,22 @@ def read_acks(log_path: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-async def verify_blocks(portal: str, blocks: list[int], deadline: float = 30.0
-                        ) -> dict[str, Any]:
+async def verify_blocks(portal: str, blocks: list[int] | dict[int, dict[str, Any]],
+                        deadline: float = 30.0) -> dict[str, Any]:
     """Read each block back (retrying while the portal is unreachable, up to
-    ``deadline`` s in all); returns {checked, bad: [...], nodes: {...}}."""
+    ``deadline`` s in all); returns {checked, bad: [...], fenced: [...], nodes: {...},
+    writers: {...}}. ``blocks`` with their acknowledgements (:func:`read_acks`) also
+    checks who wrote each one: ``fenced`` lists blocks that read back as written by
+    another writer or at another epoch than the one that acknowledged them (they are
+    in ``bad`` too)."""
+    acks = blocks if isinstance(blocks, dict) else {}
     conn = TapeConnection(portal)
     bad: list[dict[str, Any]] = []
+    fenced: list[dict[str, Any]] = []
     nodes: dict[str, int] = {}
+    writers: dict[str, int] = {}
     end = time.monotonic() + deadline
-    for b in blocks:
+    for b in sorted(blocks):
         while True:
             try:
                 reply, body = await conn.request({"op": "read", "block": b})
@@ -140,10 +147,20 @@ async def verify_blocks(portal: str, blocks: list[int], deadline: float = 30.0
         want = payload(b)
         if body[:len(want)] != want or body[len(want):].strip(b"\0"):
             bad.append({"block": b, "got": body[:48].decode(errors="replace")})
+        written = (reply.get("writer"), reply.get("written_epoch"))
+        ack = acks.get(b)
+        if ack is not None and written != (ack.get("node"), ack.get("epoch")):
+            entry = {"block": b, "acknowledged_by": [ack.get("node"), ack.get("epoch")],
+                     "written_by": list(written), "seq": reply.get("seq")}
+            fenced.append(entry)
+            bad.append({**entry, "got": "a block of another writer or epoch"})
         node = str(reply.get("node"))
         nodes[node] = nodes.get(node, 0) + 1
+        who = f"{written[0]}@{written[1]}"
+        writers[who] = writers.get(who, 0) + 1
     await conn.close()
-    return {"checked": len(blocks), "bad": bad, "nodes": nodes}
+    return {"checked": len(blocks), "bad": bad, "fenced": fenced, "nodes": nodes,
+            "writers": writers}
 
 
 async def status(portal: str) -> dict[str, Any]:

@@ -76,11 +76,24 @@ def test_malformed_heartbeats_are_counted_and_change_nothing(local_cluster: Loca
     assert c.procs.find("witness", "arbiter").alive
     assert _healthy(c, "witness", "arbiter")
     assert ownership() == before
-    assert len(events(url, c.cfg.cluster)) == n_events
+    # reported, not acted on: one input.rejected event (and one log line) per source
+    # (subject) and service, saying how many were dropped
+    subjects = {s for s, _ in bad}
+
+    def witness_reports() -> set[str]:
+        return {e.data.get("subject") for _, e in events(url, c.cfg.cluster)[n_events:]
+                if e.node == "witness" and e.kind == "input.rejected"}
+    c.wait_for(lambda: witness_reports() == subjects, 5,
+               what="the witness's arbiter to report a rejection per subject")
+    new = [e for _, e in events(url, c.cfg.cluster)[n_events:]]
+    assert {e.kind for e in new} == {"input.rejected"}
+    mine = [e for e in new if e.node == "witness"]
+    assert {e.data["subject"] for e in mine} == subjects
+    assert sum(e.data["dropped"] for e in mine) <= len(bad)  # later ones held back
     log = c.procs.find("witness", "arbiter").log_path.read_text().splitlines()
     dropped = [orjson.loads(line) for line in log if '"invalid message dropped"' in line]
-    assert len(dropped) == len(bad)
-    assert any("unknown node 'node-z'" in d["error"] for d in dropped)
+    assert {d["subject"] for d in dropped} == subjects
+    assert any("node 'node-z' is not a host" in d["error"] for d in dropped)
 
 
 def test_garbage_claiming_to_be_a_dead_node_does_not_keep_it_alive(
@@ -139,7 +152,7 @@ def test_executor_refuses_stale_and_malformed_commands(local_cluster: LocalClust
     assert term >= 1 and epoch == 1
 
     def send(**kw: object) -> Ack:
-        fields: dict[str, object] = {"cluster": c.cfg.cluster, "node": "operator", "term": term,
+        fields: dict[str, object] = {"cluster": c.cfg.cluster, "node": "witness", "term": term,
                                      "epoch": epoch, "group": "node-a-data",
                                      "action": "release"}
         fields.update(kw)
@@ -154,6 +167,8 @@ def test_executor_refuses_stale_and_malformed_commands(local_cluster: LocalClust
     assert not other_pair.ok and "not of this node's pair" in other_pair.reason
     garbage = decode(Ack, request(url, s.cmd("node-a", "ip-manager"), b"{]"))
     assert not garbage.ok and "not JSON" in garbage.reason
+    stranger = send(node="operator")  # commands come from arbiters, on hosts
+    assert not stranger.ok and "not a host of the cluster" in stranger.reason
     # Nothing was released: the address is still held, and the refusals are events.
     c.wait_for(lambda: c.recorded_addresses("node-a") == ["198.51.100.101/32",
                                                           "203.0.113.101/32"], 5,

@@ -73,8 +73,11 @@ def test_kill_node_a_fails_over_to_b(local_cluster: LocalCluster) -> None:
     c.wait_for(lambda: (c.status("node-a", "ip-manager") or {}).get("held") == {}, 15,
                what="node-a's ip-manager to come back holding nothing")
     assert c.recorded_addresses("node-a") == []
+    # (the event goes through the service's outbox: stored a moment after the fact)
+    c.wait_for(lambda: {e.group for _, e in events(url, c.cfg.cluster)
+                        if e.kind == "address.reconciled"} == {"node-a-data", "node-a-mgmt"},
+               10, what="address.reconciled for both of node-a's groups")
     reconciled = [e for _, e in events(url, c.cfg.cluster) if e.kind == "address.reconciled"]
-    assert {e.group for e in reconciled} == {"node-a-data", "node-a-mgmt"}
     assert all(e.node == "node-a" and "node-b" in e.reason for e in reconciled)
 
     # The arbiter counted the takeovers.

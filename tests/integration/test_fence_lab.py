@@ -22,7 +22,7 @@ import yaml
 
 from vtlha.fence import TABLE
 from vtlha_lab.lab import Lab, OverlapObserver
-from vtlha_lab.probes import arp_responders, read_timeline
+from vtlha_lab.probes import answered_by, arp_responders
 
 pytestmark = pytest.mark.root
 
@@ -35,41 +35,9 @@ CLIENT_IP = "198.51.100.200"
 def _start(lab: Lab) -> Path:
     lab.start()
     lab.wait_for(lambda: lab.home_held() and lab.floating_on("node-a") == [
-        f"{A_DATA}/32", "203.0.113.101/32"] and len(_fenced(lab, "node-a")) == 2, 40,
+        f"{A_DATA}/32", "203.0.113.101/32"] and len(lab.fenced("node-a")) == 2, 40,
         what="node-a serving (configured and fenced in) its addresses")
-    for n in ("node-a", "node-b"):
-        lab.spawn_in(n, "serve", [sys.executable, "-m", "vtlha_lab.probes", "serve",
-                                  "--port", str(PORT), "--name", n])
-    timeline = lab.work_dir / "probe.jsonl"
-    lab.spawn_in("client", "probe", [sys.executable, "-m", "vtlha_lab.probes", "probe",
-                                     "--target", f"{A_DATA}:{PORT}", "--out", str(timeline),
-                                     "--interval", "0.005", "--duration", "60",
-                                     "--timeout", "0.05"])
-    lab.wait_for(lambda: _answered_by(timeline, "node-a", 0), 10, what="client reaching A")
-    return timeline
-
-
-def _fenced(lab: Lab, host: str) -> list[str]:
-    """The addresses in a node's fence held set (read with nft in its namespace)."""
-    out = subprocess.run([*lab.prefix(host), "nft", "list", "set", "inet", TABLE,
-                          "held"], capture_output=True, text=True, timeout=10, check=False)
-    from vtlha.fence import parse_held
-
-    return sorted(parse_held(out.stdout)) if out.returncode == 0 else []
-
-
-def _answered_by(path: Path, who: str, since: float) -> bool:
-    return any(e["ok"] and e["who"] == who and float(e["t"]) >= since  # type: ignore[arg-type]
-               for e in read_timeline(str(path)))
-
-
-def _stopped_answering_at(obs: OverlapObserver, addr: str, node: str,
-                          since: float) -> float | None:
-    """The first moment after ``since`` at which ``node`` no longer answered for ``addr``."""
-    for t, who in obs.holders.get(addr, []):
-        if t >= since and node not in who.split(","):
-            return t
-    return None
+    return lab.probe_service(A_DATA, PORT, duration=60)
 
 
 def _lone_executor_fault(lab: Lab, sig: int) -> None:
@@ -83,15 +51,15 @@ def _lone_executor_fault(lab: Lab, sig: int) -> None:
     with OverlapObserver(lab) as obs:
         t0 = time.monotonic()
         ipm.signal(sig)
-        lab.wait_for(lambda: _fenced(lab, "node-a") == [], 2,
+        lab.wait_for(lambda: lab.fenced("node-a") == [], 2,
                      what="node-a's fence elements to expire")
         assert f"{A_DATA}/32" in lab.floating_on("node-a"), "still configured"
-        lab.wait_for(lambda: _answered_by(timeline, "node-b", t0), 15,
+        lab.wait_for(lambda: answered_by(timeline, "node-b", t0), 15,
                      what="the client reaching node-a's address on node-b")
         # ... and after the takeover exactly one MAC answers: node-b's.
         assert arp_responders(lab.ns("client"), CLIENT_IP, A_DATA) == {lab.mac("node-b")}
         time.sleep(2 * ttl)  # keep observing two more leases
-    stopped = _stopped_answering_at(obs, f"{A_DATA}/32", "node-a", t0)
+    stopped = obs.stopped_answering_at(f"{A_DATA}/32", "node-a", t0)
     assert stopped is not None
     started = [e for e in lab.events() if e.kind == "failover.started"
                and e.group == "node-a-data"]
@@ -126,7 +94,7 @@ def test_whole_node_frozen_then_resumed_removes_its_address(lab: Lab) -> None:
         for c in frozen:
             c.signal(signal.SIGSTOP)
         lab.servers["node-a"].signal(signal.SIGSTOP)
-        lab.wait_for(lambda: _answered_by(timeline, "node-b", t0), 10,
+        lab.wait_for(lambda: answered_by(timeline, "node-b", t0), 10,
                      what="node-b answering while node-a is frozen")
         time.sleep(max(0.0, t0 + 3 * ttl - time.monotonic()))  # frozen for 3 x lease_ttl
         lab.servers["node-a"].signal(signal.SIGCONT)
@@ -147,12 +115,12 @@ def _crash(lab: Lab) -> dict[str, float]:
         lab.crash("node-a", cut_links=False)  # processes and nats-server; links stay up
         lab.wait_for(lambda: all(lab.held_by().get(g) == "node-b" for g in A_GROUPS), 30,
                      what="node-b to hold node-a's groups")
-        lab.wait_for(lambda: set(_fenced(lab, "node-b")) >= {A_DATA, "203.0.113.101"}, 10,
+        lab.wait_for(lambda: set(lab.fenced("node-b")) >= {A_DATA, "203.0.113.101"}, 10,
                      what="node-b answering for node-a's addresses")
         time.sleep(2 * lab.cfg.timings.lease_ttl)
     assert obs.overlaps == [], obs.overlaps[:3]
     starts = [t for t, who in obs.holders.get(f"{A_DATA}/32", []) if who == "node-b"]
-    a_stop = _stopped_answering_at(obs, f"{A_DATA}/32", "node-a", t0)
+    a_stop = obs.stopped_answering_at(f"{A_DATA}/32", "node-a", t0)
     assert starts and a_stop is not None
     return {"b_serves_s": starts[0] - t0, "a_stops_s": a_stop - t0}
 
@@ -210,7 +178,7 @@ def test_fence_write_recheck_corrects_a_write_delayed_past_the_lease(lab: Lab) -
     assert ev.data["left_s"] <= 0 and window < 0.01
     # Later notices refresh it properly again — on node-a, or on node-b: a pause of the
     # ip-manager this long also fails its liveness check (rule 8), and node-b may take over.
-    lab.wait_for(lambda: A_DATA in _fenced(lab, "node-a") or A_DATA in _fenced(lab, "node-b"),
+    lab.wait_for(lambda: A_DATA in lab.fenced("node-a") or A_DATA in lab.fenced("node-b"),
                  10, what="node-a's data address fenced (answered) again by its owner")
 
 
@@ -219,7 +187,7 @@ def test_removed_fence_is_reinstalled(lab: Lab) -> None:
     lab.nft("node-a", f"delete table inet {TABLE}\ndelete table arp {TABLE}\n")
     lab.wait_for(lambda: [e for e in lab.events() if e.kind == "fence.repaired"], 10,
                  what="a fence.repaired event")
-    lab.wait_for(lambda: len(_fenced(lab, "node-a")) == 2, 5,
+    lab.wait_for(lambda: len(lab.fenced("node-a")) == 2, 5,
                  what="node-a's held addresses back in its fence")
 
 

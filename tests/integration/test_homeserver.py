@@ -64,6 +64,8 @@ async def test_connection_returns_to_its_own_server_after_it_restarts(
         task = asyncio.create_task(home.run(stop))
         assert home.current() == urls[0]
 
+        await _wait(lambda: home.states[urls[0]].state is True, 10, "the own server good")
+        n = len(home.changes)
         servers["own"].kill()
         await _wait(lambda: home.current() == urls[1], 10, "nats-py's reconnect elsewhere")
         servers["own"].start()  # the same store: a restart
@@ -71,6 +73,11 @@ async def test_connection_returns_to_its_own_server_after_it_restarts(
         print(f"\nback on its own server {took:.2f} s after it was started again (rise "
               f"{home.states[urls[0]].rise} x interval {INTERVAL} s + catching up)")
         assert home.moves == 1
+        # it went back only after the own server had been found bad (when the connection
+        # left it) and had answered `rise` times again: a server down for less than
+        # `fall` probes is not taken back the moment it restarts
+        since = [ok for u, ok in list(home.changes)[n:] if u == urls[0]]
+        assert since == [False, True], home.changes
         assert nc.connected_url is not None and nc.connected_url.netloc == netloc(urls[0])
         # still a working connection: a request through it is answered
         kv = await nc.jetstream(timeout=2).key_value(subjects.kv_bucket)

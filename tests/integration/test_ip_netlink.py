@@ -54,6 +54,7 @@ from vtlha.health import Hysteresis
 from vtlha.messages import Ack, Command, LeaseNotice, MgmtReport, decode, encode
 from vtlha.subjects import Subjects
 from vtlha_lab.natsserver import NatsServer, NatsServerSpec
+from vtlha_lab.ports import free_port
 
 pytestmark = pytest.mark.root
 
@@ -363,6 +364,23 @@ async def test_add_and_remove_are_idempotent(topo: Topo) -> None:
         await b.remove("198.51.100.101/32")
         await b.remove("198.51.100.101/32")
         assert await b.held() == set()
+    finally:
+        await b.close()
+
+
+async def test_concurrent_requests_share_the_socket_without_ebusy(topo: Topo) -> None:
+    """Every group's enforce loop asks at once (the chaos suite saw NetlinkError 16,
+    'Device or resource busy': a second dump on the socket while one is under way)."""
+    b = await backend_in(topo)
+    addrs = ["198.51.100.101/32", "198.51.100.102/32", "203.0.113.101/32",
+             "203.0.113.102/32"]
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(b.add(a) for a in addrs), *(b.held() for _ in range(20)))
+            assert await b.held() == set(addrs)
+            await asyncio.gather(*(b.remove(a) for a in addrs),
+                                 *(b.held() for _ in range(20)))
+            assert await b.held() == set()
     finally:
         await b.close()
 
@@ -826,9 +844,7 @@ def test_service_with_netlink_backend_in_a_namespace(topo: Topo, tmp_path: Path)
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def test_recording_backend_reports_the_mgmt_path_as_not_monitored(

@@ -367,6 +367,62 @@ def test_switchover_to_a_healthy_companion_and_refused_to_a_dead_one(
     assert owners(c)["node-a-mgmt"][0] == "node-a"
 
 
+# ---- standby and the failback mode (operator verbs) ---------------------------------------
+
+
+def test_standby_moves_a_nodes_groups_away_keeps_them_away_and_failback_mode_brings_them_home(
+        make_cluster: Callable[[Edit | None], LocalCluster]) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["pairs"][0].update(failback="manual", failback_hold_time=1.0)
+
+    c = make_cluster(edit)
+    start(c)
+    # No terminal and no --yes: not done, nothing sent.
+    out = vtlha(c, "standby", "on", "pair-1", "node-a")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("standby on pair-1 node-a (its groups move to its "
+                                  "companion): not confirmed (no terminal to ask; pass --yes)")
+    assert held_by(c, "node-a") and not of_kind(c, "node.standby")
+
+    out = vtlha(c, "standby", "on", "pair-1", "node-a", "--yes")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("node-a enters standby: it is given no group until taken "
+                               "out; its 2 groups move to node-b; node-b takes over ")
+    assert sum(" switchover.completed: node-b now serves " in ln for ln in lines[1:]) == 2
+    assert held_by(c, "node-b")
+    (_, sb), = of_kind(c, "node.standby")
+    assert sb.data["on"] is True and sb.new == "node-a" and sb.inputs["request"] == {
+        "verb": "standby", "pair": "pair-1", "node": "node-a", "on": True}
+    assert {e.data["rule"] for _, e in of_kind(c, "switchover.started")} == {"standby"}
+
+    # Kept away: failback and switchover to it are refused; auto failback does nothing.
+    out = vtlha(c, "failback", "pair-1")
+    assert out.returncode == 1 and "node-a is in standby (take it out first: standby off " \
+        "pair-1 node-a)" in out.stderr
+    out = vtlha(c, "failback-mode", "auto", "pair-1", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("failback of pair-1 is now auto: a group away from home "
+                                  "goes back once its home has been healthy for "
+                                  "failback_hold_time (1 s)")
+    (_, fm), = of_kind(c, "pair.failback_mode")
+    assert fm.data["mode"] == "auto"
+    quiet(c, 2.5, lambda: not held_by(c, "node-b"), "a group back on a node in standby")
+
+    # Out of standby: with failback auto the groups come home by themselves.
+    out = vtlha(c, "standby", "off", "pair-1", "node-a", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("node-a leaves standby: it may be given groups again; its "
+                                  "groups come home by themselves (failback is auto)")
+    c.wait_for(lambda: held_by(c, "node-a"), 20, what="automatic failback after standby off")
+    assert {e.data["rule"] for _, e in of_kind(c, "failback.started")} == {"failback"}
+    assert [e.data["on"] for _, e in of_kind(c, "node.standby")] == [True, False]
+    out = vtlha(c, "standby", "off", "pair-1", "node-z", "--yes")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("standby off pair-1 node-z refused: node-z is not a node "
+                                  "of pair-1")
+
+
 # ---- rule 6: maintenance -----------------------------------------------------------------
 
 

@@ -189,7 +189,9 @@ def _serves(lab: Lab, node: str, group: str) -> bool:
 
 @pytest.fixture
 def checked_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]:
-    """node-a has a fatal process check: a pid file the test writes and removes."""
+    """node-a has a fatal process check: a pid file the test writes and removes. On
+    rendered credentials and TLS (``Lab.secure``): the operator's requests and every move
+    go through least-privilege users."""
     def edit(raw: dict[str, Any]) -> None:
         raw["pairs"][0]["nodes"][0]["checks"] = [
             {"name": "vtl-daemon", "kind": "pidfile", "path": str(tmp_path / "vtl.pid"),
@@ -197,6 +199,7 @@ def checked_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]
 
     the_lab = Lab(lab_config(request, tmp_path, edit), tmp_path)
     try:
+        the_lab.secure()
         yield the_lab
     finally:
         the_lab.stop()

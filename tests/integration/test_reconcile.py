@@ -24,8 +24,8 @@ from nats.js.errors import BadRequestError, KeyNotFoundError
 from tests.integration.natsutil import events, kv_groups
 from vtlha import bus
 from vtlha.config import load_config
-from vtlha.eventstate import EventState, StartedMove
-from vtlha.messages import Event, GroupRecord, encode
+from vtlha.eventstate import EventState, StartedMove, end_id
+from vtlha.messages import Event, GroupRecord, MoveNote, encode
 from vtlha.subjects import Subjects
 from vtlha_lab.localcluster import LocalCluster
 
@@ -43,9 +43,11 @@ def cluster(local_cluster: LocalCluster) -> LocalCluster:
     return c
 
 
-def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
-    """Write the claim, its started event and the event state as the active arbiter
-    would: (epoch, the event's id)."""
+def claim_as_the_arbiter(url: str, cluster: str, term: int,
+                         announce: bool = True) -> tuple[int, str]:
+    """Write the claim (noting its move), and with ``announce`` its started event and
+    the event state, as the active arbiter would: (epoch, the event's id). Without
+    ``announce``: an arbiter that died right after its claim."""
 
     async def _go() -> tuple[int, str]:
         nc = await nats.connect(url)
@@ -53,12 +55,18 @@ def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
             s = Subjects(cluster)
             js = nc.jetstream()
             kv = await js.key_value(s.kv_bucket)
+            ev = Event(cluster=cluster, node="witness", kind="switchover.started",
+                       reason="node-b takes over node-a-mgmt from node-a: switchover "
+                       "requested by an operator", pair="pair-1", group=GROUP, old="node-a",
+                       new="node-b", term=term, epoch=1)
             for _ in range(50):  # node-a renews every heartbeat interval: CAS, retried
                 e = await kv.get(s.group_key(GROUP))
                 assert e.value is not None and e.revision is not None
                 epoch = GroupRecord.model_validate_json(e.value).epoch + 1
                 rec = GroupRecord(owner="node-b", term=term, epoch=epoch, state="acquiring",
-                                  renewed_by="witness")
+                                  renewed_by="witness", move=MoveNote(
+                                      kind="switchover", old="node-a", started=ev.id,
+                                      term=term, reason="switchover requested"))
                 try:
                     await kv.update(s.group_key(GROUP), encode(rec), last=e.revision)
                     break
@@ -66,10 +74,9 @@ def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
                     continue
             else:
                 raise AssertionError("the claim never won its compare-and-set")
-            ev = Event(cluster=cluster, node="witness", kind="switchover.started",
-                       reason="node-b takes over node-a-mgmt from node-a: switchover "
-                       "requested by an operator", pair="pair-1", group=GROUP, old="node-a",
-                       new="node-b", term=term, epoch=epoch)
+            if not announce:
+                return epoch, ev.id
+            ev = ev.model_copy(update={"epoch": epoch})
             await bus.publish_event(js, s, ev, timeout=2.0)
             move = StartedMove(id=ev.id, kind="switchover", group=GROUP, pair="pair-1",
                                old="node-a", new="node-b", epoch=epoch, term=term)
@@ -88,8 +95,13 @@ def claim_as_the_arbiter(url: str, cluster: str, term: int) -> tuple[int, str]:
     return asyncio.run(_go())
 
 
+@pytest.mark.parametrize("announced", [True, False],
+                         ids=["started-event-out", "died-right-after-the-claim"])
 def test_an_arbiter_stopped_between_claim_and_commands_strands_nothing(
-        cluster: LocalCluster) -> None:
+        cluster: LocalCluster, announced: bool) -> None:
+    """``announced``: the started event went out before the arbiter stopped; otherwise
+    only the claim did, and the next active arbiter announces the move it notes
+    (``GroupRecord.move``) with the noted id, then ends it: each event once."""
     c = cluster
     url = c.external_nats[0]  # type: ignore[index]
     c.start()
@@ -106,7 +118,7 @@ def test_an_arbiter_stopped_between_claim_and_commands_strands_nothing(
 
     old = c.procs.find("witness", "arbiter")
     old.signal(signal.SIGSTOP)
-    epoch, started = claim_as_the_arbiter(url, c.cfg.cluster, term)
+    epoch, started = claim_as_the_arbiter(url, c.cfg.cluster, term, announce=announced)
     old.signal(signal.SIGKILL)
     t0 = time.monotonic()
 
@@ -133,3 +145,11 @@ def test_an_arbiter_stopped_between_claim_and_commands_strands_nothing(
     end = c.wait_for(ended, 5, what=f"the end of switchover.started #{started}")
     assert end.kind == "switchover.completed" and end.group == GROUP and end.epoch == epoch
     assert end.node != "witness" and (end.term or 0) > term
+    evs = [e for _, e in events(url, c.cfg.cluster)]
+    starts = [e for e in evs if e.kind == "switchover.started" and e.group == GROUP]
+    ends = [e for e in evs if e.kind in ("switchover.completed", "switchover.failed")]
+    assert [e.id for e in starts] == [started]  # once, by whoever announced it
+    assert len(ends) == 1 and ends[0].id == end_id(started)
+    if not announced:
+        assert starts[0].node != "witness" and starts[0].epoch == epoch
+        assert starts[0].term == term and starts[0].data.get("adopted") is True

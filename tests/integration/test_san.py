@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -26,6 +25,7 @@ import yaml
 from vtlha.config import ClusterConfig, parse_config
 from vtlha.san import SanClient, SanConnectionError, SanRefused, SanTimeout
 from vtlha.san.protocol import MAX_HEADER, decode_header, encode_frame, read_frame
+from vtlha_lab.ports import free_block
 from vtlha_lab.santarget import SanTarget, read_audit_log
 
 VTLHA_LAB = Path(sys.executable).parent / "vtlha-lab"
@@ -34,20 +34,7 @@ DEV_BYTES = 64 * BS
 
 
 def _free_base(n: int = 2) -> int:
-    import random
-
-    for _ in range(500):
-        base = random.randrange(20000, 60000)
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
+    return free_block(n)
     raise RuntimeError("no free port range")
 
 

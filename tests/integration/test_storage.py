@@ -2,7 +2,8 @@
 SAN target: the storage-monitor preempts the reservations at the group's epoch and
 starts the tape data service through its resource agent; a client's acknowledged
 blocks survive a crash of the owner; the target accepts no write from the old owner
-after the preempt; a failing ``start`` agent leaves the group not served and says so."""
+after the preempt; a failing ``start`` agent is restarted once, then leaves the group
+not served and says so."""
 
 from __future__ import annotations
 
@@ -155,6 +156,11 @@ def test_failing_start_agent_leaves_the_group_not_served_and_reported(
                             20, what="storage.start_failed")
         assert failed[0].node == "node-b" and failed[0].group == "node-a-data"
         assert failed[0].epoch == 2 and "cannot attach tape library" in failed[0].reason
+        # Restarted once on node-b (stop, start) before it gave up: the restart failed.
+        tries = [(e.data["action"], e.data["failures"], e.data["next"]) for e in c.events()
+                 if e.kind == "storage.agent_failed" and e.node == "node-b"]
+        assert tries == [("start", 1, "restart"), ("start", 2, "give_up")]
+        assert "the restart failed" in failed[0].reason
         ff = c.wait_for(lambda: [e for e in c.events() if e.kind == "failover.failed"
                                  and e.group == "node-a-data"], 20, what="failover.failed")
         assert "does not serve its storage" in ff[0].reason

@@ -7,12 +7,8 @@ on time, and unsticking the device brings the paths back without flapping."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes.util
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, lab_config
+from tests.conftest import lab_config
+from tests.fusemount import HangMount, fuse_missing
 from vtlha.messages import Event
 from vtlha_lab.lab import Lab
 from vtlha_lab.localcluster import DEVICE_BYTES
@@ -33,95 +30,10 @@ DEVICE = "vtl-b1"  # a device of node-b's data group; both nodes have 2 paths to
 GROUP = "node-b-data"
 NODES = ("node-a", "node-b")
 SERVICE = "storage-monitor"
-FUSEHANG = ROOT / "tests" / "fusehang.py"
 SLACK = 10.0  # seconds on top of what the config predicts (machines are noisy)
 HEALTHZ_BOUND = 1.0  # every /healthz call during the hang returns within this
 SIGTERM_BOUND = 10.0
 NO_FLAP_WINDOW = 3.0
-
-
-# ---- the FUSE mount ---------------------------------------------------------------
-
-@dataclass
-class HangMount:
-    """``tests/fusehang.py`` serving ``backing`` at ``mount``; reads block while
-    ``control`` exists."""
-
-    mount: Path
-    backing: Path
-    control: Path
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-    conn: int | None = None  # the FUSE connection's number (minor of the mount's st_dev)
-
-    @classmethod
-    def start(cls, base: Path) -> HangMount:
-        m = cls(base / "fuse", base / "fuse-backing", base / "fuse-hang", base / "fusehang.log")
-        m.mount.mkdir()
-        m.backing.mkdir()
-        # The target opens the backing O_RDWR and takes its size as the device's size
-        # (sparse, as create_devices makes them).
-        with open(m.backing / f"{DEVICE}.img", "wb") as f:
-            f.truncate(DEVICE_BYTES)
-        with open(m.log, "wb") as log:
-            m.proc = subprocess.Popen(
-                [sys.executable, str(FUSEHANG), str(m.mount), str(m.backing), str(m.control)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(m.mount):
-            if m.proc.poll() is not None or time.monotonic() > deadline:
-                m.close()
-                raise RuntimeError(f"the FUSE mount did not come up: {m.log.read_text()}")
-            time.sleep(0.02)
-        m.conn = os.minor(os.stat(m.mount).st_dev)
-        return m
-
-    def file(self) -> Path:
-        return self.mount / f"{DEVICE}.img"
-
-    def hang(self) -> None:
-        self.control.touch()
-
-    def unstick(self) -> None:
-        self.control.unlink(missing_ok=True)
-
-    def _abort(self) -> None:
-        """Abort the FUSE connection (stuck reads get an error at once), when fusectl
-        is mounted; killing the daemon (its /dev/fuse closed) aborts it too."""
-        if self.conn is not None:
-            with contextlib.suppress(OSError):
-                Path(f"/sys/fs/fuse/connections/{self.conn}/abort").write_text("1")
-
-    def close(self) -> None:
-        """Unstick, then stop the daemon (libfuse unmounts on SIGTERM); abort, SIGKILL
-        and lazily unmount what does not go away."""
-        self.unstick()
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                self._abort()
-                p.kill()
-                p.wait(5)
-        if os.path.ismount(self.mount):
-            self._abort()
-            subprocess.run(["umount", "-l", str(self.mount)], check=False, timeout=10,
-                           capture_output=True)
-        assert not os.path.ismount(self.mount), f"{self.mount} still mounted"
-
-
-def _fuse_missing() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if ctypes.util.find_library("fuse") is None:
-        return "no libfuse.so.2 (make sysdeps installs libfuse2)"
-    try:
-        import fuse  # noqa: F401
-    except (ImportError, OSError) as exc:
-        return f"fusepy not usable: {exc}"
-    return None
 
 
 @pytest.fixture
@@ -129,14 +41,14 @@ def hung_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[L
     """A not-yet-started lab of the example cluster whose ``vtl-b1`` is backed by a
     file of a FUSE mount. Teardown, also after a failure: unstick the reads (the
     target's exit waits for its stuck threads), stop the lab, stop and unmount FUSE."""
-    missing = _fuse_missing()
+    missing = fuse_missing()
     # Root tests skip only for want of root: `make test` installs FUSE (make sysdeps,
     # the dev extras), so a missing part is a failure to be fixed, not a skip.
     assert missing is None, f"the hung-device test needs FUSE: {missing}"
-    fs = HangMount.start(tmp_path)
+    fs = HangMount.start(tmp_path, {DEVICE: DEVICE_BYTES})
     try:
         def edit(raw: dict[str, Any]) -> None:
-            raw["devices"][DEVICE]["backing"] = str(fs.file())
+            raw["devices"][DEVICE]["backing"] = str(fs.file(DEVICE))
             # The test stops node-b's storage-monitor for seconds on purpose (SIGTERM
             # during the hang, restarted after it): with its built-in liveness check, that
             # is a fatal process error and node-a would rightly take node-b's groups over

@@ -101,7 +101,8 @@ def test_replay_of_an_operator_request() -> None:
     assert replay(inputs) == ["node-b takes over node-a-mgmt from node-a: switchover "
                               "requested by an operator"]
     inputs["request"] = {"verb": "clear-hold", "pair": "pair-1", "node": "node-b"}
-    assert replay(inputs) == ["clear-hold pair-1 node-b refused: node-b is not held down"]
+    assert replay(inputs) == ["clear-hold pair-1 node-b refused: node-b is not held down and "
+                             "has no failure recorded"]
 
 
 def test_replay_of_a_takeover_held_back_by_the_hold_off_says_so() -> None:

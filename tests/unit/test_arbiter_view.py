@@ -1,5 +1,5 @@
-"""The group watch's stall check (vtlha_arbiter.records, its pure part), and the cluster
-view's monotonic reads and liveness rule."""
+"""The group watch's stall check (vtlha_arbiter.records, its pure part), the cluster
+view's monotonic reads and liveness rule, and what a recreated bucket resets."""
 
 from __future__ import annotations
 
@@ -57,3 +57,73 @@ def test_one_liveness_rule() -> None:
     assert not view.is_alive("node-a", 10.0 + dead_after + 0.001)
     assert view.node_status("node-a", 10.0)["alive"] is True
     assert not view.is_alive("node-b", 10.0)
+
+
+def test_a_group_reported_failed_reaches_the_policy_with_its_epoch_and_reason() -> None:
+    """The storage-monitor gives a group up (a resource failed past migration_threshold)
+    by reporting it ``failed``: the view hands that to the storage rule; the other
+    states, and groups the config does not know, are not failures."""
+    from vtlha.messages import GroupStorage, PathHealth, StorageReport
+    from vtlha.policy import GroupFailure
+    view = ClusterView(CFG, started_at=0.0)
+    report = StorageReport(
+        cluster=CFG.cluster, node="node-a", seq=1,
+        paths=[PathHealth(device="vtl-a0", path=0, reachable=True)],
+        groups=[GroupStorage(group="node-a-data", epoch=3, state="failed",
+                             reason="resource tape: monitor failed: not running"),
+                GroupStorage(group="node-b-data", epoch=2, state="starting"),
+                GroupStorage(group="nobody-data", epoch=1, state="failed")])
+    view.storage_report(report, "node-a", now=5.0)
+    got = view.storage_view("node-a", report, 5.0)
+    assert got.failed == {"node-a-data": GroupFailure(
+        3, "resource tape: monitor failed: not running")}
+    assert view.storage_state("node-a", "node-a-data", 3) == (
+        "failed", "resource tape: monitor failed: not running")
+
+
+def test_a_recreated_bucket_forgets_the_old_records_and_their_revisions() -> None:
+    """Issue 14: after the bucket is recreated its revisions start again, below the
+    view's high-water marks. ``GroupRecords.forget`` drops them, so the new bucket's
+    records apply; an answer to a request sent before (its generation) does not."""
+    view = ClusterView(CFG, started_at=0.0)
+    recs = GroupRecords(_Host(), view)  # type: ignore[arg-type]
+    old = GroupRecord(owner="node-a", term=9, epoch=4, state="held", renewed_by="node-a")
+    new = GroupRecord(owner="node-a", term=2, epoch=1, state="acquiring", renewed_by="witness")
+    recs._apply("node-a-data", old, 120)
+    assert not view.set_record("node-a-data", new, 3, now=1.0)  # kept: looks older
+    before = recs.generation
+    recs.forget()
+    assert view.records == {} and view.last_renewal == {}
+    recs._apply("node-a-data", old, 121, before)  # the old bucket's late answer
+    assert view.records == {}
+    recs._apply("node-a-data", new, 3, recs.generation)
+    assert view.records["node-a-data"] == (new, 3)
+
+
+def test_the_election_restarts_on_a_recreated_bucket() -> None:
+    """``ElectionRunner.restart``: standby at once (the change reported with the old
+    term), and a fresh machine that takes the new bucket's leader key at a revision
+    below every one it saw in the old bucket."""
+    from vtlha_arbiter.election import ElectionRunner
+
+    from vtlha.protocol.election import Action, Held, Ok, Op
+
+    async def _changed(active: bool, term: int) -> None:
+        pass
+
+    runner = ElectionRunner(None, "arbiter.leader", "witness", preferred=True,  # type: ignore[arg-type]
+                            leader_ttl=3.0, standby_delay=1.0, on_change=_changed)
+    el = runner.machine
+    el.on_result(0.0, Action(Op.READ), 0.0, Held("node-a", 80, "x", 70))
+    el.on_result(0.1, Action(Op.TAKE_OVER, 80), 0.1, Ok(81))
+    assert el.is_active(0.2) and el.term == 81
+    runner._reported = (True, 81)  # reported active (the machine ran on a fake clock)
+    el.observe(0.3, Held("node-b", 2, "y", 0))
+    assert el.is_active(0.3)  # the old machine takes the new key's revision as stale
+    runner.restart("the KV bucket was recreated")
+    assert runner._changes.get_nowait() == (False, 81)
+    fresh = runner.machine
+    assert fresh is not el and fresh.term == 0 and not fresh.is_active(0.3)
+    assert fresh.reason == "the KV bucket was recreated"
+    fresh.on_result(0.4, Action(Op.READ), 0.4, Held("node-b", 2, "y", 0))
+    assert fresh.leader == "node-b"  # seen, not ignored as older than revision 81

@@ -470,6 +470,15 @@ def test_nats_servers_error_names_the_dotted_field(tmp_path: Path) -> None:
     assert_names(text, path, "nats.servers", "'node-z', which is neither a node nor the witness")
 
 
+def test_nodes_with_the_same_reservation_key_tag_are_refused(tmp_path: Path) -> None:
+    """docs/storage.md, "Keys": a node's SCSI-3 PR key carries a 3-byte tag of
+    SHA-256("<cluster>/<node>"); in cluster c20588298 node-a's and node-b's collide."""
+    data = example_data()
+    data["cluster"] = "c20588298"
+    text = load_error(write(tmp_path, data))
+    assert "same SCSI reservation key tag" in text and "'node-a'" in text
+
+
 def test_duplicate_nodes_across_pairs(tmp_path: Path) -> None:
     data = example_data()
     second = copy.deepcopy(data["pairs"][0])
@@ -601,3 +610,63 @@ def test_state_path(cfg: ClusterConfig) -> None:
 )
 def test_is_valid_name(name: str, ok: bool) -> None:
     assert is_valid_name(name) is ok
+
+
+# ---- san.kind: iscsi ----------------------------------------------------------------
+
+def _iscsi(d: Data) -> None:
+    d["san"] = {"kind": "iscsi", "iqn": "iqn.2026-12.org.example:vtl",
+                "portals": ["192.0.2.10:3260", "192.0.2.11:3260"]}
+    for k, dev in enumerate(d["devices"].values()):
+        dev["lun"] = k + 1
+    for p in d["pairs"]:
+        for n in p["nodes"]:
+            n["groups"]["data"]["resources"] = []
+
+
+def test_san_kind_defaults_to_the_reference_target() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.san.kind == "reference" and cfg.san.portals == [] and cfg.san.iqn is None
+
+
+def test_san_kind_iscsi_loads(tmp_path: Path) -> None:
+    data = example_data()
+    _iscsi(data)
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.san.kind == "iscsi" and cfg.san.portals[1] == "192.0.2.11:3260"
+    assert [d.lun for d in cfg.devices.values()] == [1, 2, 3, 4]
+
+
+def test_san_kind_iscsi_takes_the_builtin_tape_data_service(tmp_path: Path) -> None:
+    """The builtin tape data service writes through iSCSI too (the default resource)."""
+    data = example_data()
+    _iscsi(data)
+    node(data, 0, 0)["groups"]["data"].pop("resources")
+    cfg = load_config(write(tmp_path, data))
+    assert [r.agent for r in cfg.group_resources("node-a-data")] == ["builtin:tape"]
+
+
+def _then(*edits: Mutation) -> Mutation:
+    def go(d: Data) -> None:
+        _iscsi(d)
+        for e in edits:
+            e(d)
+    return go
+
+
+@pytest.mark.parametrize(("mutate", "field", "reason"), [
+    (_then(lambda d: d["san"].pop("iqn")), "san.iqn", "needs the target's IQN"),
+    (_then(lambda d: d["san"].update(portals=["192.0.2.10:3260"])), "san.portals",
+     "a device has 2 path(s), 1 portal(s) given"),
+    (_then(lambda d: d["san"].update(portals=["192.0.2.10", "x:1"])), "san.portals",
+     "is not \"host:port\""),
+    (_then(lambda d: d["devices"]["vtl-a1"].pop("lun")), "devices.vtl-a1.lun",
+     "needs the device's LUN"),
+    (_then(lambda d: d["devices"]["vtl-b0"].update(lun=1)), "devices.vtl-b0.lun",
+     "LUN 1 is also device vtl-a0's"),
+    (lambda d: d["san"].update(kind="fc"), "san.kind", "'reference' or 'iscsi'"),
+])
+def test_san_kind_iscsi_problems_name_the_field(tmp_path: Path, mutate: Mutation, field: str,
+                                                reason: str) -> None:
+    path, text = error_for(tmp_path, mutate)
+    assert_names(text, path, field, reason)

@@ -188,6 +188,44 @@ def test_lapsed_active_that_was_taken_over_cannot_come_back() -> None:
     assert not m.is_active(7.0) and m.role is Role.STANDBY
 
 
+# ---- hand-back: a non-preferred active arbiter resigns -----------------------------
+
+def test_resign_stops_being_active_at_once_and_gives_the_revision_to_delete() -> None:
+    m = machine(preferred=False, node="node-a")
+    do(m, 0.0, Op.READ, Absent())
+    do(m, 1.0, Op.CREATE, Ok(7))
+    do(m, 2.0, Op.RENEW, Ok(8), last=7)
+    assert m.is_active(2.5)
+    assert m.resign(2.5, "handed back") == 8
+    assert not m.is_active(2.5) and m.role is Role.STANDBY and m.revision is None
+    assert m.resign(2.6, "again") is None  # nothing left to give up
+    # It reads next; the key deleted: it waits the standby delay, like any node.
+    do(m, 2.6, Op.READ, Absent())
+    assert claim(m, 3.59) is None and claim(m, 3.6) is not None
+
+
+def test_a_resigned_arbiter_does_not_take_its_own_undeleted_key_back_early() -> None:
+    """The delete got no answer: the key still shows our incarnation at our revision;
+    it is not adopted (not newer than our own writes) and lapses as after a crash."""
+    m = machine(preferred=False, node="node-a")
+    do(m, 0.0, Op.READ, Absent())
+    do(m, 1.0, Op.CREATE, Ok(7))
+    assert m.resign(1.5, "handed back") == 7
+    do(m, 1.5, Op.READ, Held("node-a", 7, incarnation=ME))
+    assert not m.is_active(1.5)
+    assert claim(m, 1.5 + TTL + DELAY - 0.01) is None
+    assert claim(m, 1.5 + TTL + DELAY) is not None
+
+
+def test_read_soon_makes_a_standby_read_at_once() -> None:
+    m = machine()
+    do(m, 0.0, Op.READ, Held("node-a", 5))
+    assert m.next_action(0.1) is None
+    m.read_soon(0.1)
+    do(m, 0.1, Op.READ, Absent())
+    assert claim(m, 0.1) is not None and claim(m, 0.1).op is Op.CREATE  # type: ignore[union-attr]
+
+
 # ---- a renewal that timed out but committed ----------------------------------------
 
 def _timed_out_then_conflict() -> Election:

@@ -3,8 +3,8 @@ form, the moves left unfinished, and how an adopted move ended."""
 
 from __future__ import annotations
 
-from vtlha.eventstate import EventState, StartedMove, make_state, outcome, unfinished
-from vtlha.messages import GroupRecord, decode, encode
+from vtlha.eventstate import EventState, StartedMove, end_id, make_state, outcome, unfinished
+from vtlha.messages import Event, GroupRecord, decode, encode, new_event_id
 
 
 def _move(group: str = "node-a-data", epoch: int = 2) -> StartedMove:
@@ -48,3 +48,18 @@ def test_an_adopted_move_fails_when_moved_on_or_its_new_owner_went_down() -> Non
     assert result is not None and result[0] == "failed" and "went down" in result[1]
     # held at its epoch wins over "gone" (it did finish)
     assert outcome(m, _rec("node-b", 2), True)[0] == "completed"  # type: ignore[index]
+
+
+def test_announced_epochs_are_part_of_the_canonical_state() -> None:
+    a = make_state([], {}, [], [], {"g2": 3, "g1": 5})
+    b = make_state([], {}, [], [], {"g1": 5, "g2": 3})
+    assert a == b and list(a.announced) == ["g1", "g2"]
+    assert make_state([], {}, [], []) == make_state([], {}, [], [], {})
+    assert make_state([], {}, [], [], {"g1": 5}) != make_state([], {}, [], [], {"g1": 6})
+
+
+def test_a_moves_end_has_one_id_whoever_ends_it() -> None:
+    started = new_event_id()
+    assert end_id(started) == end_id(started) != started
+    Event(cluster="c", node="n", kind="failover.completed", reason="r",
+          id=end_id(started))  # a valid event id

@@ -11,6 +11,7 @@ import pytest
 from vtlha.messages import GroupRecord, GroupState, decode, encode
 from vtlha.protocol.hold import HoldGate
 from vtlha.protocol.lease import (
+    REASK_AFTER,
     AskPromise,
     Effect,
     KvResult,
@@ -226,9 +227,24 @@ def test_only_one_promise_request_in_flight() -> None:
     assert lh.on_renew_result(G, r.sent_at, KvResult.UNAVAILABLE,
                               now=T0 + 2 * INTERVAL + RTT) == []
     lh.on_promise_reply(T0 + INTERVAL + RTT, None, (G,))  # the first one went unanswered
-    r = renewing(lh, T0 + 3 * INTERVAL)
-    assert asks(lh.on_renew_result(G, r.sent_at, KvResult.UNAVAILABLE,
-                                   now=T0 + 3 * INTERVAL + RTT)) != []
+    out = lh.tick(T0 + 3 * INTERVAL)  # asked again at once (REASK_AFTER), with a renewal
+    assert len(asks(out)) == 1 and len(renews(out)) == 1
+    assert lh.on_renew_result(G, renews(out)[0].sent_at, KvResult.UNAVAILABLE,
+                              now=T0 + 3 * INTERVAL + RTT) == []  # one in flight
+
+
+def test_a_refused_promise_is_asked_again_within_a_quarter_interval() -> None:
+    """The companion's own last write may just have succeeded: it refuses, and learns
+    the KV is gone within its next renewal. Waiting for our next failed renewal to ask
+    again let a lease lapse ~50 ms (the simulator: the witness's loss)."""
+    lh = holding(T0)
+    ask = cut_off(lh, T0 + INTERVAL)
+    lh.on_promise_reply(ask.sent_at, PromiseAnswer(False, 0.0, "node-b reaches the KV"),
+                        ask.groups)
+    due = ask.sent_at + REASK_AFTER * INTERVAL
+    assert asks(lh.tick(due - 0.001)) == []
+    [again] = asks(lh.tick(due))
+    assert again.groups == (G,)
 
 
 def test_no_promise_asked_when_nothing_is_held() -> None:
@@ -324,9 +340,12 @@ def test_promise_never_given_for_a_group_held_or_being_acquired(phase: Phase) ->
     lh = holder(B)
     state: GroupState = "held" if phase is Phase.HOLDING else "acquiring"
     lh.on_record(G, rec(B, 2, state), 9, T0)
+    if phase is Phase.HOLDING:  # a lease it holds: renewed, valid
+        [r] = renews(lh.tick(T0))
+        lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=10, now=T0 + RTT)
     assert lh.groups[G].phase is phase
     lh.on_probe_result(KvResult.UNAVAILABLE)
-    ans = lh.on_promise_request(A, [H, G], TTL, T0)
+    ans = lh.on_promise_request(A, [H, G], TTL, T0 + RTT)
     assert not ans.granted and G in ans.reason
     assert lh.promises_given == {}  # not even for the other group of the request
 
@@ -339,13 +358,67 @@ def test_partial_promise_leaves_out_the_groups_held_and_grants_the_rest() -> Non
     K = "node-b-data"
     lh = holder(B)  # plays node-a's part: B's companion is A
     lh.on_record(G, rec(B, 1, "held"), 9, T0)
+    [r] = renews(lh.tick(T0))  # its lease on G still runs
+    lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=10, now=T0 + RTT)
     lh.on_probe_result(KvResult.UNAVAILABLE)
-    assert not lh.on_promise_request(A, [G, K], TTL, T0).granted  # all or nothing
-    ans = lh.on_promise_request(A, [G, K], TTL, T0, partial=True)
+    t = T0 + RTT
+    assert not lh.on_promise_request(A, [G, K], TTL, t).granted  # all or nothing
+    ans = lh.on_promise_request(A, [G, K], TTL, t, partial=True)
     assert ans.granted and ans.groups == (K,) and G in ans.reason
-    assert lh.promises_given == {K: T0 + TTL}
-    only_held = lh.on_promise_request(A, [G], TTL, T0, partial=True)
+    assert lh.promises_given == {K: t + TTL}
+    only_held = lh.on_promise_request(A, [G], TTL, t, partial=True)
     assert not only_held.granted and only_held.groups is None
+
+
+def test_a_listed_group_whose_lease_ran_out_may_be_promised() -> None:
+    """node-b was cut off long enough for its lease on K to run out, and node-a took K
+    (node-b never saw the claim). Back, node-b still lists K: it serves none of it, so
+    it may promise it — else node-a, serving K on node-b's promise during the KV's
+    election after node-b rejoins, drops K (the chaos suite: 1.3-4.8 s unserved)."""
+    K = "node-b-data"
+    lh = holder(B)
+    lh.on_record(K, rec(B, 1, "held"), 9, T0)
+    [r] = renews(lh.tick(T0))
+    lh.on_renew_result(K, r.sent_at, KvResult.OK, revision=10, now=T0 + RTT)
+    lh.on_probe_result(KvResult.UNAVAILABLE)
+    assert not lh.is_valid(K, T0 + TTL)
+    ans = lh.on_promise_request(A, [K], TTL, T0 + TTL)
+    assert ans.granted and lh.promises_given == {K: T0 + 2 * TTL}
+
+
+def test_a_promise_granted_to_us_does_not_extend_a_lease_we_promised_away() -> None:
+    """node-a, paused long enough for node-b to take its group, resumes: it promises the
+    lapsed group to node-b and, in the same instant, asks node-b for a promise; node-b
+    (its own lease on the group lapsed too) grants it. Applied, that grant made two
+    holders (the simulator, seed 312987)."""
+    lh = holding(T0)
+    t = T0 + TTL + INTERVAL  # the lease ran out: lapsed
+    lh.on_probe_result(KvResult.UNAVAILABLE)
+    lh.kv_reachable = False
+    assert lh.on_promise_request(B, [G], TTL, t).granted  # promised away
+    sent = t + 0.001
+    out = lh.on_promise_reply(sent, PromiseAnswer(True, TTL, "ok"), (G,))
+    assert notices(out) == [] and not lh.is_valid(G, sent)
+
+
+def test_a_renewal_succeeding_while_a_promise_runs_extends_nothing() -> None:
+    K = "node-b-data"
+    lh = holder(B)
+    lh.on_record(K, rec(B, 1, "held"), 9, T0)
+    [r] = renews(lh.tick(T0))
+    lh.on_renew_result(K, r.sent_at, KvResult.OK, revision=10, now=T0 + RTT)
+    lh.on_probe_result(KvResult.UNAVAILABLE)
+    t = T0 + TTL
+    [r2] = renews(lh.tick(t))  # a renewal in flight when the promise is given
+    assert lh.on_promise_request(A, [K], TTL, t + RTT).granted
+    out = lh.on_renew_result(K, r2.sent_at, KvResult.OK, revision=11, now=t + 2 * RTT)
+    assert notices(out) == [] and not lh.is_valid(K, t + 2 * RTT)
+    assert lh.groups[K].phase is Phase.ACQUIRING  # waits for the promise to run out
+    assert renews(lh.tick(t + RTT + TTL - 0.001)) == []
+    [r3] = renews(lh.tick(t + RTT + TTL))
+    out = lh.on_renew_result(K, r3.sent_at, KvResult.OK, revision=12,
+                             now=t + RTT + TTL + RTT)
+    assert [n.group for n in notices(out)] == [K]
 
 
 def test_partial_grant_extends_only_the_groups_it_covers() -> None:
@@ -618,6 +691,20 @@ def test_a_new_bucket_forgets_what_was_applied_and_held() -> None:
     assert notices(out) == []  # no revoke: the old leases run out on their own
     lh.on_record(G, rec(B, 1, "acquiring"), 3, T0 + RTT)  # the new bucket starts again
     assert lh.groups[G].epoch == 1
+
+
+def test_an_answer_of_the_old_bucket_after_the_new_one_is_ignored() -> None:
+    """A read sent (or a watch made) before the bucket was found recreated answers with
+    the old bucket's high revision; applied, it would hide every record of the new
+    bucket (the simulator's recreated-bucket histories stranded a group so)."""
+    lh, _ = b_took_over()
+    gen = lh.generation
+    lh.on_new_bucket()
+    assert lh.generation == gen + 1
+    assert lh.on_record(G, rec(B, 26, "held"), 101, T0 + RTT, generation=gen) == []
+    assert lh.applied == {} and lh.groups == {}
+    lh.on_record(G, rec(B, 1, "acquiring"), 3, T0 + RTT, generation=gen + 1)
+    assert lh.groups[G].epoch == 1 and lh.applied[G] == 3
 
 
 # ---- probes -----------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def snap(
     storage_alarms: frozenset[str] = frozenset(),
     started_at: float = 0.0,
     initial_assign_wait: float = 0.0,
+    standby: frozenset[str] = frozenset(),
 ) -> Snapshot:
     """``moved``: group -> how long ago (s) it last moved."""
     own: dict[str, str | None] = {AD: A, AM: A, BD: B, BM: B}
@@ -129,7 +130,7 @@ def snap(
         dead_after=DEAD_AFTER,
         started_at=started_at,
         pairs=(PairView("pair-1", (A, B), failback, maintenance, HOLD, flap_max, flap_window,
-                        held, failures or {}),),
+                        held, failures or {}, standby=standby),),
         nodes={A: a or nv(A), B: b or nv(B)},
         groups=groups,
         in_flight=in_flight,
@@ -636,12 +637,24 @@ def test_clear_hold() -> None:
     assert clear_hold(s, "pair-1", A) == ClearHold(
         A, "pair-1", "node-a is no longer held down: it may be given groups automatically "
         "again (its failures are forgotten)", Rule.HOLD_CLEARED)
-    assert clear_hold(s, "pair-1", B) == Refusal("clear-hold pair-1 node-b",
-                                                 "node-b is not held down")
+    assert clear_hold(s, "pair-1", B) == Refusal(
+        "clear-hold pair-1 node-b", "node-b is not held down and has no failure recorded")
     assert clear_hold(s, "pair-1", "node-z") == Refusal("clear-hold pair-1 node-z",
                                                         "node-z is not a node of pair-1")
     assert clear_hold(s, "pair-2", A) == Refusal("clear-hold pair-2 node-a",
                                                  "there is no pair pair-2")
+
+
+def test_clear_hold_forgets_the_failures_of_a_node_not_held_down() -> None:
+    """Failures short of flap_max count towards a later hold; clear-hold forgets them
+    (the chaos runner's baseline does, so one iteration's failures do not hold a node
+    down in the next)."""
+    s = snap(failures={B: (NOW - 30, NOW - 10)})
+    assert clear_hold(s, "pair-1", B) == ClearHold(
+        B, "pair-1", "node-b's 2 recorded failures forgotten (it was not held down; its "
+        "flap count starts again)", Rule.HOLD_CLEARED)
+    one = clear_hold(snap(failures={B: (NOW - 5,)}), "pair-1", B)
+    assert isinstance(one, ClearHold) and one.status.startswith("node-b's 1 recorded failure ")
 
 
 def test_set_maintenance() -> None:

@@ -21,6 +21,7 @@ from vtlha.policy import (
     ClearStorageAlarm,
     Decision,
     DevicePaths,
+    GroupFailure,
     GroupView,
     MarkDown,
     NodeView,
@@ -32,6 +33,7 @@ from vtlha.policy import (
     StorageView,
     Takeover,
     decide,
+    failed_group,
     fresh_storage,
     is_alive,
     is_dead,
@@ -425,6 +427,11 @@ def snapshots(draw: st.DrawFn, owner_reaches: bool = False, focus: bool = False)
                                       tuple(devs[home]) if kind == "data" else ())
     if owner_reaches:
         storage = _owners_reach(storage, groups)
+    else:  # a holder may report a data group failed, at its epoch or an older one
+        storage = {n: replace(v, failed={
+            g.name: GroupFailure(g.epoch - draw(st.integers(0, 1)), "resource tape failed")
+            for g in groups.values() if g.owner == n and g.devices
+            and draw(st.sampled_from([False, False, True]))}) for n, v in storage.items()}
     alarms = frozenset(draw(st.lists(st.sampled_from(sorted(groups)), max_size=3)))
     in_flight = frozenset(draw(st.lists(st.sampled_from(sorted(groups)), max_size=2)))
     return Snapshot(DEAD_AFTER, NOW - draw(st.sampled_from([0.0, 10.0])), pairs, nodes,
@@ -461,7 +468,8 @@ def _check_storage_takeover(s: Snapshot, t: Takeover) -> None:
     assert reaches_all(fresh_storage(s, t.new, NOW), g.devices), \
         "took over to a node that does not reach every device of the group"
     owner_view = fresh_storage(s, t.old, NOW)
-    assert owner_view is not None and lost_devices(owner_view, g.devices)
+    assert owner_view is not None
+    assert lost_devices(owner_view, g.devices) or failed_group(owner_view, g)
     assert (t.epoch, t.revision) == (g.epoch, g.revision)
 
 
@@ -472,12 +480,15 @@ def _check_alarms(s: Snapshot, actions: tuple[Action, ...]) -> None:
             assert a.group not in s.storage_alarms, "alarm repeated"
             assert a.node == g.owner and not _pair_of(s, g.home).maintenance
             view = fresh_storage(s, a.node, NOW)
-            assert view is not None and a.devices == lost_devices(view, g.devices) != ()
+            assert view is not None and a.devices == lost_devices(view, g.devices)
+            assert a.devices or failed_group(view, g)
             assert a.rule is Rule.STORAGE_GLOBAL_FAILURE
         elif isinstance(a, ClearStorageAlarm):
             g = s.groups[a.group]
             assert a.group in s.storage_alarms and a.node == g.owner
-            assert reaches_all(fresh_storage(s, a.node, NOW), g.devices)
+            view = fresh_storage(s, a.node, NOW)
+            assert reaches_all(view, g.devices)
+            assert view is not None and failed_group(view, g) is None
             assert a.rule is Rule.STORAGE_RECOVERED
 
 
@@ -601,3 +612,105 @@ def test_local_takeover_waits_for_a_companion_probe_round_after_the_loss(
         assert [(type(x), x.group) for x in acts] == [(Takeover, "node-a-data")]
     else:
         assert acts == ()  # waiting: neither a takeover nor an alarm yet
+
+
+# ---- a group its owner reports failed (a resource gave up: vtlha.recovery) -----------
+
+
+def failed(view: StorageView, group: str = "node-a-data", epoch: int | None = None,
+           reason: str = "resource tape: monitor failed: not running") -> StorageView:
+    """The view with ``group`` reported failed at ``epoch`` (default: the group's epoch
+    in ``snap``)."""
+    if epoch is None:
+        epoch = snap().groups[group].epoch
+    return replace(view, failed={**view.failed, group: GroupFailure(epoch, reason)})
+
+
+def test_a_group_reported_failed_moves_like_a_local_failure() -> None:
+    """Every path up, but node-a gave node-a-data up (its tape service failed twice):
+    node-b, which reaches every device, takes the data group; the management group
+    stays. The same rule as a lost device, with its own sentence."""
+    s = snap(failed(sv(A)), sv(B))
+    d = decide(s, NOW)
+    data = s.groups["node-a-data"]
+    status = ("node-b takes over node-a-data: node-a reports the group failed (resource "
+              "tape: monitor failed: not running) and node-b reaches all 2 devices of the "
+              "group (a local failure; the management group stays)")
+    assert d.actions == (Takeover("node-a-data", A, B, "pair-1", data.epoch, data.revision,
+                                  status, Rule.STORAGE_LOCAL_FAILURE),)
+
+
+def test_a_failed_group_with_a_lost_device_says_both() -> None:
+    (t,) = of_type(decide(snap(failed(sv(A, vtl_a1=(0, 2))), sv(B)), NOW), Takeover)
+    assert "node-a has no path left to vtl-a1 and it reports the group failed (" in t.status
+
+
+def test_a_failure_reported_at_an_older_epoch_says_nothing_now() -> None:
+    """A report about the group's previous epoch (before it moved) is not about it now."""
+    epoch = snap().groups["node-a-data"].epoch
+    assert decide(snap(failed(sv(A), epoch=epoch - 1), sv(B)), NOW).actions == ()
+
+
+def test_a_failed_group_of_the_companion_moves_nothing_here() -> None:
+    """node-b reports node-a-data failed, but node-a owns it: nothing (only the
+    owner's word about its own group counts)."""
+    assert decide(snap(sv(A), failed(sv(B))), NOW).actions == ()
+
+
+@pytest.mark.parametrize(("b_view", "why"), [
+    (sv(B, vtl_a0=(0, 2)), "node-b reaches no path to vtl-a0"),
+    (None, "node-b cannot confirm its devices (no storage report)"),
+], ids=["companion-lacks", "companion-unknown"])
+def test_a_failed_group_the_companion_cannot_serve_raises_the_alarm(
+        b_view: StorageView | None, why: str) -> None:
+    s = snap(failed(sv(A)), b_view)
+    status = ("storage failure of node-a-data cannot fail over: node-a reports the group "
+              f"failed (resource tape: monitor failed: not running) and {why}")
+    assert decide(s, NOW).actions == (
+        RaiseStorageAlarm("node-a-data", A, "pair-1", (), s.groups["node-a-data"].epoch,
+                          status, Rule.STORAGE_GLOBAL_FAILURE),)
+    # raised once; it is not cleared while the owner still reports the group failed
+    assert decide(replace(s, storage_alarms=frozenset({"node-a-data"})), NOW).actions == ()
+
+
+def test_a_dead_companion_is_no_target_for_a_failed_group() -> None:
+    d = decide(snap(failed(sv(A)), sv(B), b_age=1.0), NOW)
+    (alarm,) = of_type(d, RaiseStorageAlarm)
+    assert alarm.group == "node-a-data" and "node-b cannot take over" in alarm.status
+    assert "node-a-data" not in {t.group for t in of_type(d, Takeover)}
+
+
+def test_a_failed_group_waits_out_the_hold_after_a_move_and_maintenance() -> None:
+    """The storage rule's own limits hold: no move within failback_hold_time of the
+    group's last move (decided afresh after it), none in maintenance."""
+    s = snap(failed(sv(A)), sv(B))
+    recent = replace(s, groups={**s.groups, "node-a-data": replace(
+        s.groups["node-a-data"], moved_at=NOW - 1.0)})
+    assert decide(recent, NOW).actions == ()
+    later = replace(recent, groups={**s.groups, "node-a-data": replace(
+        s.groups["node-a-data"], moved_at=NOW - 31.0)})
+    assert [type(a) for a in decide(later, NOW).actions] == [Takeover]
+    assert decide(snap(failed(sv(A)), sv(B), maintenance=True), NOW).actions == ()
+
+
+def test_the_alarm_clears_once_the_new_owner_serves_the_group() -> None:
+    s = snap(sv(A), sv(B), owners={"node-a-data": B}, alarms=frozenset({"node-a-data"}))
+    (c,) = decide(s, NOW).actions
+    assert isinstance(c, ClearStorageAlarm) and c.node == B
+
+
+def test_a_failed_group_round_trips_through_the_inputs() -> None:
+    s = snap(failed(sv(A)), sv(B))
+    wire = orjson.loads(orjson.dumps(s.to_inputs()))
+    assert wire["storage"][A]["failed"] == {"node-a-data": {
+        "epoch": s.groups["node-a-data"].epoch,
+        "reason": "resource tape: monitor failed: not running"}}
+    again = Snapshot.from_inputs(wire)
+    assert again == s and decide(again, NOW).status == decide(s, NOW).status
+    del wire["storage"][A]["failed"]  # an event recorded before: nothing failed
+    assert Snapshot.from_inputs(wire).storage[A].failed == {}
+
+
+def test_a_long_reason_is_cut_in_the_sentence() -> None:
+    (t,) = of_type(decide(snap(failed(sv(A), reason="x" * 1000), sv(B)), NOW), Takeover)
+    assert "x" * 297 + "..." in t.status and "x" * 298 not in t.status

@@ -32,6 +32,11 @@ Rules, each load-bearing:
 - The key showing this arbiter's incarnation while it stands by means a write of ours
   timed out but committed: it holds the key (term = that revision for a create or
   takeover, the record's term for a renewal) but is not valid until a renewal succeeds.
+- **Hand back** (``resign``): an active arbiter that is not the preferred one gives the
+  key up when the preferred arbiter asks (``vtlha_arbiter.handback``): it stops being
+  active first, then deletes the key by compare-and-set against its own revision, so
+  the preferred arbiter creates it at once. Safe for the same reason as a takeover: no
+  write of the next holder can precede the resigner's last act as active.
 - Reads older than a revision already seen are ignored; a restarted arbiter on the same
   node has a new incarnation and counts as someone else.
 
@@ -128,8 +133,10 @@ class Election:
         self.term = 0
         #: when the current unbroken active period began (None: not active)
         self.active_since: float | None = None
-        #: who held the key before this arbiter won it (None: nobody, or unknown)
+        #: who held the key before this arbiter won it (None: nobody, or unknown); the
+        #: last holder seen, even when the key was deleted since (a hand-back)
         self.previous_leader: str | None = None
+        self._last_holder: str | None = None
         #: a sentence: the last change and why (for logs and events)
         self.reason = "starting: the leader key has not been read yet"
         self._rev: int | None = None  # our latest revision of the key while we hold it
@@ -247,7 +254,7 @@ class Election:
     def _on_ok(self, now: float, action: Action, sent_at: float, revision: int) -> None:
         was_valid = self._is_valid(now)
         if action.op is not Op.RENEW:
-            self.previous_leader = self._seen.node if isinstance(self._seen, Held) else None
+            self.previous_leader = self._last_holder
             self.role, self.term = Role.ACTIVE, revision
             self.reason = (f"{self.node} won the leader key at revision {revision} "
                            f"({action.reason})")
@@ -309,6 +316,24 @@ class Election:
         self.reason = (f"adopted revision {key.revision}: a timed-out write of ours "
                        "committed")
 
+    def resign(self, now: float, why: str) -> int | None:
+        """Give the key up on purpose (a hand-back to the preferred arbiter): stop being
+        active now, before anything is sent; returns the revision the runner deletes the
+        key against (None: not active, nothing to give up). The delete is a
+        compare-and-set: if someone else wrote the key meanwhile it fails harmlessly; if
+        it gets no answer, the key stays with this incarnation, which no longer counts
+        it as its own (a takeover follows after ``leader_ttl``, as after a crash)."""
+        if self.role is not Role.ACTIVE or self._rev is None:
+            return None
+        rev = self._rev
+        self._lose(now, why)
+        return rev
+
+    def read_soon(self, now: float) -> None:
+        """Read the key now (told that it changed, e.g. handed back to us)."""
+        self._need_read = True
+        self._next_read_at = min(self._next_read_at, now)
+
     def _lose(self, now: float, why: str) -> None:
         self.role = Role.STANDBY
         self.active_since = None
@@ -324,6 +349,8 @@ class Election:
             self._seen, self._seen_at = key, now
         if isinstance(key, Held):
             self._max_revision = max(self._max_revision, key.revision)
+            if not self._is_mine(key):
+                self._last_holder = key.node
 
     def observe(self, now: float, key: KeyView) -> None:
         """What the key is, as read (or watched) at ``now``."""
@@ -342,7 +369,7 @@ class Election:
         if mine and isinstance(key, Held):
             # A write of ours timed out and committed: a create or take-over (we won
             # then), or a renewal of a term we held (its record says which).
-            self.previous_leader = self._seen.node if isinstance(self._seen, Held) else None
+            self.previous_leader = self._last_holder
             self.role, self.term = Role.ACTIVE, key.term or key.revision
             self._valid_until = None
             self._adopt(now, key)

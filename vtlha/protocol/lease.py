@@ -49,6 +49,10 @@ from enum import StrEnum
 
 from vtlha.messages import GroupRecord
 
+#: a promise refused (or unanswered) while the KV is unavailable is asked again after
+#: this many renewal intervals, not at the next failed renewal
+REASK_AFTER = 0.25
+
 
 class KvResult(StrEnum):
     OK = "ok"
@@ -150,10 +154,16 @@ class LeaseHolder:
     promises_given: dict[str, float] = field(default_factory=dict)  # group -> until
     kv_reachable: bool | None = None  # from the last write (renewal or probe)
     promise_in_flight: bool = False
+    #: when to ask again after a refusal or no answer while the KV is still unavailable
+    #: (the companion's own last write may just have succeeded: it learns otherwise
+    #: within one renewal, and waiting for our next failed renewal let a lease lapse)
+    reask_at: float | None = None
     probe_in_flight: bool = False
     last_probe: float | None = None
     #: group -> the newest revision of its key applied (monotonic reads)
     applied: dict[str, int] = field(default_factory=dict)
+    #: how many times the bucket was found recreated (``on_new_bucket``)
+    generation: int = 0
 
     # ---- predicates ------------------------------------------------------------
     def is_valid(self, group: str, now: float) -> bool:
@@ -162,13 +172,22 @@ class LeaseHolder:
 
     def gate(self, g: GroupLease) -> float:
         """When the first renewal of an acquiring group may be sent."""
-        return max(g.gate_at, self.started_at + self.lease_ttl,
-                   self.promises_given.get(g.group, 0.0))
+        return max(g.gate_at, self.started_at + self.lease_ttl, self.promised_until(g.group))
+
+    def promised_until(self, group: str) -> float:
+        """Until when this node promised its companion not to serve ``group`` (0: no
+        promise runs)."""
+        return self.promises_given.get(group, 0.0)
 
     # ---- inputs ------------------------------------------------------------------
     def on_record(self, group: str, rec: GroupRecord | None, revision: int,
-                  now: float) -> list[Effect]:
-        """A group's KV record as the watch (or a read) delivered it."""
+                  now: float, generation: int | None = None) -> list[Effect]:
+        """A group's KV record as the watch (or a read) delivered it. ``generation``:
+        the bucket generation (``self.generation``) when the read was sent or the watch
+        made; an answer from before ``on_new_bucket`` is the old bucket's and ignored (it
+        would otherwise set ``applied`` above every revision of the new bucket)."""
+        if generation is not None and generation != self.generation:
+            return []
         if revision < self.applied.get(group, 0):
             return []  # older than one applied: a replay or a stale read
         self.applied[group] = revision
@@ -221,6 +240,10 @@ class LeaseHolder:
                     out.append(self._renew(g, now))
             elif g.last_sent is None or now - g.last_sent >= self.interval:
                 out.append(self._renew(g, now))
+        if self.reask_at is not None and now >= self.reask_at:
+            self.reask_at = None
+            if self.kv_reachable is False:
+                out += self._ask_promise(now)
         for grp, until in list(self.promises_given.items()):
             if until <= now:
                 del self.promises_given[grp]
@@ -247,6 +270,15 @@ class LeaseHolder:
         if result is KvResult.OK:
             assert revision is not None
             self.kv_reachable = True
+            promised = self.promised_until(group)
+            if now < promised:
+                # A lapsed lease promised to the companion meanwhile: the write proves
+                # the record, but this node serves nothing of the group before the
+                # promise has run out; it starts again as if acquiring.
+                g.revision = max(g.revision, revision)
+                self.applied[group] = max(self.applied.get(group, 0), revision)
+                g.phase, g.gate_at = Phase.ACQUIRING, promised
+                return []
             first = g.phase is Phase.ACQUIRING
             g.phase, g.revision = Phase.HOLDING, revision
             self.applied[group] = max(self.applied.get(group, 0), revision)
@@ -291,6 +323,8 @@ class LeaseHolder:
         """The companion's answer (None: no answer in time)."""
         self.promise_in_flight = False
         if answer is None or not answer.granted:
+            if self.kv_reachable is False:
+                self.reask_at = sent_at + REASK_AFTER * self.interval
             return []
         until = sent_at + min(answer.duration, self.lease_ttl)
         out: list[Effect] = []
@@ -298,6 +332,8 @@ class LeaseHolder:
             g = self.groups.get(grp)
             if g is None or g.phase is not Phase.HOLDING:
                 continue
+            if self.promised_until(grp) > sent_at:
+                continue  # this node promised not to serve it (a lapsed lease promised)
             if until > g.valid_until:
                 g.valid_until = until
                 out.append(Notice(grp, g.epoch, until, reason="failsafe promise",
@@ -323,8 +359,12 @@ class LeaseHolder:
             return PromiseAnswer(False, 0.0, f"{self.node} reaches the KV: {requester} is the "
                                  "one cut off" if self.kv_reachable else
                                  f"{self.node} does not know yet whether it reaches the KV")
-        mine = [g for g in groups if g in self.groups]
-        rest = [g for g in groups if g not in self.groups]
+        # A group this node lists but whose lease has run out (a HOLDING lease that no
+        # renewal extended: this node was cut off, it never saw its companion's claim)
+        # is not served here: it may be promised like one not listed, and a renewal that
+        # succeeds while the promise runs extends nothing (``on_renew_result``).
+        mine = [g for g in groups if g in self.groups and not self._lapsed(g, now)]
+        rest = [g for g in groups if g not in mine]
         if mine and not (partial and rest):
             return PromiseAnswer(False, 0.0, f"{self.node} holds or is acquiring "
                                  f"{', '.join(sorted(mine))}")
@@ -335,12 +375,19 @@ class LeaseHolder:
         return PromiseAnswer(True, d, f"{self.node} will not serve {', '.join(rest)} "
                              f"for {d:.3f} s{but}", tuple(rest) if partial else None)
 
+    def _lapsed(self, group: str, now: float) -> bool:
+        """This node lists ``group`` as held but its lease ran out: its executors hold
+        nothing of it (``valid_until`` is what they were told)."""
+        g = self.groups.get(group)
+        return g is not None and g.phase is Phase.HOLDING and g.valid_until <= now
+
     def on_new_bucket(self) -> list[Effect]:
         """The KV bucket was recreated: its revisions and epochs start again. Forget
         what was applied and every lease of the old bucket (no renewal of the old one
         can be proved any more; what was valid runs out on its own), and take the new
         bucket's records as they come."""
         self.applied.clear()
+        self.generation += 1
         out: list[Effect] = []
         for group in sorted(self.groups):
             del self.groups[group]

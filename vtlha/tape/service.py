@@ -1,24 +1,32 @@
 """The tape data service of one data group (see :mod:`vtlha.tape`).
 
 Configured by the resource agent's environment (``vtlha.agents``): the group, its
-epoch, devices, portal and SAN target. Client protocol: the SAN protocol's frames
+epoch, devices, portal, the SAN (``san.kind`` of the cluster file) and, on iSCSI, the
+storage-monitor's permit file. Client protocol: the SAN protocol's frames
 (``vtlha.san.protocol``), one request at a time per connection::
 
-    write  {block}  + payload (at most one device block)  -> {ok}
-    read   {block}                                        -> {ok} + the block
-    status {}                                             -> {ok, group, node, epoch, ...}
+    write  {block}  + payload (at most a device block less the record header) -> {ok, seq}
+    read   {block}  -> {ok, writer, epoch, seq} + the payload
+    status {}       -> {ok, group, node, epoch, ...}
 
-Block ``n`` lives on device ``devices[n % k]`` at lba ``n // k``. A write is
-acknowledged only after the SAN target accepted it and wrote it with FUA. A write the
-target refuses for the reservation (another node preempted with a higher epoch) means
-this service no longer owns the group: it answers the client with the refusal, stops
-listening and exits with status 3 — it never tries again at another epoch.
+Block ``n`` lives on device ``devices[n % k]`` at lba ``n // k``, as a record
+(:mod:`vtlha.tape.record`): writer node, epoch, the writer's sequence number, then the
+payload; a read answers who wrote the block. A write is acknowledged only after the
+target wrote it with FUA **and**, on iSCSI, only while the storage-monitor's permit
+(the node's lease, :mod:`vtlha.iscsi.permitfile`) is still valid after the write
+returned: a write that finished after the lease (stalled in the target across a
+takeover, or this process paused) is never acknowledged, and nothing is sent without
+a valid permit. A write the target refuses for the reservation (another node
+preempted) means this service no longer owns the group: it answers the client with
+the refusal, stops listening and exits with status 3 — it never tries again at
+another epoch.
 
 Listening: the portal address need not be configured yet when the service starts (the
 ip-manager adds it when the lease allows): the socket is bound with IP_FREEBIND.
-Ready: once listening and connected to the target, it writes ``ready`` (its pid) in
-its run directory. SIGTERM: stop accepting, finish the request in flight (bounded),
-exit 0."""
+Ready: once listening and holding the target (iSCSI: every device's reservation moved
+to this process's sessions), it writes ``ready`` (its pid) in its run directory.
+SIGTERM: stop accepting, finish the request in flight (bounded), on iSCSI release the
+reservations (the storage-monitor's release then finds nothing of ours), exit 0."""
 
 from __future__ import annotations
 
@@ -34,9 +42,9 @@ from typing import Any
 
 from vtlha.config import ClusterConfig, load_config
 from vtlha.log import setup_logging
-from vtlha.san.client import SanClient, SanError, SanRefused
-from vtlha.san.multipath import Multipath
 from vtlha.san.protocol import ProtocolError, decode_header, encode_frame, read_frame
+from vtlha.tape import record
+from vtlha.tape.stores import Fenced, IscsiStore, ReferenceStore, Store, StoreError
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 LOST_RESERVATION = 3  # exit status: the target refused us for the reservation
@@ -65,8 +73,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 class TapeService:
     def __init__(self, cfg: ClusterConfig, node: str, group: str, epoch: int,
-                 devices: list[str], portal: str, san_host: str, san_port: int,
-                 run_dir: Path) -> None:
+                 devices: list[str], portal: str, store: Store, run_dir: Path) -> None:
         self.cfg = cfg
         self.node = node
         self.group = group
@@ -74,8 +81,8 @@ class TapeService:
         self.devices = devices
         self.host, self.port = parse_portal(portal)
         self.run_dir = run_dir
-        self.block_size = max(cfg.devices[d].block_size for d in devices)
-        self.mp = Multipath(cfg, node, san_host, devices, SAN_TIMEOUT, port_base=san_port)
+        self.store = store
+        self.block_size = store.block_size
         self.server: asyncio.Server | None = None
         self.lost: str | None = None  # why the reservation is lost
         self.done = asyncio.Event()
@@ -84,13 +91,15 @@ class TapeService:
         self.idle.set()
         self.writes = 0
         self.reads = 0
+        self.seq = 0  # the sequence number of this process's last write
+        self.unacknowledged = 0  # writes done that finished without a valid permit
 
     def where(self, block: int) -> tuple[str, int]:
         k = len(self.devices)
         return self.devices[block % k], block // k
 
     async def start(self) -> None:
-        await self.mp.call(lambda c: c.status())  # the target answers on some path
+        await self.store.start()
         self.server = await asyncio.start_server(self._serve, sock=listen_socket(self.host,
                                                                                  self.port))
         (self.run_dir / "ready").write_text(str(os.getpid()))
@@ -103,7 +112,8 @@ class TapeService:
             self.server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), DRAIN_TIMEOUT)
-        self.done.set()  # the target's connections go with the process
+        await self.store.close(release=self.lost is None)
+        self.done.set()
 
     def _lose(self, reason: str) -> None:
         if self.lost is None:
@@ -146,41 +156,64 @@ class TapeService:
         if op == "status":
             return {**base, "ok": True, "reason": "", "group": self.group,
                     "devices": self.devices, "block_size": self.block_size,
-                    "path": self.mp.path, "path_failovers": self.mp.failovers,
-                    "writes": self.writes, "reads": self.reads}, b""
+                    "payload_max": record.capacity(self.block_size), **self.store.status(),
+                    "writes": self.writes, "reads": self.reads,
+                    "unacknowledged": self.unacknowledged}, b""
         block = req.get("block")
         if op not in ("read", "write") or not isinstance(block, int) or block < 0:
             return {**base, "ok": False, "reason": "EINVAL expected {op: read|write, "
                     "block: int >= 0} or {op: status}"}, b""
         if self.lost is not None:
             return {**base, "ok": False, "reason": f"not serving: {self.lost}"}, b""
-        device, lba = self.where(block)
         try:
             if op == "write":
-                if len(payload) > self.block_size:
-                    return {**base, "ok": False, "reason": f"EINVAL a block is at most "
-                            f"{self.block_size} B"}, b""
-                data = payload.ljust(self.block_size, b"\0")
-
-                async def _w(c: SanClient) -> Any:
-                    return await c.write(device, lba, self.epoch, data, fua=True)
-
-                await self.mp.call(_w)
-                self.writes += 1
-                return {**base, "ok": True, "reason": "", "block": block}, b""
-
-            async def _r(c: SanClient) -> bytes:
-                return await c.read(device, lba)
-
-            out = await self.mp.call(_r)
-            self.reads += 1
-            return {**base, "ok": True, "reason": "", "block": block}, out
-        except SanRefused as exc:
-            if "reservation" in exc.reason:
-                self._lose(exc.reason)
-            return {**base, "ok": False, "reason": exc.reason}, b""
-        except SanError as exc:
+                return await self._write(base, block, payload), b""
+            return await self._read(base, block)
+        except Fenced as exc:
+            self._lose(str(exc))
+            return {**base, "ok": False, "reason": f"reservation: {exc}"}, b""
+        except StoreError as exc:
             return {**base, "ok": False, "reason": str(exc)}, b""
+
+    async def _write(self, base: dict[str, Any], block: int, payload: bytes
+                     ) -> dict[str, Any]:
+        if len(payload) > record.capacity(self.block_size):
+            return {**base, "ok": False, "reason": f"EINVAL a block is at most "
+                    f"{record.capacity(self.block_size)} B"}
+        why = self.store.permit_valid()
+        if why is not None:  # not holding now: nothing is sent
+            return {**base, "ok": False, "reason": f"not writing: {why}"}
+        self.seq += 1
+        device, lba = self.where(block)
+        data = record.encode(self.block_size, record.Record(
+            self.node, self.epoch, self.seq, block, os.getpid(), payload))
+        await self.store.write(device, lba, data)
+        self.writes += 1
+        why = self.store.permit_valid()
+        if why is not None:
+            # It finished after this node's lease: it may have landed after a new
+            # owner's write (docs/storage.md, "Writes in flight"); never acknowledged.
+            self.unacknowledged += 1
+            log.warning("write finished without a valid permit: not acknowledged",
+                        extra={"group": self.group, "epoch": self.epoch, "block": block,
+                               "seq": self.seq, "why": why})
+            return {**base, "ok": False, "reason": f"not acknowledged: {why}"}
+        return {**base, "ok": True, "reason": "", "block": block, "seq": self.seq}
+
+    async def _read(self, base: dict[str, Any], block: int) -> tuple[dict[str, Any], bytes]:
+        device, lba = self.where(block)
+        raw = await self.store.read(device, lba)
+        self.reads += 1
+        try:
+            rec = record.decode(raw)
+        except record.RecordError as exc:
+            return {**base, "ok": False, "reason": f"block {block}: {exc}"}, b""
+        if rec is None:
+            return {**base, "ok": True, "reason": "", "block": block, "writer": None,
+                    "written_epoch": None, "seq": None}, b""
+        return {**base, "ok": True, "reason": "", "block": block, "writer": rec.writer,
+                "written_epoch": rec.epoch, "seq": rec.seq,
+                "written_block": rec.block}, rec.payload
 
 
 def _env(name: str) -> str:
@@ -190,21 +223,32 @@ def _env(name: str) -> str:
     return value
 
 
+def make_store(cfg: ClusterConfig, node: str, group: str, epoch: int,
+               devices: list[str]) -> Store:
+    if cfg.san.kind == "iscsi":
+        return IscsiStore(cfg, node, group, epoch, devices,
+                          Path(_env("VTLHA_PERMIT_FILE")), SAN_TIMEOUT)
+    return ReferenceStore(cfg, node, epoch, devices, _env("VTLHA_SAN_HOST"),
+                          int(_env("VTLHA_SAN_PORT")), SAN_TIMEOUT)
+
+
 async def _main() -> int:
     cfg = load_config(_env("VTLHA_CONFIG"))
-    svc = TapeService(
-        cfg, node=_env("VTLHA_NODE"), group=_env("VTLHA_GROUP"),
-        epoch=int(_env("VTLHA_EPOCH")), devices=_env("VTLHA_DEVICES").split(","),
-        portal=_env("VTLHA_PORTAL"), san_host=_env("VTLHA_SAN_HOST"),
-        san_port=int(_env("VTLHA_SAN_PORT")), run_dir=Path(_env("VTLHA_RUN_DIR")))
+    node, group, epoch = _env("VTLHA_NODE"), _env("VTLHA_GROUP"), int(_env("VTLHA_EPOCH"))
+    devices = _env("VTLHA_DEVICES").split(",")
+    svc = TapeService(cfg, node=node, group=group, epoch=epoch, devices=devices,
+                      portal=_env("VTLHA_PORTAL"),
+                      store=make_store(cfg, node, group, epoch, devices),
+                      run_dir=Path(_env("VTLHA_RUN_DIR")))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: loop.create_task(svc.stop()))
     try:
         await svc.start()
-    except (OSError, SanError) as exc:
+    except (OSError, StoreError) as exc:
         log.error("tape service cannot start", extra={"error": str(exc)})
-        return 1
+        await svc.store.close(release=False)
+        return LOST_RESERVATION if isinstance(exc, Fenced) else 1
     await svc.done.wait()
     with contextlib.suppress(FileNotFoundError):
         (svc.run_dir / "ready").unlink()

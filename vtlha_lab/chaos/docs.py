@@ -59,7 +59,9 @@ def bound_text(timings: Mapping[str, float]) -> str:
         "`dead_after`, then the lease and its margin run out, plus scheduling slack). After "
         "the fault is undone the chaos runner restores the baseline (restarts, "
         f"`vtlha clear-hold`, `vtlha failback`) within `{ft.BASELINE_BOUND}` = "
-        f"{ft.evaluate(ft.BASELINE_BOUND, timings):.2f} s. Never two answers in one ARP round "
+        f"{ft.evaluate(ft.BASELINE_BOUND, timings):.2f} s, and forgets every node's recorded "
+        "failures (`vtlha clear-hold`), so flap protection counts only one iteration's "
+        "failures. Never two answers in one ARP round "
         "(a double answer) at any time."])
 
 

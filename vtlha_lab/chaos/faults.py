@@ -40,7 +40,8 @@ CONSTANTS: dict[str, tuple[float, str]] = {
                            "new owner"),
     "raft_election": (8.1, "a JetStream stream leader election after its leader died "
                            "(PLATFORM.md: 4.3-8.1 s)"),
-    "monitor_interval": (10.0, "the default resource agent's monitor interval"),
+    "monitor_interval": (10.0, "the default resource agent's monitor interval (the "
+                               "monitors are checked every 0.5 s)"),
     "cli": (2.0, "an operator command (`vtlha failback`, `vtlha clear-hold`): process "
                  "start and the request"),
 }
@@ -70,7 +71,9 @@ class Fault:
 
 _FAILOVER = "dead_after + lease_ttl + margin + slack"
 _CHECK = "(fall + 1) * check_interval + heartbeat_interval + lease_ttl + margin + slack"
-_STORAGE = ("fall * probe_interval + probe_timeout + probe_interval + storage_stale_after"
+#: a storage failure: ``fall`` probes in a row fail, each after up to ``probe_timeout``
+#: (a dropped path answers nothing), then the report goes stale on the arbiter's side
+_STORAGE = ("fall * (probe_interval + probe_timeout) + probe_interval + storage_stale_after"
             " + lease_ttl + margin + storage_start + slack")
 
 FAULTS: tuple[Fault, ...] = (
@@ -95,15 +98,23 @@ FAULTS: tuple[Fault, ...] = (
           window="leader_ttl + leader_standby_delay + lease_ttl + slack",
           notes="a standby takes the leader key after leader_ttl"),
     Fault("kill-arbiter-at-claim", "a node's heartbeat killed, and the active arbiter "
-          "SIGKILLed the moment it claims a group in the KV (state acquiring)",
+          "SIGKILLed the moment its claim of a group is stored in the KV (state "
+          "acquiring, as a KV watch shows it)",
           "supervisor restarts both", Moves.MUST,
           ("node.down", "failover.started", "arbiter.active", "failover.completed"),
           "leader_ttl + leader_standby_delay + lease_ttl + " + _FAILOVER,
           "leader_ttl + leader_standby_delay + lease_ttl + " + _FAILOVER + " + storage_start",
           notes="the new active arbiter finishes the half-done takeover (resume_acquire)"),
     Fault("kill-tape-service", "SIGKILL of the tape data service on the node serving a "
-          "data group", "the storage-monitor's resource agent monitor", Moves.MAY, (),
-          "slack", "monitor_interval + storage_start + slack"),
+          "data group", "the storage-monitor's monitor finds it gone and restarts it on "
+          "the node (stop, start); the second failure there within failure_timeout "
+          "(migration_threshold 2) gives the group up and the companion takes it over "
+          "(storage_local_failure)", Moves.MAY, ("storage.agent_failed",),
+          "monitor_interval + lease_ttl + margin + slack",
+          "monitor_interval + lease_ttl + margin + storage_start + slack",
+          notes="a group given up moves with its address (the address bound is the "
+                "move's); a group given up less than failback_hold_time after its last "
+                "move waits for the policy's hold after a move, unserved"),
     Fault("stop-service", "SIGSTOP of one service of a node, SIGCONT after the duration",
           "SIGCONT", Moves.MAY, (), _CHECK + " + dead_after",
           _CHECK + " + dead_after + storage_start", duration="3 * lease_ttl + dead_after"),
@@ -133,8 +144,8 @@ FAULTS: tuple[Fault, ...] = (
           notes="a device stays served while one of its paths is up"),
     Fault("cut-all-paths", "every storage path of a node cut", "the drops removed",
           Moves.MUST, ("storage.device_lost", "failover.started", "failover.completed"),
-          "slack", _STORAGE, duration=_STORAGE, waits_for_hold=True,
-          notes="the data group moves, the management group stays"),
+          _STORAGE, _STORAGE, duration=_STORAGE, waits_for_hold=True,
+          notes="the data group moves (its address with it), the management group stays"),
     Fault("device-fail", "one device fails for both nodes (its backing file truncated: EIO)",
           "the backing file restored to its size", Moves.NONE,
           ("storage.global_failure",), "slack",
@@ -150,6 +161,16 @@ FAULTS: tuple[Fault, ...] = (
     Fault("flap", "a node's data link down and up repeatedly (5 x 0.1 s down, 0.2 s up)",
           "link up", Moves.MAY, (), _FAILOVER + " + 1.5",
           _FAILOVER + " + 1.5 + storage_start", duration="1.5"),
+    Fault("standby", "an operator puts a node in standby (`vtlha standby on --yes`); "
+          "`standby off` after the duration",
+          "standby off (its groups stay on the companion: the baseline fails back)",
+          Moves.MUST, ("node.standby", "switchover.started", "switchover.completed"),
+          "cli + 2 * lease_ttl + dead_after + " + _FAILOVER,
+          "cli + 2 * lease_ttl + dead_after + " + _FAILOVER + " + storage_start",
+          duration="cli + 2 * lease_ttl + dead_after",
+          notes="every group of the node moves to its companion at the request; with another "
+                "fault on the companion its groups wait for `standby off` (a node in "
+                "standby is given nothing): the duration is in the bound"),
     Fault("double", "two of the other faults at once (on either or both nodes)",
           "both recoveries", Moves.MAY, (),
           "max of the two", "max of the two",

@@ -13,7 +13,7 @@ import nats
 import nats.errors
 
 SERVICES = ("heartbeat", "ip-manager", "storage-monitor")
-VERBS = ("switchover", "failback", "maintenance", "clear-hold")
+VERBS = ("switchover", "failback", "maintenance", "clear-hold", "standby", "failback-mode")
 
 
 def payloads(cluster: str, node: str, group: str) -> list[bytes]:

@@ -101,20 +101,27 @@ def kill_arbiter_at_claim(ctx: Ctx) -> Active:
     ready = threading.Event()
 
     async def watch() -> None:
+        # A KV watch (a JetStream consumer) shows only what the stream stored: a claim
+        # that lost its compare-and-set is published on the key's subject all the same,
+        # and killing the arbiter then tests no half-done takeover (nothing moves).
         nc = await nats.connect(lab.client_urls(), connect_timeout=2, allow_reconnect=False)
         try:
-            sub = await nc.subscribe(f"$KV.ha-{lab.cfg.cluster}.group.>")
+            kv = await nc.jetstream().key_value(f"ha-{lab.cfg.cluster}")
+            watcher = await kv.watch("group.>", include_history=False)
             ready.set()
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 try:
-                    msg = await sub.next_msg(timeout=max(0.01, deadline - time.monotonic()))
+                    entry = await watcher.updates(  # type: ignore[no-untyped-call]
+                        timeout=max(0.01, deadline - time.monotonic()))
                 except nats.errors.TimeoutError:
                     break
+                if entry is None or not entry.value:
+                    continue
                 with contextlib.suppress(ValueError):
-                    if json.loads(msg.data).get("state") == "acquiring":
+                    if json.loads(entry.value).get("state") == "acquiring":
                         _kill(ctx, arbiter_host, "arbiter")
-                        detail["claim"] = msg.subject.rsplit(".", 1)[-1]
+                        detail["claim"] = entry.key.rsplit(".", 1)[-1]
                         detail["killed_at"] = time.time()
                         seen.set()
                         return
@@ -283,6 +290,39 @@ def kill_nats(ctx: Ctx, leader: bool = False) -> Active:
     return Active("kill-nats-leader" if leader else "kill-nats", {"host": host}, undo=undo)
 
 
+def _operator(ctx: Ctx, *args: str) -> str:
+    """One operator command through the real CLI (its exit code and last words)."""
+    import sys
+
+    argv = [str(Path(sys.executable).parent / "vtlha"), *args, "--yes", "--config",
+            str(ctx.lab.config_path), "--nats", ",".join(ctx.lab.client_urls())]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    return f"exit {out.returncode}: {(out.stdout + out.stderr).strip()[-300:]}"
+
+
+def standby(ctx: Ctx) -> Active:
+    """`vtlha standby on` for a node (its groups move to the companion; the command runs
+    in a thread: it takes a process start); `standby off` when the fault is undone."""
+    host = ctx.node()
+    pair = ctx.lab.cfg.pair_of(host).name
+    detail: dict[str, Any] = {"host": host}
+
+    def run() -> None:
+        detail["on"] = _operator(ctx, "standby", "on", pair, host, "--wait", "0")
+
+    def undo() -> None:
+        for t in threads:
+            t.join(30)
+        detail["off"] = _operator(ctx, "standby", "off", pair, host)
+
+    threads = [threading.Thread(target=run, name="standby", daemon=True)]
+    threads[0].start()
+    return Active("standby", detail, threads=threads, undo=undo)
+
+
 def hostile(ctx: Ctx) -> Active:
     from vtlha_lab.chaos.hostile import send_hostile
 
@@ -309,6 +349,7 @@ INJECT: dict[str, Callable[[Ctx], Active]] = {
     "device-fail": device_fail,
     "mgmt-down": mgmt_down,
     "flap": flap,
+    "standby": standby,
     "hostile": hostile,
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ import nats
 import yaml
 
 from vtlha import eventlog
+from vtlha.priority import raise_priority
 from vtlha.subjects import Subjects
 from vtlha_lab.chaos import faults as ft
 from vtlha_lab.chaos.inject import INJECT, Active, Ctx, heal_everything
@@ -32,6 +34,7 @@ from vtlha_lab.chaos.live import LiveView
 from vtlha_lab.chaos.supervisor import Supervisor
 from vtlha_lab.lab import Lab
 
+LOG = logging.getLogger("vtlha_lab.chaos")
 BIN = Path(sys.executable).parent
 DEVICE_SIZE = 256 * 1024 * 1024  # sparse; 65,536 blocks of 4 KiB per device
 QUIET = 1.0  # after recovery, watch this long for needless moves before the check
@@ -158,7 +161,10 @@ def start_observer(c: Cluster, out: Path, interval: float) -> subprocess.Popen[b
     for addr, g in c.addr_group.items():
         ifname = "eth1" if g.endswith("-mgmt") and mgmt_net else "eth0"
         argv += ["--address", f"{addr}={ifname}"]
-    return lab.procs.spawn("client", "chaos-observer", argv).proc
+    proc = lab.procs.spawn("client", "chaos-observer", argv).proc
+    # at the services' priority: its own scheduling delays must not read as outages
+    raise_priority(lab.cfg.scheduling.nice, LOG, proc.pid)
+    return proc
 
 
 def start_writers(c: Cluster, interval: float) -> dict[str, Path]:
@@ -209,13 +215,27 @@ class Runner:
         return out.returncode
 
     def pair_hold(self) -> list[str]:
+        """Nodes held down or with failures recorded: the baseline forgets both, so one
+        iteration's failures do not hold a node down in a later one (flap protection
+        counts failures over flap_window, an hour, far longer than an iteration)."""
+        return self.pair_record_nodes(("hold", "failures"))
+
+    def pair_standby(self) -> list[str]:
+        """Nodes left in standby (a `standby off` that found no active arbiter)."""
+        return self.pair_record_nodes(("standby",))
+
+    def pair_record_nodes(self, fields: tuple[str, ...]) -> list[str]:
         async def get() -> list[str]:
             nc = await nats.connect(self.cluster.lab.client_urls(), connect_timeout=2,
                                     allow_reconnect=False)
             try:
                 kv = await nc.jetstream(timeout=2).key_value(f"ha-{self.cluster.lab.cfg.cluster}")
                 e = await kv.get(f"pair.{self.cluster.pair}")
-                return list(json.loads(e.value or b"{}").get("hold", []))
+                rec = json.loads(e.value or b"{}")
+                out = {n for f in fields if f != "failures" for n in rec.get(f, [])}
+                if "failures" in fields:
+                    out |= {n for n, ts in rec.get("failures", {}).items() if ts}
+                return sorted(out)
             finally:
                 await nc.close()
         try:
@@ -260,14 +280,22 @@ class Runner:
                 last_try = time.monotonic()
             time.sleep(0.1)
         waited = round(time.monotonic() - t0, 3)
+        self.forget_failures()
         if self.moved_home:  # let the hold after a move pass before the next fault
             time.sleep(FAILBACK_HOLD)
             self.moved_home = False
         self.record({"type": "baseline", "phase": "end", "iteration": it, "ok": ok,
                      "waited": waited, "bound": bound, "restarted": started})
 
+    def forget_failures(self) -> None:
+        """Whatever the restore needed, no failure outlives its iteration."""
+        for node in self.pair_hold():
+            self.vtlha("clear-hold", self.cluster.pair, node)
+
     def operator_actions(self) -> None:
         c = self.cluster
+        for node in self.pair_standby():
+            self.vtlha("standby", "off", c.pair, node, "--yes")
         for node in self.pair_hold():
             self.vtlha("clear-hold", c.pair, node)
         owners = self.owners()

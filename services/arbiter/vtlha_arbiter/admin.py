@@ -12,7 +12,8 @@ fresh snapshot, under the same lock as the decision loop. A granted move is clai
 background through the same claim -> release -> acquire path as an automatic one; the
 client follows the events for its completion. Every answer is an event whose inputs
 include the request (``vtlha explain`` replays it): ``switchover.*``, ``failback.*``,
-``pair.maintenance``, ``node.hold_cleared``, ``<verb>.refused``. Leaving maintenance is
+``pair.maintenance``, ``node.hold_cleared``, ``node.standby``, ``pair.failback_mode``,
+``<verb>.refused``. Leaving maintenance is
 followed by a decision at once."""
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from prometheus_client import Counter
 from vtlha import policy
 from vtlha.errors import InvalidMessage
 from vtlha.messages import AdminReply, AdminRequest, AdminTakeover, decode, encode
-from vtlha.policy import ClearHold, Refusal, SetMaintenance, Takeover
+from vtlha.policy import (
+    ClearHold,
+    Refusal,
+    SetFailbackMode,
+    SetMaintenance,
+    SetStandby,
+    Takeover,
+)
 from vtlha_arbiter.decider import Decider
 from vtlha_arbiter.host import Host
 from vtlha_arbiter.mover import Mover
@@ -76,7 +84,7 @@ class AdminServer:
         if not self.act.is_acting():
             return  # the active arbiter answers; a lapsed one stays silent
         verb = msg.subject.rsplit(".", 1)[-1]
-        leave_maintenance = False
+        decide_again = False
         token = self.act.token()
         try:
             req = self._validate(msg, verb)
@@ -84,9 +92,12 @@ class AdminServer:
             if answered is None:
                 return  # deposed meanwhile: the active arbiter answers, this one is silent
             reply = answered
-            leave_maintenance = reply.ok and req.verb == "maintenance" and req.on is False
+            # leaving maintenance or standby, or a new failback mode: decide at once
+            decide_again = reply.ok and (req.verb == "failback-mode" or (
+                req.verb in ("maintenance", "standby") and req.on is False))
         except InvalidMessage as exc:
             self.host.invalid_messages.labels("admin").inc()
+            self.host.reject("admin", msg.subject, str(exc))
             reply = self._reply(False, verb, f"{verb} refused: invalid request: {exc}")
         except Exception as exc:
             self.host.log.exception("operator request failed", extra={"verb": verb})
@@ -94,8 +105,8 @@ class AdminServer:
         self.requests.labels(verb, _result(reply)).inc()
         if msg.reply:
             await msg.respond(encode(reply))
-        if leave_maintenance:
-            await self.decider.decide_now()  # leaving maintenance re-evaluates at once
+        if decide_again:
+            await self.decider.decide_now()
 
     def _validate(self, msg: Msg, verb: str) -> AdminRequest:
         req = decode(AdminRequest, msg.data)
@@ -150,11 +161,12 @@ class AdminServer:
                 else:
                     takeovers.append(done)
                     events += _ids(done.started_id)
-            elif isinstance(a, ClearHold | SetMaintenance):
+            elif isinstance(a, PAIR_CHANGES):
                 problem, eid = await self._pair_change(a, inputs, who)
                 events += _ids(eid)
                 if problem:
                     problems.append(problem)
+                    break  # standby not recorded: its moves would come straight back
         if problems:
             self.host.log.warning("operator request not carried out", extra={"problems": problems})
             return self._reply(False, req.verb, f"{status}; but: {'; '.join(problems)}",
@@ -171,11 +183,25 @@ class AdminServer:
         return AdminTakeover(group=a.group, old=a.old, new=a.new, epoch=claimed.epoch,
                              kind=claimed.kind, started_id=claimed.started)
 
-    async def _pair_change(self, a: ClearHold | SetMaintenance, inputs: dict[str, Any],
+    async def _pair_change(self, a: PairChange, inputs: dict[str, Any],
                            who: dict[str, Any]) -> tuple[str | None, str | None]:
         host, pairs = self.host, self.pairs
         assert pairs is not None
         common: dict[str, Any] = {"pair": a.pair, "term": self.act.term, "inputs": inputs}
+        if isinstance(a, SetStandby):
+            if not a.changed:
+                return None, None
+            if await pairs.set_standby(a.pair, a.node, a.on) is None:
+                return f"the KV did not take {a.pair}'s standby list (try again)", None
+            return None, await host.emit("node.standby", a.status, new=a.node, data={
+                **who, "rule": a.rule.value, "node": a.node, "on": a.on}, **common)
+        if isinstance(a, SetFailbackMode):
+            if not a.changed:
+                return None, None
+            if await pairs.set_failback(a.pair, a.mode) is None:
+                return f"the KV did not take {a.pair}'s failback mode (try again)", None
+            return None, await host.emit("pair.failback_mode", a.status, data={
+                **who, "rule": a.rule.value, "mode": a.mode}, **common)
         if isinstance(a, SetMaintenance):
             if not a.changed:
                 return None, None
@@ -187,6 +213,10 @@ class AdminServer:
             return f"the KV did not take {a.pair}'s hold list (try again)", None
         return None, await host.emit("node.hold_cleared", a.status, new=a.node, data={
             **who, "rule": a.rule.value, "node": a.node}, **common)
+
+
+PairChange = ClearHold | SetMaintenance | SetStandby | SetFailbackMode
+PAIR_CHANGES = (ClearHold, SetMaintenance, SetStandby, SetFailbackMode)
 
 
 def _result(reply: AdminReply) -> str:

@@ -84,6 +84,7 @@ class ElectionRunner:
         self._reported: tuple[bool, int] = (False, 0)
         self._changes: asyncio.Queue[tuple[bool, int]] = asyncio.Queue()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # stop, or a read due at once
         self._kv_error: str | None = None
         self.attempts: dict[str, int] = {}
 
@@ -123,6 +124,43 @@ class ElectionRunner:
     # ---- running -------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def read_soon(self) -> None:
+        """Read the key at once (the holder said it handed the key back)."""
+        self.machine.read_soon(time.monotonic())
+        self._wake.set()
+
+    def restart(self, why: str) -> None:
+        """The KV bucket was recreated (``bucket.BucketWatch``): the election starts
+        again on the new bucket with a fresh machine — standby at once, no revision of
+        the old bucket remembered (its reads of the new key would all look stale), the
+        same incarnation. A change to standby is reported as usual."""
+        old = self.machine
+        self.machine = Election(self.node, self.incarnation, preferred=old.preferred,
+                                leader_ttl=old.leader_ttl, standby_delay=old.standby_delay)
+        self.machine.reason = why
+        if self._reported[0]:
+            self.log.info("entering standby state", extra={"term": old.term, "reason": why})
+            self._changes.put_nowait((False, old.term))
+        self._reported = (False, 0)
+        self._wake.set()
+
+    async def resign(self, why: str) -> bool:
+        """Give the key up (``Election.resign``): standby at once, then delete the key
+        against our revision. True when the delete committed."""
+        rev = self.machine.resign(time.monotonic(), why)
+        self._report()
+        if rev is None:
+            return False
+        try:
+            await asyncio.wait_for(self.kv.delete(self.key, last=rev), self.timeout)
+        except Exception as exc:  # a conflict, no answer: the key lapses as after a crash
+            self.log.info("leader key not deleted on resigning: it lapses", extra={
+                "revision": rev, "error": repr(exc)})
+            return False
+        self._wake.set()
+        return True
 
     async def run(self) -> None:
         deliver = asyncio.create_task(self._deliver(), name="election-changes")
@@ -130,7 +168,8 @@ class ElectionRunner:
             while not self._stop.is_set():
                 delay = await self.step()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                self._wake.clear()
         finally:
             deliver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -139,13 +178,16 @@ class ElectionRunner:
     async def step(self) -> float:
         """Carry out what is due now, report a change; return the seconds to sleep."""
         for _ in range(MAX_ACTIONS_PER_STEP):
+            machine = self.machine
             sent_at = time.monotonic()
-            action = self.machine.next_action(sent_at)
+            action = machine.next_action(sent_at)
             if action is None:
                 break
             self.attempts[action.op.value] = self.attempts.get(action.op.value, 0) + 1
             result = await self._attempt(action)
-            self.machine.on_result(time.monotonic(), action, sent_at, result)
+            if machine is not self.machine:
+                break  # restarted on a new bucket meanwhile: the answer is the old one's
+            machine.on_result(time.monotonic(), action, sent_at, result)
         self._report()
         now = time.monotonic()
         return max(0.001, min(self.machine.wake_at(now) - now, self.machine.poll_every))

@@ -38,7 +38,8 @@ class EventBook:
                 (n for n in nodes if self.view.nodes[n].declared_down),
                 {n: self.view.nodes[n].alarms for n in nodes},
                 (g for g in self.view.storage_alarms if g in groups),
-                (m for g, m in self.mover.started.items() if g in groups))
+                (m for g, m in self.mover.started.items() if g in groups),
+                {g: e for g, e in self.mover.announced.items() if g in groups})
         return out
 
     async def adopt(self, deadline: float) -> int:
@@ -64,6 +65,9 @@ class EventBook:
             groups = self.pair_groups[pair]
             self.view.storage_alarms = ({g for g in self.view.storage_alarms
                                          if g not in groups} | set(st.storage_alarms))
+            for g, epoch in st.announced.items():
+                if g in groups:
+                    self.mover.announced[g] = max(epoch, self.mover.announced.get(g, 0))
         for pair in states:  # the moves of those pairs are the KV's
             for g in self.pair_groups[pair]:
                 self.mover.started.pop(g, None)

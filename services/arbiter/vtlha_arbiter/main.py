@@ -13,6 +13,9 @@
   policy's pure ``answer`` and carried out by the mover.
 - ``leaders.LeaderPlacement``: the KV's and event stream's raft leaders on the witness.
 - ``election.ElectionRunner``: which arbiter is active (``arbiter.leader``).
+- ``handback.Handback``: the active role back to the witness's arbiter once it is back.
+- ``bucket.BucketWatch``: the KV bucket's identity; a recreated bucket starts the
+  arbiter afresh on it (and a missing bucket or event stream is created).
 
 Every node and the witness run an arbiter; exactly one is **active** (the witness's
 preferred). Every arbiter subscribes to heartbeats and watches the group records, so a
@@ -36,9 +39,12 @@ from vtlha.eventstate import EventStateStore, EventStateSync
 from vtlha.messages import Heartbeat, MgmtReport, StorageReport, decode
 from vtlha.service import Service, service_command
 from vtlha_arbiter.admin import AdminServer
+from vtlha_arbiter.bucket import BUCKET_CHECK, BucketWatch
 from vtlha_arbiter.decider import Decider
 from vtlha_arbiter.election import ElectionRunner
 from vtlha_arbiter.eventbook import EventBook
+from vtlha_arbiter.gauges import StatusGauges
+from vtlha_arbiter.handback import Handback
 from vtlha_arbiter.leaders import LEADER_CHECK_INTERVAL, LeaderPlacement
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
@@ -65,7 +71,12 @@ class Arbiter(Service):
         self.decider.reconciler = self.reconciler
         self.leaders = LeaderPlacement(self, lambda: self.js, self.act.is_active)
         self.book = EventBook(self, self.view, self.mover)  # events.<pair> in the KV
+        self.handback = Handback(self, self.act, self.mover, self.reconciler,
+                                 lambda: self.election)
+        self.bucket = BucketWatch(self, lambda: self.js, self._new_bucket,
+                                  self.view.max_revision)
         self.kv: KeyValue | None = None
+        self.pairs: PairState  # set at start (the KV)
         self.pair_watcher: KeyValue.KeyWatcher | None = None
         self.election: ElectionRunner | None = None
         self.ready = False
@@ -75,6 +86,8 @@ class Arbiter(Service):
               registry=self.registry).set_function(lambda: 1.0 if self.act.is_active() else 0.0)
         Gauge("vtlha_arbiter_term", "The term this arbiter holds or last held (0: never)",
               registry=self.registry).set_function(lambda: float(self.act.term))
+        self.registry.register(StatusGauges(self.view, lambda: getattr(self, "pairs", None),
+                                            self.version))
 
     # ---- start -------------------------------------------------------------
     async def start(self) -> None:
@@ -84,11 +97,12 @@ class Arbiter(Service):
                                                                         replicas))
         await bus.retry_js("event stream", lambda: bus.ensure_events_stream(
             self.js, self.subjects, replicas, n.events_max_bytes, n.events_max_age,
-            n.events_duplicate_window))
+            n.events_duplicate_window, n.stream_max_msgs))
         # The bucket's identity goes into every command (``Command.bucket``): executors
         # compare terms and epochs only within one bucket (issue 14).
-        self.act.bucket = await bus.retry_js("kv identity", lambda: bus.kv_identity(
-            self.nc, self.subjects), not_found_too=True)
+        self.act.bucket = self.bucket.identity = await bus.retry_js(
+            "kv identity", lambda: bus.kv_identity(self.nc, self.subjects),
+            not_found_too=True)
         self.records.kv = self.kv
         self.book.store = EventStateStore(self.kv, self.subjects, self.book.pair_nodes,
                                           self.log)
@@ -96,11 +110,11 @@ class Arbiter(Service):
         await bus.retry_js("group watch", self.records.start_watch)
         self.every(STALL_INTERVALS * self.t.heartbeat_interval, self.records.check,
                    "records")
-        pairs = PairState(self.kv, self.subjects, self.config, self.log)
-        self.view.pairs = self.mover.pairs = self.decider.pairs = self.admin.pairs = pairs
+        self.pairs = PairState(self.kv, self.subjects, self.config, self.log)
+        pairs = self.view.pairs = self.mover.pairs = self.decider.pairs = self.pairs
+        self.admin.pairs = pairs
         await bus.retry_js("pair records", pairs.load)
-        self.pair_watcher = await self.kv.watch("pair.>")
-        self.spawn(pairs.watch(self.pair_watcher), "pair-watch")
+        await self._watch_pairs()
         await self.nc.subscribe(self.subjects.hb("*"),
                                 cb=self.subscribe_handler("heartbeat", self._on_heartbeat))
         await self.nc.subscribe(self.subjects.storage("*"),
@@ -115,12 +129,49 @@ class Arbiter(Service):
             on_change=self._on_election_change, log=self.log)
         self.act.election = self.election
         self.spawn(self.election.run(), "election")
+        await self.handback.start()
+        self.every(self.t.leader_ttl / 3, self.handback.check, "handback")
         self.ready = True
         self.every(self.t.heartbeat_interval / 2, self.decider.tick, "decide")
         sync = EventStateSync(self.book.store, self.book.current, self.act.is_acting)
         self.every(self.t.heartbeat_interval / 2, sync.sync, "event-state")
         if self.leaders.wanted():
             self.every(LEADER_CHECK_INTERVAL, self.leaders.check, "leaders")
+        self.every(BUCKET_CHECK, self.bucket.check, "bucket-check")
+
+    async def _watch_pairs(self) -> None:
+        assert self.kv is not None
+        self.pair_watcher = await self.kv.watch("pair.>")
+        self.spawn(self.pairs.watch(self.pair_watcher), "pair-watch", critical=False)
+
+    # ---- a recreated bucket ---------------------------------------------------------
+    async def _new_bucket(self, old: str, new: str) -> None:
+        """The KV bucket was recreated (``bucket.BucketWatch``): start afresh on it. The
+        election first (standby at once: no move of this activation goes on, every run
+        gives up), then every record, revision and state of the old bucket is dropped
+        and the new one read; the next activation announces its term with the new
+        identity and reconciles every group."""
+        why = f"the KV bucket was recreated ({new}, was {old})"
+        self.log.warning("the KV bucket was recreated: the arbiter starts afresh on it",
+                         extra={"old": old, "new": new, "term": self.act.term})
+        self.emit_soon("fencing.new_bucket", f"{self.node}'s arbiter: {why}; its election, "
+                       "group records and pairs' state start afresh on the new bucket",
+                       term=self.act.term, data={"old": old, "new": new})
+        # Everything of the old bucket is forgotten before the first await: nothing runs
+        # in between (the election's loop could otherwise win the new key meanwhile).
+        if self.election is not None:
+            self.election.restart(why)
+        self.mover.forget_bucket(why)
+        if self.book.store is not None:
+            self.book.store.revisions.clear()
+        self.pairs.forget()
+        self.records.forget()
+        if self.pair_watcher is not None:
+            with contextlib.suppress(Exception):
+                await self.pair_watcher.stop()  # type: ignore[no-untyped-call]
+        await bus.retry_js("group records", self.records.rewatch, deadline=10.0)
+        await bus.retry_js("pair records", self.pairs.load, deadline=10.0)
+        await bus.retry_js("pair watch", self._watch_pairs, deadline=10.0)
 
     # ---- the election ----------------------------------------------------------
     def is_acting(self) -> bool:
@@ -143,7 +194,14 @@ class Arbiter(Service):
         since = el.active_since
         if since is None:  # lapsed again before we got here: the standby change follows
             return
+        # The view must be of the bucket this activation won in: a bucket recreated and
+        # not noticed yet starts the arbiter afresh instead (the election included).
+        identity = await self.bucket.read()
+        if identity is not None and identity != self.bucket.identity:
+            await self.bucket.adopt(identity)
+            return
         act.announced_term = 0
+        act.bucket = self.bucket.identity
         act.term, act.active_since, self.view.started_at = term, since, since
         self.decider.holdoff_logged = False
         await self.book.adopt(deadline=self.t.leader_ttl)  # before deciding anything

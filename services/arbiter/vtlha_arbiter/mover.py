@@ -21,8 +21,8 @@ from prometheus_client import Counter, Histogram
 
 from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
-from vtlha.eventstate import StartedMove, outcome
-from vtlha.messages import Ack
+from vtlha.eventstate import StartedMove, end_id, outcome
+from vtlha.messages import Ack, GroupRecord
 from vtlha.policy import Assign, Resume, Takeover
 from vtlha.protocol import takeover as tk
 from vtlha_arbiter.host import Host
@@ -32,6 +32,7 @@ from vtlha_arbiter.run import Run
 from vtlha_arbiter.term import EXECUTORS, Activation
 from vtlha_arbiter.view import ClusterView
 
+MOVE_FAMILIES = ("failover", "failback", "switchover")  # what a MoveNote's kind may be
 ACQUIRE_DEADLINE = 10.0  # seconds an acquire is retried before the policy resumes it
 
 
@@ -77,11 +78,20 @@ class Mover:
         #: (kept in the KV by ``eventbook``: a new active arbiter ends it)
         self.started: dict[str, StartedMove] = {}
         self.ending: set[str] = set()  # groups whose adopted move is being ended
+        #: group -> the newest epoch whose ``<kind>.started`` went out (``eventbook``)
+        self.announced: dict[str, int] = {}
         self.takeovers = Counter("vtlha_takeovers_total", "Takeovers, by result", ["result"],
                                  registry=host.registry)
         self.takeover_seconds = Histogram(
             "vtlha_takeover_duration_seconds", "From the decision to the acquire ack",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=host.registry)
+        self.move_seconds = Histogram(
+            "vtlha_failover_duration_seconds", "A completed move, from the decision to the "
+            "group served by its new owner (the .completed event's duration_s), by kind "
+            "(failover, switchover, failback) and the policy rule that made it",
+            ["kind", "rule"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=host.registry)
 
     @property
@@ -94,7 +104,11 @@ class Mover:
         return run is not None and not run.machine.done
 
     def timings(self, group: str) -> tk.Timings:
-        starts = sum(r.start_timeout for r in self.host.config.group_resources(group))
+        # each resource's start, and one local restart (stop, start) after a failed
+        # start unless migration_threshold 1 gives the group up at once (vtlha.recovery)
+        starts = sum(r.start_timeout + (r.stop_timeout + r.start_timeout
+                                        if r.migration_threshold != 1 else 0)
+                     for r in self.host.config.group_resources(group))
         return tk.Timings(
             lease_ttl=self.t.lease_ttl, margin=self.t.margin,
             acquire_deadline=ACQUIRE_DEADLINE, read_every=self.t.heartbeat_interval,
@@ -140,6 +154,20 @@ class Mover:
         if not await run.claimed:
             return None
         return Claimed(run.machine.epoch, run.job.family or "", run.started_id)
+
+    def forget_bucket(self, why: str) -> None:
+        """The KV bucket was recreated: each move started in the old one and not ended
+        ends ``.failed`` (its epoch means nothing in the new bucket; the next active
+        arbiter reconciles its group), and the epochs announced are forgotten. The runs
+        themselves stop: this arbiter is not acting any more."""
+        for m in sorted(self.started.values(), key=lambda m: m.group):
+            self.host.emit_soon(
+                f"{m.kind}.failed", f"{why}: the move of {m.group} to {m.new} (epoch "
+                f"{m.epoch}) ends with the old bucket", id=end_id(m.id), pair=m.pair,
+                group=m.group, old=m.old, new=m.new, term=m.term, epoch=m.epoch,
+                data={"started": m.id, "new_bucket": True})
+        self.started.clear()
+        self.announced.clear()
 
     def forget_started(self, group: str, epoch: int) -> None:
         """The group's started move (at ``epoch`` or older) has ended."""
@@ -193,10 +221,33 @@ class Mover:
             "data": {"started": m.id, "adopted": True, "started_term": m.term}}
         why = f"{why}; started under term {m.term}, ended by the arbiter on {self.host.node}"
         if result == "completed":
-            self.host.emit_soon(f"{kind}.completed", why, **fields)
+            self.host.emit_soon(f"{kind}.completed", why, id=end_id(m.id), **fields)
         else:
-            self.host.emit_soon(f"{kind}.failed", why, **fields)
+            self.host.emit_soon(f"{kind}.failed", why, id=end_id(m.id), **fields)
         self.forget_started(m.group, m.epoch)
+
+    def announce_unannounced(self, group: str, rec: GroupRecord) -> StartedMove | None:
+        """A takeover noted in ``group``'s record (``GroupRecord.move``) whose
+        ``<kind>.started`` never went out — its arbiter stopped between the claim and the
+        event — is announced now, with the id the claim noted (a copy that did go out is
+        dropped as a duplicate), and becomes a started move this arbiter ends."""
+        note = rec.move
+        if note is None or rec.epoch <= self.announced.get(group, 0) \
+                or group in self.started or note.kind not in MOVE_FAMILIES:
+            return None
+        home = self.host.config.groups()[group][0]
+        pair = self.host.config.pair_of(home).name
+        m = StartedMove(id=note.started, kind=note.kind, group=group, pair=pair,
+                        old=note.old, new=rec.owner, epoch=rec.epoch, term=note.term)
+        self.host.emit_soon(
+            f"{m.kind}.started", f"{note.reason or note.kind} (claimed under term "
+            f"{note.term}; announced by the arbiter on {self.host.node}, which found it "
+            "unannounced)", id=note.started, pair=pair, group=group, old=note.old,
+            new=rec.owner, term=note.term, epoch=rec.epoch,
+            data={"adopted": True, "claimed_term": note.term})
+        self.started[group] = m
+        self.announced[group] = rec.epoch
+        return m
 
     async def _served(self, group: str, owner: str, epoch: int) -> str | None:
         """None once ``owner`` serves ``group`` at ``epoch`` (or it has no storage)."""
@@ -218,6 +269,10 @@ class Mover:
             return
         if isinstance(end, tk.Done):
             self.takeover_seconds.observe(end.took)
+            job = run.job
+            if job.rule is not None:
+                self.move_seconds.labels(job.family or policy.event_kind(job.rule),
+                                         job.rule.value).observe(end.took)
             self.takeovers.labels("completed").inc()
         else:
             self.takeovers.labels(end.result).inc()

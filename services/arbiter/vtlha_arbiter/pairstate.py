@@ -42,6 +42,13 @@ class PairState:
         self.log = log
         self.records: dict[str, tuple[PairRecord, int]] = {}  # pair -> (record, revision)
         self.invalid = 0
+        self.generation = 0  # bumped when the bucket is recreated (``forget``)
+
+    def forget(self) -> None:
+        """The KV bucket was recreated: the pairs' records and revisions were the old
+        bucket's; until the new one has records, each pair's state is the config's."""
+        self.generation += 1
+        self.records.clear()
 
     def _pair(self, name: str) -> Pair:
         return next(p for p in self.config.pairs if p.name == name)
@@ -62,6 +69,7 @@ class PairState:
             p.name, (p.nodes[0].name, p.nodes[1].name), rec.failback, rec.maintenance,
             failback_hold_time=p.failback_hold_time, flap_max=p.flap_max,
             flap_window=p.flap_window, held_down=frozenset(rec.hold),
+            standby=frozenset(rec.standby),
             failures={n: tuple(to_monotonic(t, now, wall_now) for t in ts)
                       for n, ts in sorted(rec.failures.items())})
 
@@ -90,12 +98,13 @@ class PairState:
             await self.read(p.name)
 
     async def read(self, pair: str) -> None:
+        gen = self.generation
         try:
-            entry = await asyncio.wait_for(self.kv.get(self.subjects.pair_key(pair)),
-                                           KV_TIMEOUT)
+            async with asyncio.timeout(KV_TIMEOUT):  # (not wait_for: see records.read)
+                entry = await self.kv.get(self.subjects.pair_key(pair))
         except (KeyNotFoundError, NotFoundError):
             return
-        if entry.revision is not None:
+        if entry.revision is not None and gen == self.generation:
             try:
                 self.seen(pair, self.decode_entry(entry.value), entry.revision)
             except InvalidMessage:
@@ -172,6 +181,14 @@ class PairState:
         return await self.update(pair, lambda r: r.model_copy(update={
             "hold": [n for n in r.hold if n != node],
             "failures": {n: ts for n, ts in r.failures.items() if n != node}}))
+
+    async def set_standby(self, pair: str, node: str, on: bool) -> PairRecord | None:
+        return await self.update(pair, lambda r: r.model_copy(update={"standby": sorted(
+            {*r.standby, node} if on else {n for n in r.standby if n != node})}))
+
+    async def set_failback(self, pair: str, mode: str) -> PairRecord | None:
+        return await self.update(pair, lambda r: r if r.failback == mode else r.model_copy(
+            update={"failback": mode}))
 
     async def set_maintenance(self, pair: str, on: bool) -> PairRecord | None:
         return await self.update(pair, lambda r: r if r.maintenance == on else r.model_copy(

@@ -11,6 +11,11 @@ claim into ``held`` on its own. So once the hold-off after becoming active is ov
   this costs one acknowledged command per executor;
 - leaves a group whose owner is not alive to the policy (a takeover).
 
+A takeover its predecessor claimed but never announced (it stopped between the claim
+and the event: the group record notes the move, ``GroupRecord.move``, at an epoch newer
+than the last announced one) is announced now with the id the claim noted, and ended
+like the others.
+
 Every ``<kind>.started`` its predecessor left unfinished (``eventbook``: the event
 state in the KV, adopted on becoming active) is ended by the move that re-drives its
 group at its epoch, or by what the KV shows (``Mover.end_adopted``)."""
@@ -41,8 +46,13 @@ class Reconciler:
                 or not self.act.is_acting():
             return
         self.done_for = token
-        driven = []
+        driven, announced = [], []
         for group, (rec, _rev) in sorted(self.view.records.items()):
+            m = self.mover.announce_unannounced(group, rec)
+            if m is not None:  # ended by the re-drive below, or by what the KV shows
+                announced.append(group)
+                self.host.spawn(self.mover.end_adopted(m), f"adopted-{group}",
+                                critical=False)
             if self.mover.busy(group) or not self.view.is_alive(rec.owner, now) \
                     or self.view.is_gone(rec.owner):
                 continue
@@ -56,5 +66,5 @@ class Reconciler:
                       f"are told again by the new active arbiter")
             self.mover.run(Job(move, pair, status, {}, announce=rec.state == "acquiring"))
             driven.append(group)
-        self.host.log.info("reconciled every group", extra={"term": self.act.term,
-                                                            "re_driven": driven})
+        self.host.log.info("reconciled every group", extra={
+            "term": self.act.term, "re_driven": driven, "announced_late": announced})

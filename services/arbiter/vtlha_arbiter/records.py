@@ -29,12 +29,32 @@ class GroupRecords:
         self.watcher: KeyValue.KeyWatcher | None = None
         self.watched: dict[str, int] = {}  # group -> newest revision the watch delivered
         self.last_delivery = time.monotonic()
+        #: bumped when the bucket is recreated: an answer to a request sent before is the
+        #: old bucket's and never applied
+        self.generation = 0
         self.restarts = Counter("vtlha_arbiter_watch_restarts_total",
                                 "Group watches restarted because they stalled",
                                 registry=host.registry)
 
-    def _apply(self, group: str, rec: GroupRecord, revision: int) -> None:
+    def _apply(self, group: str, rec: GroupRecord, revision: int,
+               generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation:
+            return  # sent to the bucket before it was recreated
         self.view.set_record(group, rec, revision, time.monotonic())
+
+    def forget(self) -> None:
+        """The KV bucket was recreated: forget every record and high-water mark of the
+        old one (its revisions are above the new bucket's); an answer to a request sent
+        before counts for nothing. ``rewatch`` then follows the new one."""
+        self.generation += 1
+        self.view.forget_records()
+        self.watched.clear()
+
+    async def rewatch(self) -> None:
+        """Watch and load the new bucket (after ``forget``)."""
+        await self.stop_watch()
+        await self.start_watch()
+        await self.load()
 
     # ---- the watch, and its stall check ------------------------------------------------
     async def start_watch(self) -> None:
@@ -75,21 +95,25 @@ class GroupRecords:
 
     async def load(self) -> None:
         assert self.kv is not None
+        gen = self.generation
         for group in self.host.config.groups():
             try:
                 entry = await self.kv.get(self.host.subjects.group_key(group))
             except (KeyNotFoundError, NotFoundError):
                 continue
             if entry.value and entry.revision is not None:
-                self._apply(group, decode(GroupRecord, entry.value), entry.revision)
+                self._apply(group, decode(GroupRecord, entry.value), entry.revision, gen)
 
     async def read(self, group: str) -> tuple[GroupRecord, int] | None:
         """Read one key directly (the watch may lag) and apply it; returns what was read
         (None: absent, unreadable or invalid; the view stays as it is)."""
         assert self.kv is not None
+        gen = self.generation
         try:
-            entry = await asyncio.wait_for(self.kv.get(self.host.subjects.group_key(group)),
-                                           self.host.config.timings.command_timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for, cancelled as its inner task
+            # ends with an error, leaves that error unretrieved (logged at shutdown)
+            async with asyncio.timeout(self.host.config.timings.command_timeout):
+                entry = await self.kv.get(self.host.subjects.group_key(group))
         except Exception:
             return None
         if not entry.value or entry.revision is None:
@@ -99,6 +123,8 @@ class GroupRecords:
         except InvalidMessage:
             self.host.invalid_messages.labels("group-record").inc()
             return None
+        if gen != self.generation:
+            return None  # the old bucket's answer
         self._apply(group, rec, entry.revision)
         return rec, entry.revision
 
@@ -124,6 +150,7 @@ class GroupRecords:
         """Create (last None) or compare-and-set the group key; None when it lost."""
         assert self.kv is not None
         key = self.host.subjects.group_key(group)
+        gen = self.generation
         try:
             if last is None:
                 rev = int(await self.kv.create(key, encode(rec)))
@@ -133,5 +160,5 @@ class GroupRecords:
             self.host.log.info("compare-and-set lost: the group changed since the arbiter "
                                "saw it", extra={"group": group, "last": last})
             return None
-        self._apply(group, rec, rev)
+        self._apply(group, rec, rev, gen)
         return rev

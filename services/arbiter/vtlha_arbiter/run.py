@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vtlha import policy
-from vtlha.eventstate import StartedMove
-from vtlha.messages import GroupRecord
+from vtlha.eventstate import StartedMove, end_id
+from vtlha.messages import GroupRecord, MoveNote, new_event_id
 from vtlha.protocol import takeover as tk
 
 if TYPE_CHECKING:
@@ -111,8 +111,14 @@ class Run:
         if not self.mover.act.is_acting_as(self.token):
             self.queue.put_nowait(self.machine.on_not_acting)
             return
+        job = self.job
+        note = None
+        if job.family is not None and job.move.old is not None:
+            self.started_id = self.started_id or new_event_id()
+            note = MoveNote(kind=job.family, old=job.move.old, started=self.started_id,
+                            term=self.machine.term, reason=job.status)
         rec = GroupRecord(owner=c.owner, term=self.machine.term, epoch=c.epoch,
-                          state="acquiring", renewed_by=self.host.node)
+                          state="acquiring", renewed_by=self.host.node, move=note)
         result: tk.ClaimResult
         try:
             rev = await asyncio.wait_for(self.mover.records.cas(c.group, rec, c.last),
@@ -163,10 +169,12 @@ class Run:
                 host.spawn(self.mover.record_failure(job.pair, job.move.old),
                            f"failure-{job.move.group}", critical=False)
             m, kind = job.move, job.family
-            self.started_id = host.emit_soon(
-                f"{kind}.started", job.status, inputs=job.inputs,
-                data={**rule, **job.data}, **self._common())
-            if self.started_id is not None and m.old is not None:
+            self.started_id = self.started_id or new_event_id()  # (as the claim noted)
+            host.emit_soon(f"{kind}.started", job.status, inputs=job.inputs,
+                           data={**rule, **job.data}, id=self.started_id, **self._common())
+            self.mover.announced[m.group] = max(self.machine.epoch,
+                                                self.mover.announced.get(m.group, 0))
+            if m.old is not None:
                 self.mover.started[m.group] = StartedMove(
                     id=self.started_id, kind=kind, group=m.group, pair=job.pair,
                     old=m.old, new=m.new, epoch=self.machine.epoch, term=self.machine.term)
@@ -187,10 +195,13 @@ class Run:
             ends.append((job.family, self.started_id))
         for kind, started in ends:
             data = {**rule, "started": started, **e.data}
+            ids = {"id": end_id(started)} if started else {}
             if e.what == "completed":
-                host.emit_soon(f"{kind}.completed", e.reason, data=data, **self._common())
+                host.emit_soon(f"{kind}.completed", e.reason, data=data, **ids,
+                               **self._common())
             else:
-                host.emit_soon(f"{kind}.failed", e.reason, data=data, **self._common())
+                host.emit_soon(f"{kind}.failed", e.reason, data=data, **ids,
+                               **self._common())
         if ends:
             self.mover.forget_started(job.move.group, self.machine.epoch)
         if e.what == "completed" and job.announce:

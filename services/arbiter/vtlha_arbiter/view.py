@@ -21,7 +21,7 @@ from vtlha.config import ClusterConfig
 from vtlha.errors import InvalidMessage
 from vtlha.health import Since
 from vtlha.messages import GroupRecord, Heartbeat, MgmtReport, StorageReport
-from vtlha.policy import DevicePaths, GroupView, NodeView, Snapshot, StorageView
+from vtlha.policy import DevicePaths, GroupFailure, GroupView, NodeView, Snapshot, StorageView
 from vtlha_arbiter.pairstate import PairState, to_monotonic
 
 
@@ -141,6 +141,16 @@ class ClusterView:
             self.last_renewal[group] = now
         return True
 
+    def max_revision(self) -> int:
+        """The highest revision of a group record this view holds (0: none)."""
+        return max((rev for _, rev in self.records.values()), default=0)
+
+    def forget_records(self) -> None:
+        """The KV bucket was recreated: its group records, their revisions (the
+        monotonic reads' high-water marks) and the renewals seen are the old bucket's."""
+        self.records.clear()
+        self.last_renewal.clear()
+
     def storage_state(self, node: str, group: str, epoch: int) -> tuple[str, str | None] | None:
         """The storage-monitor of ``node``'s latest word on ``group`` at ``epoch``:
         (state, reason), or None when it said nothing about that epoch."""
@@ -163,7 +173,9 @@ class ClusterView:
         """Per device the report mentions: paths up (distinct configured paths reported
         reachable, after rise/fall) of the paths the config gives this node, and how many
         of those answered their latest probe. Unknown devices are left out: a device the
-        view does not show is neither lost nor confirmed."""
+        view does not show is neither lost nor confirmed. The groups the node reports
+        ``failed`` (with their epoch and reason): the storage rule reads one at the
+        group's epoch like a lost device of that group."""
         up: dict[str, set[int]] = {}
         ok: dict[str, set[int]] = {}
         for p in report.paths:
@@ -179,9 +191,11 @@ class ClusterView:
             total = self.config.devices[dev].paths.get(node, 0)
             devices[dev] = DevicePaths(len({i for i in paths if i < total}), total,
                                        len({i for i in ok[dev] if i < total}))
+        failed = {gs.group: GroupFailure(gs.epoch, gs.reason) for gs in report.groups
+                  if gs.state == "failed" and gs.group in self.config.groups()}
         return StorageView(node, received, devices,
                            dict(self.reachable_since.get(node, {})),
-                           dict(self.lost_since.get(node, {})))
+                           dict(self.lost_since.get(node, {})), failed)
 
     def snapshot(self, now: float, wall: float, in_flight: frozenset[str],
                  hold_off_until: float | None = None) -> Snapshot:

@@ -7,7 +7,13 @@ companion's lease holder and this node's executors.
 - lease notices: ``ha.<c>.lease.<node>`` (local to the host), one per successful renewal
   or granted promise, and a revoked one when a group is taken;
 - promises: requests answered on ``ha.<c>.promise.<node>``; asked of the companion when a
-  renewal finds the KV unavailable;
+  renewal finds the KV unavailable, through this node's connection **and**, at once, over
+  a connection of its own straight to the companion's NATS server (``companion_url``):
+  after a long cut heals, the route between the two nodes' servers can stay stalled in
+  TCP retransmission backoff for seconds while the rejoining server's higher raft term
+  already forces a KV election (docs/safety.md, "A node rejoining"); the companion's
+  lease holder sits on its own server, so the direct connection reaches it without any
+  route. The first grant counts (each is a promise the companion's lease holder made);
 - the KV watch on ``group.>`` tells it what the node owns and when it was given a group;
   a watch that stops showing this node's own renewals is restarted
   (``vtlha.protocol.watch``), and every group's record is also read directly every
@@ -22,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
+import nats
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
@@ -35,6 +44,7 @@ from vtlha.errors import InvalidMessage
 from vtlha.messages import (
     GroupRecord,
     LeaseNotice,
+    LeaseState,
     PromiseReply,
     PromiseRequest,
     decode,
@@ -47,6 +57,7 @@ from vtlha.protocol.lease import (
     LeaseHolder,
     Note,
     Notice,
+    Phase,
     Probe,
     PromiseAnswer,
     Renew,
@@ -57,6 +68,56 @@ if TYPE_CHECKING:
     from vtlha_heartbeat.main import HeartbeatService
 
 TICK = 0.01  # seconds between lease-holder ticks (gates open within this)
+#: the direct connection to the companion's server: a dead one is noticed after
+#: ``DIRECT_PING`` x (``DIRECT_PINGS_OUT`` + 1) s at most, then made again every
+#: ``DIRECT_RETRY`` s, each try bounded by 4 x ``DIRECT_RETRY`` (a try begun while the
+#: link was down waits on ARP: short tries make the path come back ~0.2 s after a heal)
+DIRECT_PING = 1
+DIRECT_PINGS_OUT = 2
+DIRECT_RETRY = 0.05
+
+
+class TryGivenUp(TimeoutError):
+    """A connect try given up (``bounded_try``)."""
+
+
+async def bounded_try(connect: Awaitable[None], kick: asyncio.Event, first: float,
+                      limit: float) -> None:
+    """Await ``connect`` for at most ``limit`` s; once it has run ``first`` s, give it up
+    as soon as ``kick`` is set (a promise is needed now, and a try begun while the link
+    was cut waits on a lost SYN). Raises TryGivenUp when it was given up or ran out."""
+    task = asyncio.ensure_future(connect)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=first)
+        if not done:
+            kick.clear()
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(kick.wait())
+            either: set[asyncio.Future[Any]] = {task, waiter}
+            try:
+                done_any, _ = await asyncio.wait(either, timeout=limit - first,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if task not in done_any:
+                raise TryGivenUp("connect try given up")
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def companion_url(servers: list[str], urls: list[str], node: str,
+                  companion: str) -> str | None:
+    """The companion's own NATS server among a service's ``urls``: they list this node's
+    server first, then the other configured ``servers`` in the configured order (the
+    cluster file's default, and the lab's). None when that cannot be told (the lists do
+    not match, or the companion runs no server)."""
+    if companion not in servers or len(urls) != len(servers):
+        return None
+    order = ([node] if node in servers else []) + [s for s in servers if s != node]
+    return urls[order.index(companion)]
 
 
 def watch_bounds(interval: float) -> tuple[float, float]:
@@ -82,6 +143,13 @@ class LeaseRunner:
         stall_after, read_every = watch_bounds(t.heartbeat_interval)
         self.wm = WatchMonitor(stall_after=stall_after, read_every=read_every)
         self._reading = False
+        self.direct_url = companion_url(list(svc.config.nats.servers), list(svc.nats_urls),
+                                        svc.node, companion)
+        self.direct: NATS | None = None
+        #: set when a promise is asked while the direct path is down: a connect try that
+        #: has run ``DIRECT_RETRY`` s already is given up and made afresh at once (a try
+        #: begun during a cut waits on a lost SYN; the promise is needed now)
+        self.direct_kick = asyncio.Event()
         reg = svc.registry
         self.renewals = Counter("vtlha_lease_renewals_total", "Lease renewals, by result",
                                 ["result"], registry=reg)
@@ -100,30 +168,84 @@ class LeaseRunner:
         self.kv = await bus.retry_js("kv", lambda: fast.key_value(svc.subjects.kv_bucket),
                                      not_found_too=True)
         self.watcher = await bus.retry_js("kv watch", lambda: self._kv().watch("group.>"))
-        svc.spawn(self._watch_forever(self.watcher), "lease-watch")
+        svc.spawn(self._watch_forever(self.watcher, self.lh.generation), "lease-watch")
         await svc.nc.subscribe(svc.subjects.promise(svc.node),
                                cb=svc.subscribe_handler("promise", self._on_promise_request))
         svc.every(TICK, self._tick, "lease")
+        if self.direct_url is not None:
+            svc.spawn(self._connect_direct(self.direct_url), "promise-direct", critical=False)
+
+    async def _connect_direct(self, url: str) -> None:
+        """Keep a connection to the companion's server, and to that server only: nats-py
+        would reconnect to any server it learnt of (INFO ``connect_urls``) and buffer
+        requests meanwhile, so it does not reconnect at all; a connection that closes
+        (pings unanswered: dead within ``DIRECT_PING`` x (``DIRECT_PINGS_OUT`` + 1) s) is
+        made again here every ``DIRECT_RETRY`` s."""
+        async def _quiet(exc: Exception) -> None:
+            pass
+
+        lost = False
+        while not self.svc.stopping:
+            closed = asyncio.Event()
+
+            async def _closed(ev: asyncio.Event = closed) -> None:
+                ev.set()
+
+            nc = NATS()
+            try:
+                # nats-py retries even a first connect without end: bound it here
+                await self._direct_try(nc.connect(
+                    servers=[url], name=f"heartbeat@{self.svc.node}-promise",
+                    connect_timeout=DIRECT_RETRY * 2,  # type: ignore[arg-type]
+                    allow_reconnect=False,
+                    ping_interval=DIRECT_PING, max_outstanding_pings=DIRECT_PINGS_OUT,
+                    error_cb=_quiet, closed_cb=_closed))
+            except (OSError, nats.errors.Error, TimeoutError):
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                if not lost:
+                    lost = True
+                    self.svc.log.info("no promise path to the companion's server",
+                                      extra={"server": url})
+                self.direct_kick.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.direct_kick.wait(), DIRECT_RETRY)
+                continue
+            self.direct = nc
+            if lost:
+                lost = False
+                self.svc.log.info("promise path to the companion's server back",
+                                  extra={"server": url})
+            await closed.wait()
+
+    async def _direct_try(self, connect: Awaitable[None]) -> None:
+        await bounded_try(connect, self.direct_kick, DIRECT_RETRY, DIRECT_RETRY * 4)
 
     async def stop(self) -> None:
         if self.watcher is not None:
             with contextlib.suppress(Exception):
                 await self.watcher.stop()  # type: ignore[no-untyped-call]
+        if self.direct is not None:
+            with contextlib.suppress(Exception):
+                await self.direct.close()
 
     def _kv(self) -> KeyValue:
         assert self.kv is not None
         return self.kv
 
     # ---- inputs --------------------------------------------------------------
-    async def _watch_forever(self, watcher: KeyValue.KeyWatcher) -> None:
-        """Deliver the watch's entries; when it ends (stopped because it stalled) start
-        a new one."""
+    async def _watch_forever(self, watcher: KeyValue.KeyWatcher, gen: int) -> None:
+        """Deliver the watch's entries; when it ends (stopped because it stalled, or the
+        bucket was recreated) start a new one. ``gen``: the bucket generation the watch
+        was made in (an entry of an older one is ignored)."""
         while True:
             async for entry in watcher:
                 if entry is not None and entry.revision is not None:
-                    await self._entry(entry.key, entry.value, entry.revision, watched=True)
+                    await self._entry(entry.key, entry.value, entry.revision, gen,
+                                      watched=True)
             if self.svc.stopping:
                 return
+            gen = self.lh.generation
             watcher = await self._new_watch()
 
     async def _new_watch(self) -> KeyValue.KeyWatcher:
@@ -140,7 +262,7 @@ class LeaseRunner:
             self.watcher = w
             return w
 
-    async def _entry(self, key: str, value: bytes | None, revision: int,
+    async def _entry(self, key: str, value: bytes | None, revision: int, gen: int,
                      watched: bool = False) -> None:
         group = key.removeprefix("group.")
         if group not in self.svc.my_groups:
@@ -155,7 +277,7 @@ class LeaseRunner:
                 self.svc.invalid_messages.labels("group-record").inc()
                 self.svc.log.warning("invalid group record", extra={"error": str(exc)})
                 return
-        await self._run(self.lh.on_record(group, rec, revision, time.monotonic()))
+        await self._run(self.lh.on_record(group, rec, revision, time.monotonic(), gen))
 
     async def _check_watch(self, now: float) -> None:
         """Restart a stalled watch; read every record directly when that is due."""
@@ -178,21 +300,26 @@ class LeaseRunner:
         behind the leader: the monotonic filter ignores what is older)."""
         try:
             for group in sorted(self.svc.my_groups):
+                gen = self.lh.generation
                 try:
                     entry = await self._kv().get(self.svc.subjects.group_key(group))
                 except Exception:
                     continue  # absent, or the KV unreachable: the next read tries again
                 if entry.revision is not None and entry.value:
-                    await self._entry(entry.key, entry.value, entry.revision)
+                    await self._entry(entry.key, entry.value, entry.revision, gen)
         finally:
             self._reading = False
 
     def on_new_bucket(self) -> None:
-        """The KV bucket was recreated (the heartbeat's identity check saw it)."""
-        self.svc.spawn(self._new_bucket(), "lease-new-bucket", critical=False)
+        """The KV bucket was recreated (the heartbeat's identity check saw it). The lease
+        holder forgets the old bucket at once, in the same step as the service adopted
+        the new identity: every notice after this one is of the new bucket and says so
+        (``LeaseNotice.bucket``)."""
+        effects = self.lh.on_new_bucket()
+        self.svc.spawn(self._new_bucket(effects), "lease-new-bucket", critical=False)
 
-    async def _new_bucket(self) -> None:
-        await self._run(self.lh.on_new_bucket())
+    async def _new_bucket(self, effects: list[Effect]) -> None:
+        await self._run(effects)
         self.wm.seen.clear()
         self.wm.on_restart()
         if self.watcher is not None:
@@ -208,6 +335,7 @@ class LeaseRunner:
     async def _acquire(self, group: str, epoch: int, wait: float | None) -> None:
         known = self.lh.groups.get(group)
         if known is None or known.epoch < epoch:
+            gen = self.lh.generation
             try:
                 entry = await self._kv().get(self.svc.subjects.group_key(group))
             except Exception as exc:
@@ -217,7 +345,7 @@ class LeaseRunner:
             if entry.value and entry.revision is not None:
                 rec = decode(GroupRecord, entry.value)
                 await self._run(self.lh.on_record(group, rec, entry.revision,
-                                                  time.monotonic()))
+                                                  time.monotonic(), gen))
         if wait is not None:
             await self._run(self.lh.on_acquire_command(group, epoch, wait, time.monotonic()))
 
@@ -245,9 +373,13 @@ class LeaseRunner:
 
     # ---- effects -------------------------------------------------------------
     async def _run(self, effects: list[Effect]) -> None:
+        """Carry out what the lease holder said; its notices name the bucket it was in
+        when it said so (read here, before any await: the effects were computed just
+        before this call)."""
+        bucket = self.svc.fencing.bucket
         for e in effects:
             if isinstance(e, Notice):
-                await self._notice(e)
+                await self._notice(e, bucket)
             elif isinstance(e, Renew):
                 self.svc.spawn(self._renew(e), f"renew-{e.group}", critical=False)
             elif isinstance(e, AskPromise):
@@ -258,10 +390,10 @@ class LeaseRunner:
                 self.svc.log.info(e.message, extra={"group": e.group, "note": e.kind})
                 self.svc.emit_soon(e.kind, e.message, group=e.group)
 
-    async def _notice(self, n: Notice) -> None:
+    async def _notice(self, n: Notice, bucket: str) -> None:
         msg = LeaseNotice(cluster=self.svc.config.cluster, node=self.svc.node, group=n.group,
                           epoch=n.epoch, valid_until=n.valid_until, revoked=n.revoked,
-                          reason=n.reason, since=n.since)
+                          reason=n.reason, since=n.since, bucket=bucket)
         await self.svc.nc.publish(self.svc.subjects.lease(self.svc.node), encode(msg))
 
     async def _renew(self, r: Renew) -> None:
@@ -308,24 +440,44 @@ class LeaseRunner:
                                                 now=time.monotonic()))
 
     async def _ask(self, a: AskPromise) -> None:
-        req = PromiseRequest(cluster=self.svc.config.cluster, node=self.svc.node,
-                             groups=list(a.groups), duration=a.duration, partial=True)
+        req = encode(PromiseRequest(cluster=self.svc.config.cluster, node=self.svc.node,
+                                    groups=list(a.groups), duration=a.duration, partial=True))
+        subject = self.svc.subjects.promise(a.companion)
+        conns = [self.svc.nc]
+        if self.direct is not None and self.direct.is_connected:
+            conns.append(self.direct)  # straight to the companion's server: no route
+        elif self.direct_url is not None:
+            self.direct_kick.set()  # needed now: make it again at once
         answer: PromiseAnswer | None = None
-        try:
-            raw = await self.svc.nc.request(self.svc.subjects.promise(a.companion), encode(req),
-                                            timeout=self.op_timeout)
-            rep = decode(PromiseReply, raw.data)
-            answer = PromiseAnswer(rep.granted, rep.duration, rep.reason,
-                                   None if rep.groups is None else tuple(rep.groups))
-        except (nats.errors.Error, TimeoutError, InvalidMessage) as exc:
+        errors: list[str] = []
+        for done in asyncio.as_completed([self._ask_on(nc, subject, req) for nc in conns]):
+            got, error = await done
+            if error:
+                errors.append(error)
+            if got is not None and (answer is None or not answer.granted):
+                answer = got
+            if answer is not None and answer.granted:
+                break  # the first grant counts; the other request runs out on its own
+        if answer is None:
             self.svc.log.info("no promise answer", extra={"from": a.companion,
-                                                          "error": repr(exc)})
+                                                          "error": "; ".join(errors)})
         result = "none" if answer is None else ("granted" if answer.granted else "refused")
         self.promises.labels("asked", result).inc()
         self.svc.log.info(f"promise asked: {result}",
                           extra={"from": a.companion, "groups": list(a.groups),
-                                 "reason": answer.reason if answer else ""})
+                                 "reason": answer.reason if answer else "",
+                                 "paths": len(conns)})
         await self._run(self.lh.on_promise_reply(a.sent_at, answer, a.groups))
+
+    async def _ask_on(self, nc: NATS, subject: str,
+                      req: bytes) -> tuple[PromiseAnswer | None, str]:
+        try:
+            raw = await nc.request(subject, req, timeout=self.op_timeout)
+            rep = decode(PromiseReply, raw.data)
+        except (nats.errors.Error, TimeoutError, InvalidMessage) as exc:
+            return None, repr(exc)
+        return PromiseAnswer(rep.granted, rep.duration, rep.reason,
+                             None if rep.groups is None else tuple(rep.groups)), ""
 
     async def _probe(self) -> None:
         try:
@@ -334,6 +486,20 @@ class LeaseRunner:
         except Exception:
             result = KvResult.UNAVAILABLE
         self.lh.on_probe_result(result)
+
+    def states(self, now: float) -> list[LeaseState]:
+        """Each group's lease for the heartbeat (operators' view, durations only). The
+        age counts from the send of the renewal that gave the validity: ``lease_ttl``
+        before it runs out (a promise shorter than ``lease_ttl`` makes it look older)."""
+        out = []
+        for g in sorted(self.lh.groups.values(), key=lambda g: g.group):
+            left = max(0.0, g.valid_until - now)
+            holding = g.phase is Phase.HOLDING
+            age = max(0.0, self.lh.lease_ttl - left) if holding and g.valid_until else None
+            out.append(LeaseState(group=g.group, epoch=g.epoch, phase=g.phase.value,
+                                  valid_for=round(left, 3),
+                                  age=None if age is None else round(age, 3)))
+        return out
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -346,4 +512,6 @@ class LeaseRunner:
             "promises_given": {g: round(u - now, 3) for g, u in self.lh.promises_given.items()},
             "embargo_left_s": round(max(0.0, self.lh.started_at + self.lh.lease_ttl - now), 3),
             "watch_restarts": self.wm.restarts,
+            "promise_direct": {"server": self.direct_url,
+                               "connected": bool(self.direct and self.direct.is_connected)},
         }

@@ -121,7 +121,8 @@ class HeartbeatService(Executor):
     async def _beat(self) -> None:
         hb = Heartbeat(cluster=self.config.cluster, node=self.node, incarnation=self.incarnation,
                        seq=self.seq, interval=self.config.timings.heartbeat_interval,
-                       checks=list(self.check_results.values()), storage=self.storage_verdict())
+                       checks=list(self.check_results.values()), storage=self.storage_verdict(),
+                       leases=self.lease.states(time.monotonic()))
         await self.nc.publish(self.subjects.hb(self.node), encode(hb))
         self.seq += 1
         self.published.inc()

@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute
@@ -150,6 +150,9 @@ class NetlinkBackend:
         self.interfaces: dict[str, Interface] = {}
         self.garp = GarpSender(config.ip.garp_count, config.ip.garp_interval, self.log, netns)
         self._ipr: AsyncIPRoute | None = None
+        #: one netlink request at a time on the socket: the kernel refuses a second dump
+        #: while one is under way (EBUSY), and every group's enforce loop asks
+        self._rtnl_lock = asyncio.Lock()
         #: figures of the last add/remove, seconds (status and the bench read them)
         self.last_add: float | None = None
         self.last_remove: float | None = None
@@ -197,11 +200,18 @@ class NetlinkBackend:
                 "garp_pending": self.garp.pending(),
                 "last_add_s": self.last_add, "last_remove_s": self.last_remove}
 
+    async def _rtnl(self, request: Callable[[], Awaitable[T]], what: str) -> T:
+        """One netlink request, alone on the socket, with the timeout."""
+        async with self._rtnl_lock:
+            return await bounded(request(), what, self.timeout)
+
     # ---- IpBackend -----------------------------------------------------------
     async def _configured(self) -> dict[str, list[tuple[int, int]]]:
         """floating address -> [(ifindex, prefixlen)] where it is configured now."""
         out: dict[str, list[tuple[int, int]]] = {}
-        for a in await dump_addresses(self.ipr, self.timeout):
+        dump: list[Any] = await self._rtnl(
+            lambda: _collect(self.ipr.addr("dump", family=socket.AF_INET)), "address dump")
+        for a in dump:
             addr = self._by_ip.get(str(a.get("address")))
             if addr is not None:
                 out.setdefault(addr, []).append((int(a["index"]), int(a["prefixlen"])))
@@ -223,9 +233,9 @@ class NetlinkBackend:
         t0 = time.perf_counter()
         ip = ip_of(address)
         try:
-            await bounded(self.ipr.addr("replace" if self.lifetime else "add", index=iface.index,
-                                        address=ip, prefixlen=32, **self._lft()),
-                          f"add {ip}/32 on {iface.name}", self.timeout)
+            await self._rtnl(lambda: self.ipr.addr(
+                "replace" if self.lifetime else "add", index=iface.index, address=ip,
+                prefixlen=32, **self._lft()), f"add {ip}/32 on {iface.name}")
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise VtlhaError(f"cannot add {ip}/32 on {iface.name}: {exc}") from exc
@@ -241,16 +251,18 @@ class NetlinkBackend:
         iface = self.interface_of(address)
         ip = ip_of(address)
         try:
-            await bounded(self.ipr.addr("replace", index=iface.index, address=ip, prefixlen=32,
-                                        **self._lft()), f"renew {ip}/32", self.timeout)
+            await self._rtnl(lambda: self.ipr.addr("replace", index=iface.index, address=ip,
+                                                   prefixlen=32, **self._lft()),
+                             f"renew {ip}/32")
         except NetlinkError as exc:
             raise VtlhaError(f"cannot renew {ip}/32 on {iface.name}: {exc}") from exc
 
     async def _delete(self, index: int, ip: str, prefixlen: int) -> bool:
         """Delete one address; False when it was not there (EADDRNOTAVAIL)."""
         try:
-            await bounded(self.ipr.addr("del", index=index, address=ip, prefixlen=prefixlen),
-                          f"delete {ip}/{prefixlen}", self.timeout)
+            await self._rtnl(lambda: self.ipr.addr("del", index=index, address=ip,
+                                                   prefixlen=prefixlen),
+                             f"delete {ip}/{prefixlen}")
         except NetlinkError as exc:
             if exc.code == errno.EADDRNOTAVAIL:
                 return False

@@ -2,12 +2,15 @@
 target, and publishes ``ha.<cluster>.storage.<node>`` (per device, per path:
 reachable, latency, error).
 
-A path is one TCP connection to the SAN target (``--san HOST``, port ``san.port +
-path``): one :class:`~vtlha.san.SanClient` per path index, registered for every device
-the node has that path to. A probe reads one block with a timeout (``probe_timeout``);
-a connection that drops or times out is opened again (and the devices registered
-again) for the next device's probe; when that fails, the path's other devices fail with
-it in this round. Each path index is probed by its own loop, so a path whose
+The SAN is the cluster file's ``san.kind``, behind one seam
+(:mod:`vtlha_storage_monitor.backends`): the reference target (``reference``: a TCP
+connection per path, ``--san HOST`` at port ``san.port + path``, registered for every
+device the node has that path to) or a real iSCSI target with SCSI-3 persistent
+reservations (``iscsi``: a read-only session per device and path for probes, a holder
+session per held device, every PR OUT that grants access only with the hold rule's
+permit; ``docs/storage.md``). A probe reads one block with a timeout
+(``probe_timeout``); a connection that drops or times out is opened again for the next
+probe. Each path index is probed by its own loop, so a path whose
 reads hang or whose packets are dropped delays no other path; a report is published
 after each path's round (and at least every ``probe_interval`` meanwhile). A path's
 state changes only after ``fall`` failures or ``rise`` successes in a row; each change
@@ -19,15 +22,33 @@ Storage takeover and release (an :class:`~vtlha.executor.Executor`: level-trigge
 on a valid lease notice, as the ip-manager): to hold a data group it takes
 each device's reservation at the SAN target at the group's epoch (``reserve``, or
 ``preempt`` when another node holds it), then runs the group's resource agents'
-``start`` (``vtlha.agents``; by default the tape data service). A refused reservation
+``start`` (``vtlha.agents``; by default the tape data service). It hands the group's
+data service the hold rule as a permit file (``vtlha.iscsi.permitfile``: renewed at
+every lease notice, revoked before the resources stop); on iSCSI the data service
+takes the reservation to its own sessions with it (Write Exclusive: the writer must
+hold it) and acknowledges a write only while it is valid. A refused reservation
 or a failing ``start`` leaves the group ``failed`` — reported in the storage report and
 the event ``storage.start_failed``, never "served", and not retried on its own (no
 retry storm). To stop holding it runs the agents' ``stop`` (the data service's I/O has
 stopped when it returns) and then releases the reservations; the release is
 acknowledged only when both are done (a reservation another node preempted counts as
 given up). Events ``storage.takeover`` / ``storage.release`` name device, path, node
-and epoch. While a group is served its agents' ``monitor`` runs every
-``monitor_interval``; a failure is reported (``storage.agent_failed``)."""
+and epoch.
+
+While a group is served its agents' ``monitor`` runs every ``monitor_interval``. A
+failed monitor, or a failed ``start`` while the group is acquired, is a **failure** of
+that resource on this node (``storage.agent_failed``), counted per (group, resource)
+within the resource's ``failure_timeout`` (``vtlha.recovery``, Pacemaker's fail
+counts). Below ``migration_threshold`` the resource is recovered here: ``stop`` then
+``start`` of it and of the group's resources after it (as Pacemaker restarts a group's
+members in order), each with its timeout, in a task of its own
+(``storage.resource_restarted``); meanwhile the group is reported ``starting`` and
+none of its monitors runs. When the threshold is reached, or the restart fails itself,
+the group is given up: reported ``failed``, which the arbiter's storage rule
+(``storage_local_failure``) reads like a lost device and moves the group to the
+companion when the companion can serve it (an alarm, ``storage.global_failure``,
+when it cannot). A release, or the lease lapsing, cancels a recovery under way (its
+agent is killed) before the release's own ``stop``."""
 
 from __future__ import annotations
 
@@ -39,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from vtlha import bus
@@ -46,14 +68,19 @@ from vtlha.agents import AgentResult, run_agent
 from vtlha.config import ClusterConfig, Resource
 from vtlha.executor import HoldingExecutor, ReleaseIncomplete
 from vtlha.health import Hysteresis
+from vtlha.iscsi.permitfile import FILE_NAME as PERMIT_FILE
+from vtlha.iscsi.permitfile import revoke_permit, write_permit
+from vtlha.iscsi.session import Permit
 from vtlha.messages import GroupStorage, PathHealth, StorageReport, encode
-from vtlha.san import SanClient, SanError, SanRefused
-from vtlha.san.multipath import Multipath
+from vtlha.protocol.hold import Why
+from vtlha.recovery import FailCounts, Verdict
 from vtlha.service import service_command
+from vtlha_storage_monitor.backends import SanBackend, StorageError, make_backend
 
 LOOPBACK = "127.0.0.1"
 RELEASE_RETRY = 1.0  # seconds before an unfinished release is tried again
 MONITOR_TICK = 0.5  # seconds between checks of which resource monitors are due
+CANCEL_WAIT = 5.0  # seconds a release waits for a cancelled recovery to end
 
 
 @dataclass
@@ -80,6 +107,13 @@ class Serving:
     next_monitor: dict[str, float] = field(default_factory=dict)
     stopped: set[str] = field(default_factory=set)  # resources stopped since the release began
     retry_at: float = 0.0  # a release that could not be finished is tried again from then
+    served_once: bool = False  # was served at this epoch (then a give-up is no start failure)
+    #: a local restart (or the stop after a give-up) under way; a release cancels it
+    recovery: asyncio.Task[None] | None = None
+
+    @property
+    def recovering(self) -> bool:
+        return self.recovery is not None and not self.recovery.done()
 
 
 def default_san_host(config: ClusterConfig) -> str:
@@ -92,12 +126,6 @@ def default_san_host(config: ClusterConfig) -> str:
     elif config.has_node(host):
         ip = config.node(host).service_ip
     return ip.split("/")[0] if ip else LOOPBACK
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, SanRefused):
-        return exc.reason
-    return str(exc)
 
 
 class StorageMonitor(HoldingExecutor):
@@ -124,10 +152,6 @@ class StorageMonitor(HoldingExecutor):
             for i in range(d.paths.get(self.node, 0))
         ]
         self.timeout = t.probe_timeout
-        n_paths = max((s.path + 1 for s in self.paths), default=0)
-        self.clients: dict[int, SanClient] = {
-            i: SanClient(self.san_host, config.san.port + i, node, i, timeout=self.timeout)
-            for i in range(n_paths)}
         self.seq = 0
         self.last_report = 0.0
         self.probes = Counter("vtlha_storage_probes_total", "Path probes, by result", ["result"],
@@ -138,23 +162,32 @@ class StorageMonitor(HoldingExecutor):
                                   "Connections (re)opened to the SAN target, by path",
                                   ["path"], registry=self.registry)
         self.serving: dict[str, Serving] = {}
-        self.multipath: dict[str, Multipath] = {
-            g: Multipath(config, node, self.san_host, config.group_devices(g), self.timeout)
-            for g in self.executor_groups()}
+        self.san: SanBackend = make_backend(
+            config, node, self.san_host, self.executor_groups(), self.gate, self.timeout,
+            lambda i: self.reconnects.labels(str(i)).inc())
         self.agent_runs = Counter("vtlha_storage_agent_runs_total", "Resource agent runs, by "
                                   "action and result", ["action", "result"],
                                   registry=self.registry)
         self.reservations = Counter("vtlha_storage_reservations_total", "Reservation "
                                     "requests to the SAN target, by op and result",
                                     ["op", "result"], registry=self.registry)
+        self.restarts = Counter("vtlha_storage_resource_restarts_total", "Local restarts of "
+                                "a failed resource (stop, then start), by resource and result "
+                                "(ok, failed, cancelled)", ["resource", "result"],
+                                registry=self.registry)
+        self.resource_failures = Counter("vtlha_storage_resource_failures_total", "Failures "
+                                         "of a resource on this node (failed monitor or start), "
+                                         "by resource and what follows (restart, give_up)",
+                                         ["resource", "next"], registry=self.registry)
+        self.failcounts = FailCounts()
         self.reconciled = False
 
     async def start(self) -> None:
         interval = self.config.timings.probe_interval
         self.log.info("probing through the SAN target",
-                      extra={"san": self.san_host, "port_base": self.config.san.port,
+                      extra={"kind": self.san.name, **self.san.describe(),
                              "paths": len(self.paths)})
-        for i in self.clients:
+        for i in self.san.path_indices():
             self.every(interval, functools.partial(self._probe_path, i), f"probe{i}")
         self.every(interval, self._keep_fresh, "report")
         await bus.retry_js("reconcile", self.reconcile)
@@ -163,9 +196,7 @@ class StorageMonitor(HoldingExecutor):
 
     async def stop(self) -> None:
         await super().stop()
-        # A call stuck on a connection ends at once (its reader sees the close).
-        await asyncio.gather(*(c.close() for c in self.clients.values()),
-                             *(m.close() for m in self.multipath.values()))
+        await self.san.close()
 
     def executor_groups(self) -> set[str]:
         """Data groups with devices: the ones with storage to take over."""
@@ -203,6 +234,30 @@ class StorageMonitor(HoldingExecutor):
     def _run_dir(self, group: str, r: Resource) -> Path:
         return self.state_dir / "resources" / group / r.name
 
+    async def _on_notice(self, msg: Msg) -> None:
+        """Each lease notice also renews (or revokes) the data services' permits at once:
+        a group's start (its agents) holds the group's lock for long, and its data
+        service takes the reservation with the permit meanwhile."""
+        await super()._on_notice(msg)
+        for group, sv in list(self.serving.items()):
+            if sv.state != "stopping":
+                self._hand_permit(group, sv.epoch)
+
+    def _permit_path(self, group: str) -> Path:
+        return self.state_dir / "resources" / group / PERMIT_FILE
+
+    def _hand_permit(self, group: str, epoch: int) -> None:
+        """Write the hold rule's permit for the group's data service (iSCSI: it registers
+        and reserves with it, and acknowledges a write only while it is valid;
+        ``vtlha.iscsi.permitfile``): the executor's gate now, or revoked."""
+        path = self._permit_path(group)
+        permit = Permit.from_gate(self.gate, group, time.monotonic())
+        if permit is None or permit.epoch != epoch:
+            revoke_permit(path, group, epoch)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_permit(path, group, epoch, permit.valid_until)
+
     def _portal(self, group: str) -> str:
         home = self.config.groups()[group][0]
         portal_host = self.options.get("portal_host")
@@ -218,6 +273,8 @@ class StorageMonitor(HoldingExecutor):
                 "VTLHA_DEVICES": ",".join(self.config.group_devices(group)),
                 "VTLHA_PORTAL": self._portal(group), "VTLHA_SAN_HOST": self.san_host,
                 "VTLHA_SAN_PORT": str(self.config.san.port),
+                "VTLHA_SAN_KIND": self.config.san.kind,
+                "VTLHA_PERMIT_FILE": str(self._permit_path(group)),
                 "VTLHA_CONFIG": str(self.options.get("config_path", ""))}
 
     async def _agent(self, group: str, epoch: int, r: Resource, action: str) -> AgentResult:
@@ -230,58 +287,67 @@ class StorageMonitor(HoldingExecutor):
         return res
 
     async def _take(self, sv: Serving, device: str) -> None:
-        """Take the device's reservation at the group's epoch: reserve when it is free
-        (or ours), preempt when another node holds it. Raises SanError."""
-        mp = self.multipath[sv.group]
+        """Take the device's reservation at the group's epoch (the backend's ``take``:
+        reserve when free, preempt an older holder). Raises StorageError."""
         try:
-            reply = await mp.call(lambda c: c.reserve(device, sv.epoch))
-            op = "reserve"
-        except SanRefused as exc:
-            if "conflict" not in exc.reason:
-                self.reservations.labels("reserve", "refused").inc()
-                raise
-            reply = await mp.call(lambda c: c.preempt(device, sv.epoch))
-            op = "preempt"
-        self.reservations.labels(op, "ok").inc()
-        sv.reserved[device] = mp.path
-        old = reply.get("old_holder")
+            took = await self.san.take(sv.group, device, sv.epoch)
+        except StorageError:
+            self.reservations.labels("take", "refused").inc()
+            raise
+        self.reservations.labels(took.op, "ok").inc()
+        sv.reserved[device] = took.path
+        old = took.old_node
         self.emit_soon("storage.takeover", f"{self.node} holds {device} of {sv.group} at "
-                       f"epoch {sv.epoch} ({op} on path {mp.path}"
-                       f"{f', preempting {old}' if old and old != self.node else ''})",
-                       group=sv.group, epoch=sv.epoch, new=self.node,
-                       old=old if old != self.node else None,
-                       data={"device": device, "path": mp.path, "node": self.node,
-                             "op": op, "old_epoch": reply.get("old_epoch")})
+                       f"epoch {sv.epoch} ({took.op} on path {took.path}"
+                       f"{f', preempting {old}' if old else ''})",
+                       group=sv.group, epoch=sv.epoch, new=self.node, old=old,
+                       data={"device": device, "path": took.path, "node": self.node,
+                             "op": took.op, "old_epoch": took.old_epoch,
+                             **({"key": took.key, "previous_key": took.previous_key}
+                                if took.key else {})})
 
     async def start_holding(self, group: str, epoch: int, until: float) -> None:
         sv = Serving(group, epoch, "starting")
         self.serving[group] = sv
+        self._hand_permit(group, epoch)
         await self._publish()
         try:
             for device in self.config.group_devices(group):
                 await self._take(sv, device)
-        except SanError as exc:
+        except StorageError as exc:
             self.reservations.labels("take", "failed").inc()
             await self._fail(sv, f"reservation not taken: {exc}")
             return
-        for r in self.config.group_resources(group):
+        resources = self.config.group_resources(group)
+        for i, r in enumerate(resources):
             res = await self._agent(group, epoch, r, "start")
             if not res.ok:
-                # As Pacemaker does after a failed start: stop what may be half started.
-                await self._agent(group, epoch, r, "stop")
-                await self._fail(sv, f"resource {r.name}: start failed: {res.detail}")
+                why = f"resource {r.name}: start failed: {res.detail}"
+                v = self._resource_failed(sv, r, "start", res.detail)
+                if v.gives_up:
+                    # As Pacemaker does after a failed start: stop what may be half started.
+                    await self._agent(group, epoch, r, "stop")
+                    await self._give_up(sv, f"{why}; {v.why}")
+                else:  # stop, then start again, in a task a release can cancel
+                    await self._begin_recovery(sv, r, resources[i:], why, restart=True)
                 return
-            sv.started.append(r)
-            if r.monitor_interval > 0:
-                sv.next_monitor[r.name] = time.monotonic() + r.monitor_interval
-        sv.state = "served"
-        self.log.info("serving", extra={"group": group, "epoch": epoch,
+            self._started(sv, r)
+        await self._now_served(sv)
+
+    def _started(self, sv: Serving, r: Resource) -> None:
+        sv.started.append(r)
+        if r.monitor_interval > 0:
+            sv.next_monitor[r.name] = time.monotonic() + r.monitor_interval
+
+    async def _now_served(self, sv: Serving) -> None:
+        sv.state, sv.reason, sv.served_once = "served", "", True
+        self.log.info("serving", extra={"group": sv.group, "epoch": sv.epoch,
                                         "devices": sorted(sv.reserved),
                                         "resources": [r.name for r in sv.started]})
-        self.emit_soon("storage.served", f"{self.node} serves {group} at epoch {epoch}: "
+        self.emit_soon("storage.served", f"{self.node} serves {sv.group} at epoch {sv.epoch}: "
                        f"{len(sv.reserved)} reservation(s) held, resources "
                        f"{', '.join(r.name for r in sv.started) or 'none'} started",
-                       group=group, epoch=epoch, new=self.node,
+                       group=sv.group, epoch=sv.epoch, new=self.node,
                        data={"devices": sorted(sv.reserved),
                              "resources": [r.name for r in sv.started]})
         await self._publish()
@@ -295,8 +361,149 @@ class StorageMonitor(HoldingExecutor):
                        new=self.node, data={"node": self.node, "reason": reason})
         await self._publish()
 
+    # ---- a failed resource: restart here, or give the group up -------------------
+    def _resource_failed(self, sv: Serving, r: Resource, action: str, detail: str,
+                         restart_failed: bool = False) -> Verdict:
+        """Count one failure of ``r`` on this node and say what follows (the event
+        ``storage.agent_failed`` says it too)."""
+        v = self.failcounts.record(sv.group, r.name, time.monotonic(),
+                                   threshold=r.migration_threshold,
+                                   failure_timeout=r.failure_timeout,
+                                   restart_failed=restart_failed)
+        self.resource_failures.labels(r.name, v.next.value).inc()
+        self.log.warning("resource failed", extra={
+            "group": sv.group, "epoch": sv.epoch, "resource": r.name, "action": action,
+            "detail": detail, "failures": v.failures, "threshold": v.threshold,
+            "next": v.next.value})
+        self.emit_soon("storage.agent_failed", f"{self.node}: resource {r.name} of "
+                       f"{sv.group}: {action} failed: {detail}; {v.why}", group=sv.group,
+                       epoch=sv.epoch, data={"resource": r.name, "node": self.node,
+                                             "action": action, "detail": detail,
+                                             "failures": v.failures, "threshold": v.threshold,
+                                             "next": v.next.value})
+        return v
+
+    async def _give_up(self, sv: Serving, reason: str) -> None:
+        """The group is not served here and will not be restarted: reported ``failed``
+        (the arbiter moves it when the companion can serve it)."""
+        if not sv.served_once:
+            await self._fail(sv, reason)  # never served at this epoch: a start failure
+            return
+        sv.state, sv.reason = "failed", reason
+        self.log.error("group given up", extra={"group": sv.group, "epoch": sv.epoch,
+                                                "reason": reason})
+        await self._publish()
+
+    async def _begin_recovery(self, sv: Serving, failed: Resource, chain: list[Resource],
+                              why: str, restart: bool) -> None:
+        """Stop ``chain`` (``failed`` and the group's resources after it), then, with
+        ``restart``, start it again, in a task of its own that a release cancels."""
+        for x in chain:
+            sv.next_monitor.pop(x.name, None)
+        sv.started = [x for x in sv.started if x not in chain]
+        if restart:
+            sv.state = "starting"
+            sv.reason = f"restarting {', '.join(x.name for x in chain)} after: {why}"
+            await self._publish()
+        sv.recovery = self.spawn(self._recover(sv, failed, chain, restart),
+                                 f"recover-{sv.group}", critical=False)
+
+    def _still_mine(self, sv: Serving) -> bool:
+        """The group is still held at this epoch and not being let go."""
+        return (self.serving.get(sv.group) is sv and sv.state != "stopping"
+                and self.gate.verdict(sv.group, time.monotonic()) is Why.HOLD)
+
+    async def _recover(self, sv: Serving, failed: Resource, chain: list[Resource],
+                       restart: bool) -> None:
+        t0 = time.monotonic()
+        try:
+            done = await self._stop_then_start(sv, failed, chain, restart)
+        except asyncio.CancelledError:
+            if restart:
+                self.restarts.labels(failed.name, "cancelled").inc()
+            self.log.info("recovery cancelled: the group is let go",
+                          extra={"group": sv.group, "epoch": sv.epoch, "resource": failed.name})
+            raise
+        finally:
+            if sv.recovery is asyncio.current_task():
+                sv.recovery = None
+        if not restart or not done:
+            return
+        seconds = round(time.monotonic() - t0, 3)
+        n = self.failcounts.count(sv.group, failed.name, time.monotonic(),
+                                  failed.failure_timeout)
+        self.restarts.labels(failed.name, "ok").inc()
+        self.emit_soon("storage.resource_restarted", f"{self.node} restarted "
+                       f"{', '.join(x.name for x in chain)} of {sv.group} at epoch {sv.epoch} "
+                       f"in {seconds:g} s ({n} failure(s) of {failed.name} counted, "
+                       f"migration_threshold {failed.migration_threshold})", group=sv.group,
+                       epoch=sv.epoch, new=self.node,
+                       data={"resource": failed.name, "node": self.node,
+                             "resources": [x.name for x in chain], "failures": n,
+                             "threshold": failed.migration_threshold, "seconds": seconds})
+        if sv.served_once:
+            sv.state, sv.reason = "served", ""
+            self.log.info("serving again", extra={"group": sv.group, "epoch": sv.epoch,
+                                                  "resources": [r.name for r in sv.started]})
+            await self._publish()
+        else:
+            await self._now_served(sv)
+
+    async def _stop_then_start(self, sv: Serving, failed: Resource, chain: list[Resource],
+                               restart: bool) -> bool:
+        """True when every resource of ``chain`` was stopped and (``restart``) started
+        again; False when the group was let go meanwhile or given up."""
+        for x in reversed(chain):
+            if not self._still_mine(sv):
+                return False
+            res = await self._agent(sv.group, sv.epoch, x, "stop")
+            if not res.ok and restart:
+                return await self._restart_failed(sv, failed, x, "stop", res.detail)
+        if not restart:
+            return True
+        for x in chain:
+            if not self._still_mine(sv):
+                return False
+            res = await self._agent(sv.group, sv.epoch, x, "start")
+            if not res.ok:
+                await self._agent(sv.group, sv.epoch, x, "stop")  # as after any failed start
+                return await self._restart_failed(sv, failed, x, "start", res.detail)
+            self._started(sv, x)
+        return True
+
+    async def _restart_failed(self, sv: Serving, failed: Resource, x: Resource, action: str,
+                              detail: str) -> bool:
+        v = self._resource_failed(sv, x, action, detail, restart_failed=True)
+        self.restarts.labels(failed.name, "failed").inc()
+        if self._still_mine(sv):
+            await self._give_up(sv, f"resource {x.name}: {action} failed while restarting "
+                                f"after a failure of {failed.name}: {detail}; {v.why}")
+        return False
+
+    async def _cancel_recovery(self, sv: Serving) -> None:
+        task = sv.recovery
+        if task is None or task.done():
+            return
+        task.cancel()  # its agent is killed (vtlha.agents.run_agent)
+        await asyncio.wait({task}, timeout=CANCEL_WAIT)
+        if not task.done():
+            self.log.error("a cancelled recovery did not end", extra={"group": sv.group})
+
     async def keep_holding(self, group: str, until: float) -> None:
-        return None  # the reservation does not expire; the target fences by epoch
+        """The reservation does not expire; a holder session lost meanwhile (iSCSI) is
+        taken again here, under the hold rule (the executor calls this only while the
+        group's lease notice is valid)."""
+        sv = self.serving.get(group)
+        if sv is None or sv.state != "served":
+            return
+        # While its resources run, the data service holds the reservation with this
+        # node's key (iSCSI): a lost holder of ours is not taken back from it.
+        for line in await self.san.keep(group, sorted(sv.reserved), sv.epoch,
+                                        leave_own=bool(sv.started)):
+            self.log.warning("holder session", extra={"group": group, "epoch": sv.epoch,
+                                                      "detail": line})
+            self.emit_soon("storage.retaken", f"{self.node}: {group}: {line}", group=group,
+                           epoch=sv.epoch, data={"node": self.node, "detail": line})
 
     async def stop_holding(self, group: str) -> None:
         """Stop the resources (their I/O has stopped when ``stop`` returns), then give
@@ -308,6 +515,8 @@ class StorageMonitor(HoldingExecutor):
             raise ReleaseIncomplete(f"{self.node} could not finish releasing {group}: "
                                     f"{sv.reason} (tried again shortly)")
         sv.state = "stopping"
+        revoke_permit(self._permit_path(group), group, sv.epoch)  # before any stop
+        await self._cancel_recovery(sv)
         problems: list[str] = []
         for r in reversed(self.config.group_resources(group)):
             if r.name in sv.stopped:
@@ -317,21 +526,17 @@ class StorageMonitor(HoldingExecutor):
                 sv.stopped.add(r.name)
             else:
                 problems.append(f"resource {r.name}: stop failed: {res.detail}")
-        mp = self.multipath[group]
         for device in list(sv.reserved):
             try:
-                await mp.call(functools.partial(SanClient.release, device=device, epoch=sv.epoch))
-                how = "released"
-            except SanRefused as exc:
-                how = f"not ours any more ({exc.reason})"
-            except SanError as exc:
+                how, path = await self.san.give_up(group, device, sv.epoch)
+            except StorageError as exc:
                 problems.append(f"{device}: reservation not released: {exc}")
                 continue
             self.reservations.labels("release", "ok").inc()
             del sv.reserved[device]
             self.emit_soon("storage.release", f"{self.node} gave up {device} of {group} "
                            f"(epoch {sv.epoch}): {how}", group=group, epoch=sv.epoch,
-                           old=self.node, data={"device": device, "path": mp.path,
+                           old=self.node, data={"device": device, "path": path,
                                                 "node": self.node, "how": how})
         if problems:
             sv.reason = "; ".join(problems)
@@ -342,69 +547,48 @@ class StorageMonitor(HoldingExecutor):
         await self._publish()
 
     async def _monitor_resources(self) -> None:
+        """Each served group's due monitors. A group being restarted or given up is not
+        ``served``: none of its monitors runs meanwhile."""
         now = time.monotonic()
         for group, sv in list(self.serving.items()):
-            if sv.state != "served":
-                continue
-            for r in sv.started:
+            for r in list(sv.started):
                 due = sv.next_monitor.get(r.name)
-                if due is None or now < due:
+                if sv.state != "served" or due is None or now < due:
                     continue
                 sv.next_monitor[r.name] = now + r.monitor_interval
                 async with self._group_locks[group]:
                     if self.serving.get(group) is not sv or sv.state != "served":
-                        return
+                        break
                     res = await self._agent(group, sv.epoch, r, "monitor")
                     if not res.ok:
-                        sv.state = "failed"
-                        sv.reason = f"resource {r.name}: monitor failed: {res.detail}"
-                        self.emit_soon("storage.agent_failed", f"{self.node}: {sv.reason}",
-                                       group=group, epoch=sv.epoch,
-                                       data={"resource": r.name, "node": self.node})
-                        await self._publish()
+                        await self._monitor_failed(sv, r, res.detail)
+
+    async def _monitor_failed(self, sv: Serving, r: Resource, detail: str) -> None:
+        if self.gate.verdict(sv.group, time.monotonic()) is not Why.HOLD:
+            # The lease is gone (the group is being let go: its data service may have
+            # ended itself on a refused write): no failure of this node's.
+            self.log.info("monitor failed while the group is let go: not counted",
+                          extra={"group": sv.group, "epoch": sv.epoch, "resource": r.name,
+                                 "detail": detail})
+            return
+        v = self._resource_failed(sv, r, "monitor", detail)
+        chain = sv.started[sv.started.index(r):]
+        why = f"resource {r.name}: monitor failed: {detail}"
+        if v.gives_up:
+            await self._give_up(sv, f"{why}; {v.why}")
+        await self._begin_recovery(sv, r, chain, why, restart=not v.gives_up)
 
     # ---- probing ---------------------------------------------------------------
-    async def _connect(self, i: int, states: list[PathState]) -> None:
-        client = self.clients[i]
-        await client.connect()
-        self.reconnects.labels(str(i)).inc()
-        for st in states:
-            try:
-                await client.register(st.device)
-            except SanRefused as exc:  # this device's reads will say why, the others go on
-                self.log.warning("not registered", extra={"device": st.device, "path": i,
-                                                          "error": exc.reason})
-
     async def _probe_path(self, i: int) -> None:
         states = [s for s in self.paths if s.path == i]
-        client = self.clients[i]
-        no_conn: str | None = None  # this round's connect failed: the path is down
-        for st in states:
-            if self.stopping:
-                return
-            t0 = time.monotonic()
-            try:
-                if no_conn is not None:
-                    raise SanError(no_conn)
-                if not client.connected:
-                    try:
-                        await self._connect(i, states)
-                    except SanError as exc:
-                        no_conn = _reason(exc)
-                        raise
-                block = self.config.devices[st.device].block_size
-                data = await client.read(st.device, 0, 1, timeout=self.timeout)
-                if len(data) < block:
-                    raise SanError(f"short read ({len(data)} of {block} bytes)")
-                ok, err = True, None
-            except SanRefused as exc:
-                ok, err = False, exc.reason
-            except SanError as exc:  # the client closed the connection: open it anew
-                ok, err = False, _reason(exc)  # (and register again) for the next device
-            st.latency = time.monotonic() - t0 if ok else None
-            st.error = err
-            self.probes.labels("ok" if ok else "failed").inc()
-            self._apply(st, ok)
+        if self.stopping:
+            return
+        results = await self.san.probe_round(i, [st.device for st in states])
+        for st, r in zip(states, results, strict=True):
+            st.latency = r.latency if r.ok else None
+            st.error = r.error
+            self.probes.labels("ok" if r.ok else "failed").inc()
+            self._apply(st, r.ok)
         await self._publish()
 
     def _apply(self, st: PathState, ok: bool) -> None:
@@ -459,12 +643,26 @@ class StorageMonitor(HoldingExecutor):
         self.last_report = time.monotonic()
         await self.nc.publish(self.subjects.storage(self.node), encode(report))
 
+    def _failure_counts(self) -> dict[str, dict[str, int]]:
+        """group -> resource -> failures on this node that still count."""
+        timeouts = {(g, r.name): r.failure_timeout for g in self.executor_groups()
+                    for r in self.config.group_resources(g)}
+        out: dict[str, dict[str, int]] = {}
+        for (g, r), n in sorted(self.failcounts.counts(time.monotonic(), timeouts).items()):
+            out.setdefault(g, {})[r] = n
+        return out
+
     def status(self) -> dict[str, Any]:
-        return {"san": self.san_host,
+        return {"san": self.san_host if self.san.name == "reference" else self.san.describe(),
+                "san_kind": self.san.name,
+                #: iSCSI: per device, READ KEYS and READ RESERVATION as last read by a probe
+                "reservations": self.san.reservations(),
                 "groups": {g: {"epoch": sv.epoch, "state": sv.state, "reason": sv.reason,
                                "reserved": sv.reserved,
-                               "resources": [r.name for r in sv.started]}
+                               "resources": [r.name for r in sv.started],
+                               "recovering": sv.recovering}
                            for g, sv in sorted(self.serving.items())},
+                "failures": self._failure_counts(),
                 "term": self.fencing.term, "epochs": self.fencing.epochs,
                 "paths": [{"device": s.device, "path": s.path, "reachable": s.reachable,
                            "latency": s.latency, "error": s.error} for s in self.paths]}

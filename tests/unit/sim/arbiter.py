@@ -1,13 +1,16 @@
 """The arbiters: the shipped ``Election`` (driven as ``ElectionRunner`` drives it), the term
 announcement and the hold-off (as ``vtlha_arbiter.term``), the reconciliation of a new
-activation (as ``vtlha_arbiter.reconcile.Reconciler.tick``), and a stand-in for the
-failover policy (``vtlha.policy`` is not driven: see ``docs/safety.md``). Moves are the
-shipped takeover machine, carried out by ``moves``."""
+activation (as ``vtlha_arbiter.reconcile.Reconciler.tick``), the KV bucket's identity
+read every ``BUCKET_CHECK`` and when an activation begins (as
+``vtlha_arbiter.bucket.BucketWatch``: a recreated bucket starts the election and the view
+afresh), and a stand-in for the failover policy (``vtlha.policy`` is not driven: see
+``docs/safety.md``). Moves are the shipped takeover machine, carried out by ``moves``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from vtlha.messages import GroupRecord
@@ -27,8 +30,8 @@ from vtlha.protocol.election import (
 
 from . import kv as skv
 from .moves import Run
-from .nodes import Cmd
-from .timings import GROUPS, NODES, WITNESS, companion, home
+from .nodes import BUCKET_CHECK, Cmd
+from .timings import GROUPS, HOSTS, NODES, WITNESS, companion, home
 
 if TYPE_CHECKING:
     from .runner import Sim
@@ -53,13 +56,30 @@ class ArbiterProc:
 
     def start(self) -> None:
         s, t = self.sim, self.sim.t
-        inc = s.w.procs[self.name].inc
-        self.el = Election(self.host, f"{self.host}#{inc}", preferred=self.host == WITNESS,
-                           leader_ttl=t.leader_ttl, standby_delay=t.standby_delay)
+        self.incarnation = f"{self.host}#{s.w.procs[self.name].inc}"
         self.started = self.now()
+        self.last_hb: dict[str, float] = {}
+        self.busy = False
+        self.bucket = ""  # the identity the current activation's commands carry
+        #: the bucket the view belongs to (read at start, as ``BucketWatch.identity``)
+        self.kv_bucket = s.kv.bucket
+        self.gen = 0  # bumped on a new bucket: older answers are the old bucket's
+        self.afresh()
+        s.w.timer(self.name, 0.0, self.step)
+        s.w.timer(self.name, s.w.rng.uniform(0.0, t.interval), self.decide_tick)
+        # (a phase of its own that draws nothing from the world's random numbers, so
+        # that a history without a recreated bucket is the same as before the check)
+        phase = (s.w.seed + 3 * HOSTS.index(self.host) + s.w.procs[self.name].inc) % 10
+        s.w.timer(self.name, BUCKET_CHECK * phase / 10, self.bucket_tick)
+
+    def afresh(self) -> None:
+        """The election and the view of the current bucket, from nothing (a start, or
+        ``new_bucket``)."""
+        s, t = self.sim, self.sim.t
+        self.el = Election(self.host, self.incarnation, preferred=self.host == WITNESS,
+                           leader_ttl=t.leader_ttl, standby_delay=t.standby_delay)
         self.records: dict[str, tuple[GroupRecord | None, int]] = {}
         self.last_renewal: dict[str, float] = {}
-        self.last_hb: dict[str, float] = {}
         #: the activation (term, active_since) announced to every executor
         self.announced: tuple[int, float | None] = (0, None)
         self.announcing: tuple[int, float | None] = (0, None)
@@ -67,11 +87,26 @@ class ArbiterProc:
         self.runs: dict[str, Run] = {}
         self.reconciled: tuple[int, float | None] | None = None
         self.requests: dict[str, str] = {}  # operator switchovers: group -> new owner
-        self.busy = False
-        self.bucket = ""
-        s.kv.watch(self.name, "group.", self.on_group, s.plan.arbiter_lag)
-        s.w.timer(self.name, 0.0, self.step)
-        s.w.timer(self.name, s.w.rng.uniform(0.0, t.interval), self.decide_tick)
+        s.kv.watch(self.name, "group.", partial(self.on_group, gen=self.gen),
+                   s.plan.arbiter_lag)
+
+    # ---- the KV bucket's identity, as ``vtlha_arbiter.bucket.BucketWatch`` ----------
+    def bucket_tick(self) -> None:
+        self.check_bucket()
+        self.sim.w.timer(self.name, BUCKET_CHECK, self.bucket_tick)
+
+    def check_bucket(self) -> bool:
+        """Read the identity (when the KV answers); a new bucket starts this arbiter
+        afresh on it (``main.Arbiter._new_bucket``). True when it did."""
+        s = self.sim
+        if not s.variant.arbiter_bucket or not s.kv.available(self.host) \
+                or s.kv.bucket == self.kv_bucket:
+            return False
+        self.kv_bucket = s.kv.bucket
+        self.gen += 1
+        s.w.log(self.name, "new KV bucket: the election and the view start afresh")
+        self.afresh()  # (the runs give up: this arbiter is not acting any more)
+        return True
 
     # ---- the election, as ElectionRunner carries it out ---------------------------
     def step(self) -> None:
@@ -87,19 +122,21 @@ class ArbiterProc:
             return
         self.busy = True
         sent_at = self.now()
+        el = self.el
 
         def done(ans: skv.Answer | None) -> None:
             self.busy = False
-            self.el.on_result(self.now(), act, sent_at, self._result(act, ans))
+            if el is self.el:  # (not restarted on a new bucket meanwhile)
+                el.on_result(self.now(), act, sent_at, self._result(act, ans))
             self.step()
-        s.kv.call(self.name, lambda: self._leader_op(act), done)
+        s.kv.call(self.name, lambda: self._leader_op(el, act), done)
 
-    def _leader_op(self, act: Action) -> skv.Answer:
+    def _leader_op(self, el: Election, act: Action) -> skv.Answer:
         kv = self.sim.kv
         if act.op is Op.READ:
             return kv.read_now(LEADER_KEY)
-        term = self.el.term if act.op is Op.RENEW else 0
-        value = LeaderValue(self.host, self.el.incarnation, term)
+        term = el.term if act.op is Op.RENEW else 0
+        value = LeaderValue(self.host, el.incarnation, term)
         return kv.update_now(LEADER_KEY, value, None if act.op is Op.CREATE else act.last,
                              self.name)
 
@@ -124,6 +161,8 @@ class ArbiterProc:
         term = self.el.term
         if self.announcing == (term, since):
             return
+        if self.check_bucket():  # the view must be of the bucket it won in
+            return
         self.announcing = (term, since)
         self.sim.w.log(self.name, "active, term %d: announcing it", term)
 
@@ -133,7 +172,7 @@ class ArbiterProc:
                 self.announced = (term, since)
                 self.ready_at = since + self.sim.t.lease_ttl
         targets = [(n, svc) for n in NODES for svc in ("ip", "sm")]
-        self.bucket = f"bucket-{self.sim.kv.bucket}"  # the arbiter reads it as it acts
+        self.bucket = f"bucket-{self.kv_bucket}"  # the identity its view belongs to
         self.broadcast(targets, Cmd(term, "", 0, "term", bucket=self.bucket),
                        self.sim.t.lease_ttl,
                        lambda _acks: announced())
@@ -148,11 +187,16 @@ class ArbiterProc:
     def on_heartbeat(self, node: str) -> None:
         self.sim.w.run_in(self.name, lambda: self.last_hb.__setitem__(node, self.now()))
 
-    def on_group(self, key: str, value: GroupRecord | None, rev: int) -> None:
-        """As ``ClusterView.set_record``: monotonic; a renewal by the owner seen now."""
+    def on_group(self, key: str, value: GroupRecord | None, rev: int,
+                 gen: int | None = None) -> None:
+        """As ``ClusterView.set_record``: monotonic; a renewal by the owner seen now. An
+        answer to a request of an older bucket generation is ignored (as
+        ``GroupRecords``)."""
+        if gen is not None and gen != self.gen:
+            return
         group = key.removeprefix("group.")
         cur = self.records.get(group)
-        if cur is not None and rev <= cur[1] and not (rev == 0 and value is None):
+        if cur is not None and rev <= cur[1]:
             return
         self.records[group] = (value, rev)
         if value is not None and value.state == "held" and value.renewed_by == value.owner:

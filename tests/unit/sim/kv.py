@@ -11,7 +11,9 @@ answer can be lost or late: a write that committed then looks unavailable to its
 A read may be answered by a follower that is behind (``stale``): an older value of the
 key. A watch delivers every change in order, late by up to its lag; a stalled watch
 delivers nothing until the stall ends (then everything it held back); a replayed watch
-delivers an older value again. A recreated bucket starts its revisions again at 1."""
+delivers an older value again. A recreated bucket starts its revisions above the old
+one's (as an arbiter creates it; from 1 again when ``restart_revisions``), and the old
+bucket's watches deliver nothing more."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from .timings import NODES, WITNESS, Timings
 from .world import World
 
 Value = Any
+#: how far above the old bucket's last revision a recreated one starts (an arbiter's)
+FIRST_REVISION_GAP = 1000
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class KV:
         self.election = 0.5  # how long an election takes here (4-8 s measured; scaled)
         net.on_change.append(self.on_topology)
         self.stale = 0.0  # probability that a read is answered by a lagging follower
+        #: a recreated bucket's revisions start from 1 again (not created by an arbiter)
+        self.restart_revisions = False
         self.watchers: list[Watcher] = []
         #: every committed write: (revision, key, value, who, client's send time)
         self.on_commit: list[Callable[[str, Value, int, str], None]] = []
@@ -134,15 +140,18 @@ class KV:
         return Ok(self._commit(key, value, who))
 
     def recreate(self) -> None:
-        """The bucket lost and created again: empty, revisions from 1."""
-        self.w.log("kv", "bucket recreated: empty, revisions start again")
+        """The bucket lost and created again, empty: by an arbiter, its revisions start
+        above every revision of the old one (``bus.kv_first_revision``: the clock in
+        microseconds; here the old bucket's last revision + ``FIRST_REVISION_GAP``);
+        created otherwise (``restart_revisions``) they start from 1 again. Every watch
+        of the old bucket goes silent (its consumer went with the stream: nothing, not
+        even a deletion, is delivered); a process learns of the new bucket only by
+        reading its identity (``bucket``), and watches again."""
         self.bucket += 1
-        old = list(self.keys)
-        self.keys, self.history, self.rev = {}, {}, 0
-        for wt in self.watchers:
-            for key in old:
-                if key.startswith(wt.prefix):
-                    self._watch_send(wt, key, None, 0)
+        rev = 0 if self.restart_revisions else self.rev + FIRST_REVISION_GAP
+        self.w.log("kv", "bucket recreated: empty, revisions from %d", rev + 1)
+        self.keys, self.history, self.rev = {}, {}, rev
+        self.watchers = []
 
     # ---- the client side ---------------------------------------------------------------
     def call(self, proc: str, op: Callable[[], Answer], done: Callable[[Answer | None], None],

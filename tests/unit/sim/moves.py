@@ -41,6 +41,7 @@ class Run:
             last_renewal_seen=arb.last_renewal.get(move.group),
             old_alive=move.old is not None and arb.alive(move.old))
         self.token = arb.token()
+        self.gen = arb.gen  # the bucket generation the move was decided in
         self.fed = 0
         self.do(self.machine.start(now))
         sim.w.timer(arb.name, POLL, self.poll)
@@ -115,7 +116,7 @@ class Run:
                 s.w.pause(arb.name)
                 s.w.after(2 * s.t.leader_ttl, lambda: s.w.resume(arb.name))
             if isinstance(ans, skv.Ok):
-                arb.on_group(group_key(c.group), rec, ans.revision)
+                arb.on_group(group_key(c.group), rec, ans.revision, self.gen)
             result: tk.ClaimResult = (tk.Won(ans.revision) if isinstance(ans, skv.Ok) else
                                       tk.Unknown() if ans is None else tk.Lost())
             s.w.log(arb.name, "claim %s for %s epoch %d against rev %s: %s", c.group,
@@ -128,7 +129,7 @@ class Run:
 
         def done(ans: skv.Answer | None) -> None:
             if isinstance(ans, skv.Entry):
-                arb.on_group(group_key(group), ans.value, ans.revision)
+                arb.on_group(group_key(group), ans.value, ans.revision, self.gen)
             rec, rev = arb.records.get(group, (None, 0))  # the newest seen (monotonic)
             self.fed = max(self.fed, rev)
             self.feed(partial(self.machine.on_record, rec, rev))

@@ -39,15 +39,23 @@ class AcquireAtOnce(LeaseHolder):
 
 
 class PromiseWhileHolding(LeaseHolder):
-    """Drops "never promise for a group held or being acquired"."""
+    """Drops "never promise for a group held or being acquired": promises it, and keeps
+    serving it (a holder that honoured its own promise would stop serving, which the
+    lapsed-lease rule made a second guard)."""
 
     def on_promise_request(self, requester: str, groups: list[str], duration: float,
-                           now: float) -> PromiseAnswer:
+                           now: float, partial: bool = False) -> PromiseAnswer:
         mine, self.groups = self.groups, {}
+        given = dict(self.promises_given)
         try:
             return super().on_promise_request(requester, groups, duration, now)
         finally:
             self.groups = mine
+            for g in mine:  # not honoured for the groups it serves
+                if g in given:
+                    self.promises_given[g] = given[g]
+                else:
+                    self.promises_given.pop(g, None)
 
 
 class LeaseFromReply(LeaseHolder):
@@ -65,10 +73,11 @@ class LeaseFromReply(LeaseHolder):
 
 
 class PromiseNotHonoured(LeaseHolder):
-    """Drops "an acquisition waits until a promise given for it ran out"."""
+    """Drops "nothing is served while a promise given for it runs" (the acquire gate's
+    wait, and a renewal's extension while the promise runs)."""
 
-    def gate(self, g: GroupLease) -> float:
-        return max(g.gate_at, self.started_at + self.lease_ttl)
+    def promised_until(self, group: str) -> float:
+        return 0.0
 
 
 class PromiseTooLong(LeaseHolder):
@@ -95,9 +104,9 @@ class AppliesOlderRecords(LeaseHolder):
     (issue 14, trace 2)."""
 
     def on_record(self, group: str, rec: GroupRecord | None, revision: int,
-                  now: float) -> list[Effect]:
+                  now: float, generation: int | None = None) -> list[Effect]:
         self.applied.pop(group, None)
-        return super().on_record(group, rec, revision, now)
+        return super().on_record(group, rec, revision, now, generation)
 
 
 class RevokeFinalForItsEpoch(HoldGate):

@@ -54,6 +54,9 @@ class Cmd:
     bucket: str = ""  # the KV bucket's identity the tokens are from ("" unknown)
 
 
+BUCKET_CHECK = 1.0  # as vtlha.executor: seconds between reads of the bucket's identity
+
+
 def group_key(group: str) -> str:
     return f"group.{group}"
 
@@ -79,19 +82,27 @@ class LeaseProc:
         self.wm = WatchMonitor(*watch_bounds(t.interval))
         self.bucket = s.kv.bucket
         self.reading = False
-        s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
+        s.kv.watch(self.name, "group.", self.watch_cb(), s.plan.watch_lag)
         s.w.timer(self.name, s.w.rng.uniform(0.0, t.tick), self.tick)
         s.w.timer(self.name, s.w.rng.uniform(0.0, t.interval), self.heartbeat)
+        # (a phase that draws no random number: histories without a recreated bucket
+        # stay as they were)
+        phase = (s.w.seed + 3 * NODES.index(self.node) + s.w.procs[self.name].inc + 5) % 10
+        s.w.timer(self.name, BUCKET_CHECK * phase / 10, self.bucket_tick)
 
     def started_long_ago(self) -> None:
         self.lh.started_at = self.now() - 10.0
 
     # ---- inputs -----------------------------------------------------------------
-    def on_watch(self, key: str, value: GroupRecord | None, rev: int) -> None:
+    def watch_cb(self) -> Callable[[str, GroupRecord | None, int], None]:
+        """The callback of a watch made now: its deliveries carry this generation."""
+        return partial(self.on_watch, gen=self.lh.generation)
+
+    def on_watch(self, key: str, value: GroupRecord | None, rev: int, gen: int = 0) -> None:
         group = key.removeprefix("group.")
         if group in GROUPS:
             self.wm.on_delivery(group, rev)
-            self.run(self.lh.on_record(group, value, rev, self.now()))
+            self.run(self.lh.on_record(group, value, rev, self.now(), **self.gen_arg(gen)))
 
     def tick(self) -> None:
         now = self.now()
@@ -99,8 +110,10 @@ class LeaseProc:
         self.run(self.lh.tick(now))
         self.sim.w.timer(self.name, self.sim.t.tick, self.tick)
 
-    def check_watch(self, now: float) -> None:
-        """Restart a stalled watch; read every record directly when due; a new bucket."""
+    def bucket_tick(self) -> None:
+        """The heartbeat service reads the bucket's identity every ``BUCKET_CHECK`` (it
+        is an executor: ``Executor._check_bucket``) and tells the lease holder of a new
+        one (``bucket_changed`` -> ``LeaseRunner.on_new_bucket``)."""
         s = self.sim
         if s.variant.bucket_identity and s.kv.available(self.node) \
                 and s.kv.bucket != self.bucket:
@@ -109,12 +122,17 @@ class LeaseProc:
             self.run(self.lh.on_new_bucket())
             self.wm.seen.clear()
             self.wm.on_restart()
-            s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
+            s.kv.watch(self.name, "group.", self.watch_cb(), s.plan.watch_lag)
+        s.w.timer(self.name, BUCKET_CHECK, self.bucket_tick)
+
+    def check_watch(self, now: float) -> None:
+        """Restart a stalled watch; read every record directly when due."""
+        s = self.sim
         why = self.wm.stalled(now)
         if why is not None:
             self.wm.on_restart()
             s.w.log(self.name, "watch restarted: %s", why)
-            s.kv.watch(self.name, "group.", self.on_watch, s.plan.watch_lag)
+            s.kv.watch(self.name, "group.", self.watch_cb(), s.plan.watch_lag)
         if self.wm.read_due(now) and not self.reading:
             self.wm.on_read(now)
             self.read_all()
@@ -124,16 +142,21 @@ class LeaseProc:
         self.reading = True
         left = list(GROUPS)
 
-        def next_one(ans: Answer | None = None, group: str = "") -> None:
+        def next_one(ans: Answer | None = None, group: str = "", gen: int = 0) -> None:
             if isinstance(ans, Entry) and ans.value is not None:
-                self.run(self.lh.on_record(group, ans.value, ans.revision, self.now()))
+                self.run(self.lh.on_record(group, ans.value, ans.revision, self.now(),
+                                           **self.gen_arg(gen)))
             if not left:
                 self.reading = False
                 return
             g = left.pop(0)
             s.kv.call(self.name, partial(s.kv.read_now, group_key(g)),
-                      partial(next_one, group=g))
+                      partial(next_one, group=g, gen=self.lh.generation))
         next_one()
+
+    def gen_arg(self, gen: int) -> dict[str, int]:
+        """The read's bucket generation, for a lease holder that takes it."""
+        return {"generation": gen} if self.sim.variant.read_generation else {}
 
     def heartbeat(self) -> None:
         s = self.sim
@@ -159,11 +182,12 @@ class LeaseProc:
 
     # ---- effects ------------------------------------------------------------------
     def run(self, effects: list[Effect]) -> None:
+        bucket = f"bucket-{self.bucket}"  # the bucket its notices name (as LeaseRunner)
         for e in effects:
             if isinstance(e, Renew):
                 self.renew(e)
             elif isinstance(e, Notice):
-                self.notify(e)
+                self.notify(e, bucket)
             elif isinstance(e, AskPromise):
                 self.ask_promise(e)
             elif isinstance(e, Probe):
@@ -204,7 +228,7 @@ class LeaseProc:
         s.kv.call(self.name, lambda: s.kv.update_now(f"probe.{self.node}", 1, None, self.name)
                   if f"probe.{self.node}" not in s.kv.keys else Entry(1, s.kv.rev), done)
 
-    def notify(self, n: Notice) -> None:
+    def notify(self, n: Notice, bucket: str) -> None:
         s = self.sim
         if n.revoked or n.reason:
             s.w.log(self.name, "notice %s epoch %d %s %s", n.group, n.epoch,
@@ -212,7 +236,7 @@ class LeaseProc:
         for svc in executors_of(n.group):
             ex = s.execs[f"{self.node}/{svc}"]
             s.net.send(self.node, self.node, partial(s.w.run_in, ex.name,
-                                                     partial(ex.on_notice, n)))
+                                                     partial(ex.on_notice, n, bucket)))
 
     def ask_promise(self, ap: AskPromise) -> None:
         s = self.sim
@@ -237,9 +261,6 @@ class LeaseProc:
         s.net.send(self.node, ap.companion, lambda: s.w.run_in(
             comp.name, lambda: comp.on_promise_request(self.node, ap.groups, ap.duration,
                                                        granted)))
-
-
-BUCKET_CHECK = 1.0  # as vtlha.executor: seconds between reads of the bucket's identity
 
 
 class ExecProc:
@@ -313,7 +334,15 @@ class ExecProc:
     def verdict(self, group: str) -> str:
         return str(self.gate.verdict(group, self.now()))
 
-    def on_notice(self, n: Notice) -> None:
+    def on_notice(self, n: Notice, bucket: str = "") -> None:
+        """As ``HoldingExecutor._on_notice``: a notice of another bucket than this
+        executor's is ignored, and the identity read at once (it may be the one behind)."""
+        if self.sim.variant.notice_bucket and bucket and self.fencing.bucket \
+                and bucket != self.fencing.bucket:
+            self.sim.w.log(self.name, "ignores a notice of %s (%s epoch %d)", bucket,
+                           n.group, n.epoch)
+            self.check_bucket()
+            return
         self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked, n.since)
         self.sim.check.step(n.group)
 

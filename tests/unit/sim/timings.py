@@ -44,7 +44,8 @@ class Timings:
         healthy) until every group is served again, at most:
 
         - an active arbiter: ``leader_ttl`` (the lapsed key's holder is taken over) plus a
-          poll (``leader_ttl/6``);
+          poll (``leader_ttl/6``), plus ``standby_delay`` when the next one is a node's
+          (the witness's arbiter crashed: a trap sprang on it after the heal);
         - its hold-off: ``lease_ttl`` (the term announcement runs within it);
         - a decision: ``interval`` (its cadence) — a dead owner is declared within
           ``dead_after`` ≤ the two lines above;
@@ -53,6 +54,6 @@ class Timings:
         - the first renewal and the notice: ``tick + kv_timeout`` (one lost or stalled
           write retried).
         """
-        return (self.leader_ttl + self.leader_ttl / 6
+        return (self.leader_ttl + self.leader_ttl / 6 + self.standby_delay
                 + 2 * self.lease_ttl + self.margin + self.interval + self.tick
                 + self.kv_timeout)

@@ -1,0 +1,1 @@
+"""The live web dashboard of a vtl-ha cluster (``vtlha-dashboard``)."""

@@ -1,0 +1,5 @@
+"""``python -m vtlha.cli``."""
+
+from vtlha.cli import main
+
+main()
