@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,22 @@ def _client_ip(cidr: str) -> str:
     return f"{net.network_address + 200}/{net.prefixlen}"
 
 
+#: what the lab runs, by command, with the Debian package that has it
+LAB_TOOLS = {"ip": "iproute2", "nft": "nftables", "setpriv": "util-linux"}
+ISCSI_TOOLS = {"tgtd": "tgt", "tgtadm": "tgt"}
+
+
+def require_tools(iscsi: bool) -> None:
+    """Refuse to build a lab that cannot work: without nft there is no fence, without
+    tgtd no iSCSI target, and the lab would come up half-made and fail in confusing ways."""
+    need = {**LAB_TOOLS, **(ISCSI_TOOLS if iscsi else {})}
+    missing = sorted({f"{cmd} (Debian package {pkg})" for cmd, pkg in need.items()
+                      if shutil.which(cmd) is None})
+    if missing:
+        raise FatalError("the network lab needs " + ", ".join(missing)
+                         + ": `make sysdeps` as root installs them")
+
+
 class Lab(LocalCluster):
     """A cluster in network namespaces. Same interface as LocalCluster (loopback)."""
 
@@ -162,6 +179,7 @@ class Lab(LocalCluster):
         if self.cfg.witness.service_ip is None:
             raise FatalError(f"{config_path}: witness.service_ip: the lab needs the "
                              "witness's data-network address")
+        require_tools(iscsi=self.cfg.san.kind == "iscsi")
         self.lab_id = lab_id or secrets.token_hex(3)
         hosts = [*self.cfg.hosts, CLIENT, SWITCH]
         names = {h: f"{PREFIX}{self.lab_id}-{h}"[:48] for h in hosts}

@@ -4,11 +4,13 @@ histories that must fail)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vtlha_lab.chaos.checker import check
+from vtlha_lab.chaos.report import print_summary, write_report
 
 TIMINGS = {"heartbeat_interval": 0.1, "dead_after": 0.3, "lease_ttl": 0.3, "margin": 0.03,
            "leader_ttl": 3.0, "leader_standby_delay": 1.0, "command_timeout": 0.25,
@@ -118,6 +120,32 @@ def test_a_missing_required_event_and_an_unfinished_move_are_lost_events() -> No
     assert any("must cause failover.completed" in d for d in details)
     assert any("failover.started of node-a-data epoch 2 (#11) never completed" in d
                for d in details)
+
+
+def test_a_fault_whose_injector_failed_is_reported_not_expected(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The kill-arbiter-at-claim injector cannot arm its KV watch (JetStream still
+    electing after kill-nats): nothing is killed, so no event is expected of it — but the
+    report and the summary say it was not injected."""
+    h = [r for r in clean() if r.get("kind") not in ("node.down", "failover.started",
+                                                   "failover.completed")]
+    for r in h:
+        if r["type"] == "fault":
+            r["kinds"] = ["kill-arbiter-at-claim"]
+    assert any(v.cls == "lost-event" for v in check(h).violations)  # as planned: lost
+    h.append({"type": "fault", "phase": "injected", "t": T0 + 0.001, "iteration": 0,
+              "kinds": [], "planned": ["kill-arbiter-at-claim"], "detail": []})
+    result = check(sorted(h, key=lambda r: r["t"]))
+    assert not [v for v in result.violations if v.cls in ("lost-event", "recovery-bound")]
+    (it,) = result.iterations
+    assert it.kinds == () and it.not_injected == ("kill-arbiter-at-claim",)
+    report = tmp_path / "report.md"
+    write_report(result, h, report, tmp_path / "pics")
+    text = report.read_text()
+    assert "**not injected**" in text and "iteration 0 `kill-arbiter-at-claim`" in text
+    assert "| `(not injected)` | 1 |" in text
+    print_summary(result)
+    assert "NOT INJECTED (it 0): kill-arbiter-at-claim" in capsys.readouterr().out
 
 
 def test_a_lost_or_wrong_block_is_caught() -> None:

@@ -63,6 +63,7 @@ class Iteration:
     baseline_bound: float = 0.0
     baseline_end: float = 0.0
     load: float | None = None
+    not_injected: tuple[str, ...] = ()  # planned kinds whose injector failed (harness)
     unavailable: float = 0.0        # longest address outage in the window (s)
     data_unavailable: float = 0.0   # longest ack gap in the window (s)
     recovery: float = 0.0           # address: fault start -> served again (s)
@@ -97,6 +98,11 @@ def _fault_record(r: dict[str, Any], iters: dict[int, Iteration]) -> None:
     i = int(r["iteration"])
     if r["phase"] == "start":
         iters[i] = Iteration(i, tuple(r["kinds"]), float(r["t"]), load=r.get("load"))
+    elif i in iters and r["phase"] == "injected" and "planned" in r:
+        # The faults really injected: an injector that failed (a harness fault, recorded
+        # as an info record) leaves its kind out, so nothing is expected of it.
+        iters[i].kinds = tuple(r["kinds"])
+        iters[i].not_injected = tuple(k for k in r["planned"] if k not in r["kinds"])
     elif i in iters and r["phase"] == "end":
         iters[i].end = float(r["t"])
         iters[i].detail = list(r.get("detail", []))
@@ -236,7 +242,7 @@ def data_outages(h: History, group: str, until: float) -> list[tuple[float, floa
 def recovery(h: History, timings: Mapping[str, float]) -> list[Violation]:
     out = []
     for it in h.iterations:
-        if not it.check:
+        if not it.check or not it.kinds:
             continue
         exp = ft.expectation(it.kinds, timings)
         for addr, group in sorted(h.run.get("addresses", {}).items()):
@@ -307,7 +313,7 @@ def _family(kind: str) -> str | None:
 def lost_events(h: History, timings: Mapping[str, float]) -> list[Violation]:
     out = []
     for it in h.iterations:
-        if not it.check:
+        if not it.check or not it.kinds:
             continue
         exp = ft.expectation(it.kinds, timings, held(h, it, timings))
         seen = {e["kind"] for e in h.events if it.start <= float(e["t"]) <= it.check}
@@ -337,7 +343,8 @@ def needless_failovers(h: History, timings: Mapping[str, float]) -> list[Violati
     starts = [e for e in h.events if e["kind"] == "failover.started"]
     for i, it in enumerate(h.iterations):
         quiet_until = h.iterations[i + 1].start if i + 1 < len(h.iterations) else h.end
-        no_move = it.check and ft.expectation(it.kinds, timings).moves is ft.Moves.NONE
+        no_move = bool(it.check) and (
+            not it.kinds or ft.expectation(it.kinds, timings).moves is ft.Moves.NONE)
         for e in starts:
             t = float(e["t"])
             what = f"{e.get('group')} moved ({e.get('rule')}): {e.get('reason', '')[:120]}"

@@ -89,30 +89,63 @@ def kill_tape_service(ctx: Ctx) -> Active:
     return Active("kill-tape-service", {"host": host, "pids": killed})
 
 
+ARM_TIMEOUT = 20.0  # a KV watch right after kill-nats waits for JetStream to come back
+
+
+async def _arm_kv_watch(lab: Lab, errors: list[str]) -> tuple[Any, Any]:
+    """A connection and a watch of the groups' KV keys, retried for ``ARM_TIMEOUT``
+    (each failure's repr appended to ``errors``)."""
+    deadline = time.monotonic() + ARM_TIMEOUT
+    while True:
+        nc = None
+        try:
+            nc = await nats.connect(lab.client_urls(), connect_timeout=2,
+                                    allow_reconnect=False)
+            kv = await nc.jetstream(timeout=3).key_value(f"ha-{lab.cfg.cluster}")
+            return nc, await kv.watch("group.>", include_history=False)
+        except Exception as exc:
+            errors.append(repr(exc))
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 def kill_arbiter_at_claim(ctx: Ctx) -> Active:
     """Kill a node's heartbeat; the moment the active arbiter claims one of its groups
-    (a KV update with state ``acquiring``), SIGKILL that arbiter."""
+    (a KV update with state ``acquiring``), SIGKILL that arbiter.
+
+    The watch is armed before anything is killed: JetStream may still be electing its
+    leaders after an earlier fault, so arming retries for ``ARM_TIMEOUT``; if it never
+    arms, nothing is killed and the injector raises (the runner records the fault as not
+    injected instead of checking a fault that did not happen)."""
     lab = ctx.lab
     active = lab.active_arbiters()
     arbiter_host = active[0] if active else lab.cfg.witness.host
     victim = ctx.node()
     detail: dict[str, Any] = {"host": victim, "service": "heartbeat", "arbiter": arbiter_host}
-    seen = threading.Event()
-    ready = threading.Event()
+    armed = threading.Event()
+    settled = threading.Event()  # armed, or gave up arming
+    errors: list[str] = []
 
     async def watch() -> None:
         # A KV watch (a JetStream consumer) shows only what the stream stored: a claim
         # that lost its compare-and-set is published on the key's subject all the same,
         # and killing the arbiter then tests no half-done takeover (nothing moves).
-        nc = await nats.connect(lab.client_urls(), connect_timeout=2, allow_reconnect=False)
         try:
-            kv = await nc.jetstream().key_value(f"ha-{lab.cfg.cluster}")
-            watcher = await kv.watch("group.>", include_history=False)
-            ready.set()
+            nc, watcher = await _arm_kv_watch(lab, errors)
+        except Exception:
+            settled.set()
+            return
+        armed.set()
+        settled.set()
+        try:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 try:
-                    entry = await watcher.updates(  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(
                         timeout=max(0.01, deadline - time.monotonic()))
                 except nats.errors.TimeoutError:
                     break
@@ -123,15 +156,21 @@ def kill_arbiter_at_claim(ctx: Ctx) -> Active:
                         _kill(ctx, arbiter_host, "arbiter")
                         detail["claim"] = entry.key.rsplit(".", 1)[-1]
                         detail["killed_at"] = time.time()
-                        seen.set()
                         return
+        except Exception as exc:  # the watch broke after the heartbeat was killed
+            detail["watch_error"] = repr(exc)
         finally:
-            ready.set()
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     t = threading.Thread(target=lambda: asyncio.run(watch()), name="claim-watch", daemon=True)
     t.start()
-    ready.wait(5)
+    settled.wait(ARM_TIMEOUT + 10)
+    if not armed.is_set():
+        raise RuntimeError(f"the claim watch never armed in {ARM_TIMEOUT:.0f} s: "
+                           f"{errors[-1] if errors else 'no answer'}")
+    if len(errors) > 0:
+        detail["arm_retries"] = len(errors)
     _kill(ctx, victim, "heartbeat")
     return Active("kill-arbiter-at-claim", detail, threads=[t])
 

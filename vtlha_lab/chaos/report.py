@@ -28,15 +28,20 @@ def _fmt(x: float) -> str:
     return "∞" if math.isinf(x) else f"{x:.2f}"
 
 
+def _row_kind(it: Iteration) -> str:
+    if not it.kinds:
+        return "(not injected)"
+    return it.kinds[0] if len(it.kinds) == 1 else "double"
+
+
 def kind_rows(result: Result) -> list[str]:
     per: dict[str, list[Iteration]] = defaultdict(list)
     for it in result.iterations:
-        per["+".join(it.kinds) if len(it.kinds) == 1 else "double"].append(it)
+        per[_row_kind(it)].append(it)
     bad: Counter[str] = Counter()
     for v in result.violations:
         if v.iteration is not None and v.iteration < len(result.iterations):
-            it = result.iterations[v.iteration]
-            bad["+".join(it.kinds) if len(it.kinds) == 1 else "double"] += 1
+            bad[_row_kind(result.iterations[v.iteration])] += 1
     rows = ["| fault | iterations | address unavailable p99 / worst (s) | data unavailable "
             "p99 / worst (s) | back home p99 / worst (s) | violations |",
             "|---|---:|---:|---:|---:|---:|"]
@@ -139,6 +144,11 @@ def write_report(result: Result, records: Sequence[Mapping[str, Any]], path: Pat
         "- **verdict**: " + ("no violation" if result.ok
                              else f"{len(result.violations)} violation(s)"),
     ]
+    skipped = [(i.index, k) for i in result.iterations for k in i.not_injected]
+    if skipped:
+        lines.append("- **not injected** (the injector failed, a harness fault; nothing "
+                     "was expected of these): "
+                     + ", ".join(f"iteration {i} `{k}`" for i, k in skipped))
     if loads:
         lines.append(f"- machine load (1-min average at each fault) {min(loads):.1f} to "
                      f"{max(loads):.1f} on {os.cpu_count()} cores")
@@ -188,6 +198,10 @@ def write_report(result: Result, records: Sequence[Mapping[str, Any]], path: Pat
 
 def print_summary(result: Result) -> None:
     counts = Counter(v.cls for v in result.violations)
+    for itn in result.iterations:
+        for k in itn.not_injected:
+            print(f"NOT INJECTED (it {itn.index}): {k} (the injector failed; see the "
+                  "history's info records)")
     for v in result.violations[:40]:
         it = "end" if v.iteration is None else f"it {v.iteration}"
         print(f"VIOLATION {v.cls} ({it}): {v.detail}")

@@ -311,14 +311,17 @@ class Runner:
         self.record({"type": "fault", "phase": "start", "iteration": it, "kinds": list(kinds),
                      "load": os.getloadavg()[0]})
         actives: list[Active] = []
+        injected: list[str] = []
         for k in kinds:
             try:
                 actives.append(INJECT[k](ctx))
+                injected.append(k)
             except Exception as exc:
                 self.record({"type": "info", "process": "runner", "iteration": it,
                              "value": f"inject {k}: {exc!r}"})
         self.record({"type": "fault", "phase": "injected", "iteration": it,
-                     "kinds": list(kinds), "detail": [a.detail for a in actives]})
+                     "kinds": injected, "planned": list(kinds),
+                     "detail": [a.detail for a in actives]})
         time.sleep(dur)  # the fault lasts this long (a fixed duration, not a wait for state)
         for a in actives:
             for t in a.threads:
