@@ -19,7 +19,6 @@ side, and readers still see distinct ids.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
@@ -29,6 +28,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field
 
 from vtlha import bus
+from vtlha.bounded import bounded
 from vtlha.errors import InvalidMessage
 from vtlha.messages import GroupRecord, _Open, decode, encode
 from vtlha.subjects import Subjects
@@ -137,8 +137,7 @@ class EventStateStore:
     async def _read(self, pair: str) -> EventState:
         key = self.subjects.event_state_key(pair)
         try:
-            async with asyncio.timeout(KV_TIMEOUT):  # not wait_for (3.11 loses its errors)
-                entry = await self.kv.get(key)
+            entry = await bounded(self.kv.get(key), KV_TIMEOUT)
         except (KeyNotFoundError, NotFoundError):
             self.revisions[pair] = None
             self.written[pair] = EventState()
@@ -161,10 +160,9 @@ class EventStateStore:
         last = self.revisions.get(pair)
         try:
             if last is None:
-                rev = await asyncio.wait_for(self.kv.create(key, encode(state)), KV_TIMEOUT)
+                rev = await bounded(self.kv.create(key, encode(state)), KV_TIMEOUT)
             else:
-                rev = await asyncio.wait_for(self.kv.update(key, encode(state), last=last),
-                                             KV_TIMEOUT)
+                rev = await bounded(self.kv.update(key, encode(state), last=last), KV_TIMEOUT)
         except KeyWrongLastSequenceError:
             await self._read(pair)
             return False

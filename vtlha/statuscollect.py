@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import NotFoundError
 
+from vtlha.bounded import bounded
 from vtlha.clusterstatus import ClusterStatus, Heard, Read, build
 from vtlha.config import ClusterConfig
 from vtlha.errors import InvalidMessage, VtlhaError
@@ -133,15 +134,14 @@ async def read_kv(nc: NATS, cfg: ClusterConfig, timeout: float = READ_TIMEOUT) -
     """The leader, group and pair records; raises UnknownCluster without the bucket."""
     subj = Subjects(cfg.cluster)
     try:
-        kv = await asyncio.wait_for(nc.jetstream().key_value(subj.kv_bucket), timeout)
+        kv = await bounded(nc.jetstream().key_value(subj.kv_bucket), timeout)
     except NotFoundError:
         raise UnknownCluster(f"cluster {cfg.cluster} is unknown on these servers: no KV "
                              f"bucket {subj.kv_bucket} (has it ever run there?)") from None
 
     async def get(key: str) -> tuple[bytes, int] | None:
         try:
-            async with asyncio.timeout(timeout):  # not wait_for (3.11 loses its errors)
-                e = await kv.get(key)
+            e = await bounded(kv.get(key), timeout)
         except NotFoundError:
             return None
         return None if e.value is None or e.revision is None else (e.value, e.revision)

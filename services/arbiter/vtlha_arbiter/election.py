@@ -43,6 +43,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from vtlha import bus
+from vtlha.bounded import bounded
 from vtlha.errors import InvalidMessage
 from vtlha.messages import LeaderRecord, decode, encode
 from vtlha.protocol.election import (
@@ -154,7 +155,7 @@ class ElectionRunner:
         if rev is None:
             return False
         try:
-            await asyncio.wait_for(self.kv.delete(self.key, last=rev), self.timeout)
+            await bounded(self.kv.delete(self.key, last=rev), self.timeout)
         except Exception as exc:  # a conflict, no answer: the key lapses as after a crash
             self.log.info("leader key not deleted on resigning: it lapses", extra={
                 "revision": rev, "error": repr(exc)})
@@ -223,9 +224,9 @@ class ElectionRunner:
         result: ReadResult | WriteResult
         try:
             if action.op is Op.READ:
-                result = await asyncio.wait_for(self._read(), self.timeout)
+                result = await bounded(self._read(), self.timeout)
             else:
-                result = Ok(await asyncio.wait_for(self._write(action), self.timeout))
+                result = Ok(await bounded(self._write(action), self.timeout))
         except KeyWrongLastSequenceError:
             result = Conflict()
         except UNAVAILABLE as exc:

@@ -10,7 +10,6 @@ active arbiter; ``PairState.view`` turns them into the arbiter's monotonic clock
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 
 from vtlha import policy
+from vtlha.bounded import bounded
 from vtlha.config import ClusterConfig, Pair
 from vtlha.errors import InvalidMessage
 from vtlha.messages import PairRecord, decode, encode
@@ -100,8 +100,7 @@ class PairState:
     async def read(self, pair: str) -> None:
         gen = self.generation
         try:
-            async with asyncio.timeout(KV_TIMEOUT):  # (not wait_for: see records.read)
-                entry = await self.kv.get(self.subjects.pair_key(pair))
+            entry = await bounded(self.kv.get(self.subjects.pair_key(pair)), KV_TIMEOUT)
         except (KeyNotFoundError, NotFoundError):
             return
         if entry.revision is not None and gen == self.generation:
@@ -137,10 +136,9 @@ class PairState:
                 return cur  # already so (the config's defaults count when absent)
             try:
                 if got is None:
-                    rev = await asyncio.wait_for(self.kv.create(key, encode(new)), KV_TIMEOUT)
+                    rev = await bounded(self.kv.create(key, encode(new)), KV_TIMEOUT)
                 else:
-                    rev = await asyncio.wait_for(
-                        self.kv.update(key, encode(new), last=got[1]), KV_TIMEOUT)
+                    rev = await bounded(self.kv.update(key, encode(new), last=got[1]), KV_TIMEOUT)
             except KeyWrongLastSequenceError:
                 await self._read_quietly(pair)
                 continue

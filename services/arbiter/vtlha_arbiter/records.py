@@ -5,7 +5,6 @@ older than one it applied."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 
@@ -13,6 +12,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
+from vtlha.bounded import bounded
 from vtlha.errors import InvalidMessage
 from vtlha.messages import GroupRecord, decode, encode
 from vtlha_arbiter.host import Host
@@ -110,10 +110,8 @@ class GroupRecords:
         assert self.kv is not None
         gen = self.generation
         try:
-            # asyncio.timeout, not wait_for: 3.11's wait_for, cancelled as its inner task
-            # ends with an error, leaves that error unretrieved (logged at shutdown)
-            async with asyncio.timeout(self.host.config.timings.command_timeout):
-                entry = await self.kv.get(self.host.subjects.group_key(group))
+            entry = await bounded(self.kv.get(self.host.subjects.group_key(group)),
+                                  self.host.config.timings.command_timeout)
         except Exception:
             return None
         if not entry.value or entry.revision is None:

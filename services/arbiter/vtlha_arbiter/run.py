@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vtlha import policy
+from vtlha.bounded import bounded
 from vtlha.eventstate import StartedMove, end_id
 from vtlha.messages import GroupRecord, MoveNote, new_event_id
 from vtlha.protocol import takeover as tk
@@ -121,8 +122,7 @@ class Run:
                           state="acquiring", renewed_by=self.host.node, move=note)
         result: tk.ClaimResult
         try:
-            rev = await asyncio.wait_for(self.mover.records.cas(c.group, rec, c.last),
-                                         CLAIM_TIMEOUT)
+            rev = await bounded(self.mover.records.cas(c.group, rec, c.last), CLAIM_TIMEOUT)
             result = tk.Lost() if rev is None else tk.Won(rev)
         except Exception as exc:  # timeout, no responders, no quorum: it may have committed
             self.host.log.info("claim without an answer", extra={"group": c.group,
