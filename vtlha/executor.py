@@ -183,6 +183,13 @@ class Executor(Service):
             return self._ack(False, refusal, cmd.term, cmd.epoch, cmd.group)
         self.fencing.record(cmd.term, group, cmd.epoch, release=cmd.action == "release")
         self.command = cmd
+        if cmd.action == "cleanup":
+            detail, restarted = await self.cleanup(cmd.group, cmd.epoch)
+            self.commands.labels(cmd.action, "ok").inc()
+            self.log.info("cleanup done", extra={"group": cmd.group, "term": cmd.term,
+                                                 "epoch": cmd.epoch, "detail": detail})
+            return self._ack(True, detail, cmd.term, cmd.epoch, cmd.group).model_copy(
+                update={"restarted": restarted})
         try:
             if cmd.action == "term":
                 held: list[str] = []
@@ -199,6 +206,12 @@ class Executor(Service):
         self.log.info("command done", extra={"action": cmd.action, "group": cmd.group,
                                              "term": cmd.term, "epoch": cmd.epoch, "held": held})
         return self._ack(True, f"{cmd.action} done", cmd.term, cmd.epoch, cmd.group, held)
+
+    async def cleanup(self, group: str, epoch: int) -> tuple[str, bool]:
+        """An operator's ``vtlha cleanup`` (a command, fenced as the others): forget the
+        group's failures here and restart it if it failed; the reply's sentence and
+        whether it restarted. An executor without resources has nothing to forget."""
+        return f"{self.name} on {self.node} keeps no failures of {group}", False
 
     def _ack(self, ok: bool, reason: str, term: int, epoch: int, group: str,
              held: list[str] | None = None) -> Ack:

@@ -116,7 +116,7 @@ class MgmtReport(Envelope):
     detail: str = ""  # a sentence for humans: what was seen, or why nothing was
 
 
-Action = Literal["acquire", "release", "term"]
+Action = Literal["acquire", "release", "term", "cleanup"]
 
 
 class Pong(Envelope):
@@ -204,6 +204,8 @@ class Ack(Envelope):
     group: str = ""
     service: str = ""
     held: list[str] = Field(default_factory=list)
+    #: a cleanup: the storage-monitor started the failed group again
+    restarted: StrictBool = False
 
 
 def new_event_id() -> str:
@@ -244,7 +246,7 @@ def event_json_schema() -> str:
 # ---- operator requests (``ha.<c>.admin.<verb>``, request/reply) --------------------
 
 AdminVerb = Literal["switchover", "failback", "maintenance", "clear-hold", "standby",
-                    "failback-mode"]
+                    "failback-mode", "cleanup"]
 #: what each verb needs besides ``verb`` (the policy's request, ``policy.answer``)
 ADMIN_FIELDS: dict[str, tuple[str, ...]] = {
     "switchover": ("group",),
@@ -253,7 +255,10 @@ ADMIN_FIELDS: dict[str, tuple[str, ...]] = {
     "clear-hold": ("pair", "target_node"),
     "standby": ("pair", "target_node", "on"),
     "failback-mode": ("pair", "mode"),
+    "cleanup": ("group",),
 }
+#: what a verb may carry besides (the request names it only when given)
+ADMIN_OPTIONAL: dict[str, tuple[str, ...]] = {"cleanup": ("target_node",)}
 
 
 class AdminRequest(Envelope):
@@ -281,6 +286,9 @@ class AdminRequest(Envelope):
         out: dict[str, Any] = {"verb": self.verb}
         for f in ADMIN_FIELDS[self.verb]:
             out["node" if f == "target_node" else f] = getattr(self, f)
+        for f in ADMIN_OPTIONAL.get(self.verb, ()):
+            if getattr(self, f) is not None:
+                out["node" if f == "target_node" else f] = getattr(self, f)
         return out
 
 
@@ -312,6 +320,10 @@ class AdminReply(Envelope):
     events: list[int] = Field(default_factory=list)
     event_ids: list[str] = Field(default_factory=list)  # the ids of its events
     takeovers: list[AdminTakeover] = Field(default_factory=list)
+    #: per node, what it answered (cleanup: what it forgot, whether it restarted)
+    details: list[str] = Field(default_factory=list)
+    #: cleanup: the nodes that started the group again (its outcome is in the events)
+    restarted: list[str] = Field(default_factory=list)
 
 
 # ---- KV values (DESIGN.md "Contracts") ---------------------------------------

@@ -72,6 +72,7 @@ class Rule(StrEnum):
     MAINTENANCE = "maintenance"
     STANDBY = "standby"  # a node put in standby; its groups move away (and stay away)
     FAILBACK_MODE = "failback_mode"
+    CLEANUP = "cleanup"  # a data group's resource failures forgotten; a failed one restarted
 
 
 #: automatic moves away from a node for a fault of that node: each counts towards the
@@ -454,7 +455,22 @@ class SetFailbackMode:
     rule: Rule
 
 
-OperatorAction = Takeover | ClearHold | SetMaintenance | SetStandby | SetFailbackMode
+@dataclass(frozen=True)
+class Cleanup:
+    """Operator (Pacemaker's ``resource cleanup``): forget the failures of a data group's
+    resources on ``nodes``, and where one of them holds the group at ``epoch`` and
+    reports it ``failed``, start it there again. The runner sends each node's
+    storage-monitor a ``cleanup`` command with its term and ``epoch``."""
+
+    group: str
+    nodes: tuple[str, ...]
+    epoch: int
+    status: str
+    rule: Rule
+
+
+OperatorAction = (Takeover | ClearHold | SetMaintenance | SetStandby | SetFailbackMode
+                  | Cleanup)
 
 
 @dataclass(frozen=True)
@@ -1188,6 +1204,47 @@ def set_failback_mode(snap: Snapshot, pair_name: str, mode: str) -> SetFailbackM
                            f"{what}", Rule.FAILBACK_MODE)
 
 
+def cleanup(snap: Snapshot, group: str, node: str | None, now: float) -> Cleanup | Refusal:
+    """Operator: forget a data group's resource failures on ``node`` (default: both
+    nodes of its pair that are alive) and restart it where it is held and failed.
+    Refused for an unknown or management group, a node not of its pair or down, or while
+    a takeover of the group is under way (its epoch is about to change)."""
+    req = f"cleanup {group}" + (f" on {node}" if node else "")
+    g = snap.groups.get(group)
+    if g is None:
+        return Refusal(req, f"there is no group {group}")
+    if not g.devices:
+        return Refusal(req, f"{group} is a management group: it has no storage resources")
+    pair = pair_of(snap, g.home)
+    if pair is None:
+        return Refusal(req, f"{group}'s home {g.home} is of no pair")
+    if node is not None and node not in pair.nodes:
+        return Refusal(req, f"{node} is not a node of {pair.name}")
+    if _busy(snap, g):
+        return Refusal(req, f"a takeover of {group} is under way (try again when it ends)")
+
+    def alive(n: str) -> bool:
+        view = snap.nodes.get(n)
+        return view is not None and is_alive(view, now, snap.dead_after)
+
+    asked = (node,) if node else pair.nodes
+    nodes = tuple(n for n in asked if alive(n))
+    if not nodes:
+        return Refusal(req, f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} "
+                       f"down: no storage-monitor to clean up")
+    parts = [f"the failures of {group}'s resources on {' and '.join(nodes)} are forgotten"]
+    view = snap.storage.get(g.owner) if g.owner in nodes else None
+    failure = failed_group(view, g) if view is not None else None
+    if failure is not None:
+        parts.append(f"{g.owner}, which holds it and reports it failed ({failure.reason}), "
+                     f"starts it again")
+    skipped = [n for n in asked if n not in nodes]
+    if skipped:
+        parts.append(f"{' and '.join(skipped)} is down (its storage-monitor forgets its "
+                     f"counts when it starts again)")
+    return Cleanup(group, nodes, g.epoch, "; ".join(parts), Rule.CLEANUP)
+
+
 Answer = tuple[OperatorAction, ...] | Refusal
 
 
@@ -1197,7 +1254,8 @@ def answer(snap: Snapshot, request: Mapping[str, Any], now: float) -> Answer:
     ``{"verb": "clear-hold", "pair": P, "node": N}``,
     ``{"verb": "maintenance", "pair": P, "on": bool}``,
     ``{"verb": "standby", "pair": P, "node": N, "on": bool}``,
-    ``{"verb": "failback-mode", "pair": P, "mode": "auto" | "manual"}``."""
+    ``{"verb": "failback-mode", "pair": P, "mode": "auto" | "manual"}``,
+    ``{"verb": "cleanup", "group": G, "node": N | None}``."""
     verb = request.get("verb")
     result: OperatorAction | tuple[OperatorAction, ...] | Refusal
     if verb == "switchover":
@@ -1214,6 +1272,10 @@ def answer(snap: Snapshot, request: Mapping[str, Any], now: float) -> Answer:
     elif verb == "failback-mode":
         result = set_failback_mode(snap, str(request.get("pair", "")),
                                    str(request.get("mode", "")))
+    elif verb == "cleanup":
+        node = request.get("node")
+        result = cleanup(snap, str(request.get("group", "")),
+                         None if node is None else str(node), now)
     else:
         return Refusal(str(verb), f"unknown request {verb!r}")
     if isinstance(result, Refusal | tuple):

@@ -15,12 +15,17 @@ counted as a failure too, so the node's count remembers it.
 The counts are the node's memory of its own failures: they are kept when the group
 moves away and back (a group that comes back within ``failure_timeout`` of failing
 here is given up at its next failure when the threshold is reached), and they start
-afresh when the storage-monitor restarts."""
+afresh when the storage-monitor restarts or an operator cleans the group up
+(``FailCounts.forget``, ``vtlha cleanup``). A restart after a failed ``start`` waits
+``restart_delay`` first (a back-off: no start storm for a resource that cannot start)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+
+RESTART_DELAY = 0.5  # seconds before the start that follows a failed start
+RESTART_DELAY_MAX = 8.0
 
 
 class Next(StrEnum):
@@ -67,6 +72,13 @@ def verdict(failures: int, threshold: int, failure_timeout: float,
                    f"{counted} ({limit}): restarted on this node")
 
 
+def restart_delay(failures: int, base: float = RESTART_DELAY,
+                  cap: float = RESTART_DELAY_MAX) -> float:
+    """The back-off before starting a resource again after its ``failures``-th counted
+    failed start: ``base``, doubling with each failure, at most ``cap``."""
+    return float(min(cap, base * 2.0 ** max(0, failures - 1)))
+
+
 class FailCounts:
     """Failure times per (group, resource) on one node, on the caller's monotonic
     clock."""
@@ -85,6 +97,13 @@ class FailCounts:
         times = (*recent(self._times.get(key, ()), at, failure_timeout), at)
         self._times[key] = times
         return verdict(len(times), threshold, failure_timeout, restart_failed)
+
+    def forget(self, group: str) -> dict[str, int]:
+        """An operator's cleanup: every failure of the group's resources forgotten;
+        how many each resource had (expired ones included)."""
+        gone = {r: len(t) for (g, r), t in self._times.items() if g == group and t}
+        self._times = {k: t for k, t in self._times.items() if k[0] != group}
+        return gone
 
     def counts(self, now: float, timeouts: dict[tuple[str, str], float]) -> dict[
             tuple[str, str], int]:

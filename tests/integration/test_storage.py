@@ -3,12 +3,13 @@ SAN target: the storage-monitor preempts the reservations at the group's epoch a
 starts the tape data service through its resource agent; a client's acknowledged
 blocks survive a crash of the owner; the target accepts no write from the old owner
 after the preempt; a failing ``start`` agent is restarted once, then leaves the group
-not served and says so."""
+not served and says so; ``vtlha cleanup`` starts it again once the cause is mended."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,10 +138,12 @@ exec {python} -m vtlha.tape.agent "$1"
 """
 
 
-def test_failing_start_agent_leaves_the_group_not_served_and_reported(
-        request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path) -> None:
+def _library_cluster(request: pytest.FixtureRequest, nats_server: NatsServer,
+                     tmp_path: Path, script: str) -> LocalCluster:
+    """node-a-data's one resource is the agent ``script`` ("library"); started, node-a
+    serving it, then node-a crashed (node-b takes the group over)."""
     agent = tmp_path / "agent.sh"
-    agent.write_text(FAILING_AGENT.format(python=sys.executable))
+    agent.write_text(script)
     agent.chmod(0o755)
 
     def edit(raw: dict[str, Any]) -> None:
@@ -152,6 +155,17 @@ def test_failing_start_agent_leaves_the_group_not_served_and_reported(
         c.start()
         c.wait_for(lambda: _served(c, "node-a", "node-a-data", 1), 30, what="node-a serving")
         c.crash("node-a")
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
+def test_failing_start_agent_leaves_the_group_not_served_and_reported(
+        request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path) -> None:
+    c = _library_cluster(request, nats_server, tmp_path,
+                         FAILING_AGENT.format(python=sys.executable))
+    try:
         failed = c.wait_for(lambda: [e for e in c.events() if e.kind == "storage.start_failed"],
                             20, what="storage.start_failed")
         assert failed[0].node == "node-b" and failed[0].group == "node-a-data"
@@ -184,5 +198,75 @@ def test_failing_start_agent_leaves_the_group_not_served_and_reported(
         # As Pacemaker does, a failed start is followed by a stop.
         assert (c.state_root / "node-b" / "resources" / "node-a-data" / "library"
                 / "env-stop").exists()
+    finally:
+        c.stop()
+
+
+MENDABLE_AGENT = """#!/bin/sh
+# Cannot start on node-b while {marker} exists (a library cable pulled, say).
+if [ "$1" = start ] && [ "$VTLHA_NODE" = node-b ] && [ -e {marker} ]; then
+    echo "cannot attach tape library on $VTLHA_NODE"
+    exit 1
+fi
+exec {python} -m vtlha.tape.agent "$1"
+"""
+
+
+def _vtlha(c: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).parent / "vtlha"), *args, "--config",
+                           str(c.config_path), "--nats", ",".join(c.client_urls())],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_cleanup_starts_a_failed_group_again_once_its_cause_is_mended(
+        request: pytest.FixtureRequest, nats_server: NatsServer, tmp_path: Path) -> None:
+    """node-a crashes; node-b cannot start node-a-data (restarted once after a back-off,
+    then given up: failed, the companion dead, so it stays). The cause mended, ``vtlha
+    cleanup`` forgets node-b's failures and node-b serves the group at the same epoch."""
+    marker = tmp_path / "library-unplugged"
+    marker.touch()
+    c = _library_cluster(request, nats_server, tmp_path,
+                         MENDABLE_AGENT.format(python=sys.executable, marker=marker))
+    try:
+        c.wait_for(lambda: [e for e in c.events() if e.kind == "storage.start_failed"], 20,
+                   what="storage.start_failed on node-b")
+        tries = [e for e in c.events() if e.kind == "storage.agent_failed"]
+        assert [(e.data["failures"], e.data["next"], e.data["delay"]) for e in tries] == [
+            (1, "restart", 0.5), (2, "give_up", 0.0)]
+        assert "restarted on this node in 0.5 s" in tries[0].reason
+        # the second start came after the back-off (the stop before it is quick)
+        assert tries[1].sent_at - tries[0].sent_at >= 0.5
+        st = c.status("node-b", "storage-monitor") or {}
+        assert st["groups"]["node-a-data"]["state"] == "failed"
+        assert st["failures"] == {"node-a-data": {"library": 2}}
+
+        # Refused: a management group; not confirmed without a terminal and --yes.
+        mgmt = _vtlha(c, "cleanup", "node-a-mgmt", "--yes")
+        assert mgmt.returncode == 1
+        assert "node-a-mgmt is a management group" in mgmt.stderr
+        unconfirmed = _vtlha(c, "cleanup", "node-a-data")
+        assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
+        assert (c.status("node-b", "storage-monitor") or {})["failures"] != {}
+
+        marker.unlink()  # the cause mended
+        done = _vtlha(c, "cleanup", "node-a-data", "--yes", "--wait", "30")
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert "node-a is down" in out
+        assert "node-b: forgot 2 failures of library" in out
+        assert "node-a-data (failed: " in out and "is started again at epoch 2" in out
+        assert "storage.served: node-b serves node-a-data at epoch 2" in out
+        st = c.status("node-b", "storage-monitor") or {}
+        assert st["groups"]["node-a-data"]["state"] == "served"
+        assert st["failures"] == {}
+        (ev,) = [e for e in c.events() if e.kind == "storage.cleanup"]
+        assert (ev.group, ev.epoch) == ("node-a-data", 2)
+        assert ev.data["nodes"]["node-b"]["ok"] and ev.data["nodes"]["node-b"]["restarted"]
+        assert "node-a" not in ev.data["nodes"] and "@" in ev.data["operator"]
+
+        again = _vtlha(c, "cleanup", "node-a-data", "--yes")
+        assert again.returncode == 0, again.stderr
+        assert "no failure of node-a-data was counted" in again.stdout
+        assert "node-a-data is served: nothing to restart" in again.stdout
     finally:
         c.stop()

@@ -8,7 +8,7 @@ import pytest
 
 from vtlha.config import Resource, parse_config
 from vtlha.errors import ConfigError
-from vtlha.recovery import FailCounts, Next, recent, verdict
+from vtlha.recovery import FailCounts, Next, recent, restart_delay, verdict
 
 G, R = "node-a-data", "tape"
 
@@ -139,3 +139,19 @@ def test_consistent_values_load(fields: dict[str, object]) -> None:
     r = parse_config(_config(**fields)).node("node-a").groups.data.effective_resources()[0]
     for k, v in fields.items():
         assert getattr(r, k) == v
+
+
+def test_a_restart_after_a_failed_start_backs_off_doubling_to_a_cap() -> None:
+    assert [restart_delay(n) for n in (1, 2, 3, 4, 5, 6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert restart_delay(0) == 0.5 and restart_delay(3, base=0.1, cap=0.3) == 0.3
+
+
+def test_cleanup_forgets_every_failure_of_the_group_only() -> None:
+    fc = FailCounts()
+    record(fc, 100.0)
+    record(fc, 110.0)
+    fc.record(G, "other", 120.0, threshold=2, failure_timeout=600.0)
+    fc.record("node-b-data", R, 130.0, threshold=2, failure_timeout=600.0)
+    assert fc.forget(G) == {R: 2, "other": 1}
+    assert fc.count(G, R, 140.0, 600.0) == 0 and fc.forget(G) == {}
+    assert fc.count("node-b-data", R, 140.0, 600.0) == 1

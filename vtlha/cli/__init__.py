@@ -34,6 +34,7 @@ from vtlha.cli.events import events
 from vtlha.cli.explain import explain, replay
 from vtlha.cli.iscsicmd import iscsi
 from vtlha.cli.requests import (
+    cleanup,
     clear_hold,
     failback,
     failback_mode,
@@ -64,5 +65,5 @@ def main(ctx: click.Context) -> None:
 
 
 for _command in (config, deploy, iscsi, status, events, switchover, failback, maintenance,
-                 clear_hold, standby, failback_mode, explain, version):
+                 clear_hold, standby, failback_mode, cleanup, explain, version):
     main.add_command(_command)

@@ -1,6 +1,6 @@
 """Operator requests to the active arbiter: ``switchover``, ``failback``,
-``maintenance``, ``clear-hold``, ``standby``, ``failback-mode``; each waits for and prints
-the outcome."""
+``maintenance``, ``clear-hold``, ``standby``, ``failback-mode``, ``cleanup``; each waits
+for and prints the outcome."""
 
 from __future__ import annotations
 
@@ -93,8 +93,14 @@ async def _ask(cfg: ClusterConfig, nats_urls: str | None, req: Any, timeout: flo
             return EXIT_NO_ANSWER
         if not reply.ok:
             click.echo(reply.status, err=True)
+            for d in reply.details:
+                click.echo(f"  {d}", err=True)
             return EXIT_REFUSED
         click.echo(reply.status)
+        for d in reply.details:
+            click.echo(f"  {d}")
+        if reply.restarted and wait_s > 0:
+            return await _follow_restarts(nc, subj, req.group, reply.restarted, wait_s, start)
         if not reply.takeovers or wait_s <= 0:
             return EXIT_OK
         return await _follow_moves(nc, subj, reply, wait_s, start)
@@ -183,6 +189,35 @@ def maintenance(state: str, pair: str, config_path: str, nats_urls: str | None,
     _request(cfg, nats_urls, "maintenance", {"pair": pair, "on": state == "on"}, timeout, 0)
 
 
+async def _follow_restarts(nc: Any, subj: Any, group: str, nodes: list[str], wait_s: float,
+                           since: int) -> int:
+    """A cleanup's restarts: wait for ``storage.served`` (done) or
+    ``storage.start_failed`` (failed again) of ``group`` from each of ``nodes``."""
+    from vtlha import eventlog
+
+    todo = set(nodes)
+    failed = False
+    try:
+        async with asyncio.timeout(wait_s), contextlib.aclosing(
+                eventlog.follow(nc.jetstream(), subj, since)) as stream:
+            async for seq, e in stream:
+                if e.group != group or e.kind not in ("storage.served", "storage.start_failed"):
+                    continue
+                node = e.new or e.node
+                if node not in todo:
+                    continue
+                failed |= e.kind == "storage.start_failed"
+                click.echo(f"#{seq} {e.kind}: {e.reason}", err=e.kind == "storage.start_failed")
+                todo.discard(node)
+                if not todo:
+                    break
+    except TimeoutError:
+        click.echo(f"{group} not served again within {wait_s} s on {', '.join(sorted(todo))} "
+                   "(see `vtlha events`)", err=True)
+        return EXIT_NO_ANSWER
+    return EXIT_REFUSED if failed else EXIT_OK
+
+
 @click.command("clear-hold", help="Let NODE of PAIR be given groups automatically again "
               "after it was held down for failing too often (flap_max failures within "
               "flap_window); its failures are forgotten. For a node not held down, forget "
@@ -255,3 +290,29 @@ def failback_mode(mode: str, pair: str, yes: bool, config_path: str, nats_urls: 
     cfg = _load(config_path)
     _confirm(yes, f"failback-mode {mode} {pair}")
     _request(cfg, nats_urls, "failback-mode", {"pair": pair, "mode": mode}, timeout, 0)
+
+
+@click.command(help="Clean up data GROUP (Pacemaker's `resource cleanup`): its resources' "
+               "failures are forgotten on both nodes of its pair (or on --node), and the "
+               "node that holds it and reports it `failed` (a resource that failed "
+               "migration_threshold times, or a reservation not taken) starts it again; "
+               "each node's answer is printed and the restart is followed to `storage."
+               "served`. Refused for a management group, an unknown node or during a "
+               "takeover of the group. Asks first unless --yes. " + _OPERATOR_EXITS)
+@click.argument("group")
+@click.option("--node", default=None, metavar="NODE",
+              help="Only on this node of the group's pair (default: both).")
+@_yes_opt
+@_config_opt
+@_nats_opt
+@_timeout_opt
+@_wait_opt
+def cleanup(group: str, node: str | None, yes: bool, config_path: str,
+            nats_urls: str | None, timeout: float, wait_s: float) -> None:
+    cfg = _load(config_path)
+    _confirm(yes, f"cleanup {group}" + (f" on {node}" if node else "")
+             + " (a failed group is started again)")
+    fields: dict[str, Any] = {"group": group}
+    if node is not None:
+        fields["target_node"] = node
+    _request(cfg, nats_urls, "cleanup", fields, timeout, wait_s)

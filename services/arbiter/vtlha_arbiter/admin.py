@@ -13,8 +13,14 @@ background through the same claim -> release -> acquire path as an automatic one
 client follows the events for its completion. Every answer is an event whose inputs
 include the request (``vtlha explain`` replays it): ``switchover.*``, ``failback.*``,
 ``pair.maintenance``, ``node.hold_cleared``, ``node.standby``, ``pair.failback_mode``,
-``<verb>.refused``. Leaving maintenance is
-followed by a decision at once."""
+``storage.cleanup``, ``<verb>.refused``. Leaving maintenance is
+followed by a decision at once.
+
+A cleanup (``vtlha cleanup GROUP``) is carried out by the nodes' storage-monitors: a
+``cleanup`` command to each, with this arbiter's term and the group's epoch (refused
+there when stale, as every command), answered with what it forgot and whether it started
+the group again; the reply and the event ``storage.cleanup`` carry each node's
+answer."""
 
 from __future__ import annotations
 
@@ -22,14 +28,16 @@ import asyncio
 import time
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from prometheus_client import Counter
 
-from vtlha import policy
+from vtlha import bus, policy
 from vtlha.errors import InvalidMessage
 from vtlha.messages import AdminReply, AdminRequest, AdminTakeover, decode, encode
 from vtlha.policy import (
+    Cleanup,
     ClearHold,
     Refusal,
     SetFailbackMode,
@@ -42,6 +50,8 @@ from vtlha_arbiter.host import Host
 from vtlha_arbiter.mover import Mover
 from vtlha_arbiter.pairstate import PairState
 from vtlha_arbiter.term import Activation
+
+CLEANUP_TIMEOUT = 2.0  # seconds a storage-monitor has to answer a cleanup (one try)
 
 
 class AdminServer:
@@ -153,8 +163,16 @@ class AdminServer:
         events: list[str] = []
         takeovers: list[AdminTakeover] = []
         problems: list[str] = []
+        details: list[str] = []
+        restarted: list[str] = []
         for a in actions:
-            if isinstance(a, Takeover):
+            if isinstance(a, Cleanup):
+                eid, answers = await self._cleanup(a, inputs, who)
+                events += _ids(eid)
+                details += [why for _, why, _ in answers.values()]
+                problems += [why for ok, why, _ in answers.values() if not ok]
+                restarted += [n for n, (_, _, again) in answers.items() if again]
+            elif isinstance(a, Takeover):
                 done = await self._takeover(a, inputs, who)
                 if isinstance(done, str):
                     problems.append(done)
@@ -170,9 +188,41 @@ class AdminServer:
         if problems:
             self.host.log.warning("operator request not carried out", extra={"problems": problems})
             return self._reply(False, req.verb, f"{status}; but: {'; '.join(problems)}",
-                               request=who["request"], event_ids=events, takeovers=takeovers)
+                               request=who["request"], event_ids=events, takeovers=takeovers,
+                               details=details, restarted=restarted)
         return self._reply(True, req.verb, status, request=who["request"], event_ids=events,
-                           takeovers=takeovers)
+                           takeovers=takeovers, details=details, restarted=restarted)
+
+    async def _cleanup(self, a: Cleanup, inputs: dict[str, Any], who: dict[str, Any]
+                       ) -> tuple[str | None, dict[str, tuple[bool, str, bool]]]:
+        """A ``cleanup`` command to each node's storage-monitor (one try each, at once);
+        the event and, per node, (ok, its answer, whether it started the group again)."""
+        host = self.host
+        cmd = self.act.command("cleanup", a.group, a.epoch)
+
+        async def one(node: str) -> tuple[bool, str, bool]:
+            subject = host.subjects.cmd(node, "storage-monitor")
+            try:
+                ack = await bus.send_command(host.nc, subject, cmd, CLEANUP_TIMEOUT)
+            except nats.errors.NoRespondersError:
+                return False, f"{node}: no storage-monitor answered", False
+            except (nats.errors.TimeoutError, TimeoutError):
+                return False, f"{node}: no answer within {CLEANUP_TIMEOUT:g} s", False
+            except InvalidMessage as exc:
+                return False, f"{node}: an invalid answer: {exc}", False
+            why = ack.reason if ack.ok else f"{node} refused: {ack.reason}"
+            return ack.ok, why, ack.restarted
+
+        answers = dict(zip(a.nodes, await asyncio.gather(*(one(n) for n in a.nodes)),
+                           strict=True))
+        said = "; ".join(why for _, why, _ in answers.values())
+        eid = await host.emit("storage.cleanup", f"{a.status} — {said}", group=a.group,
+                              epoch=a.epoch, term=self.act.term, inputs=inputs,
+                              data={**who, "rule": a.rule.value, "nodes": {
+                                  n: {"ok": ok, "detail": why, "restarted": again}
+                                  for n, (ok, why, again) in answers.items()}},
+                              pair=host.config.pair_of(host.config.groups()[a.group][0]).name)
+        return eid, answers
 
     async def _takeover(self, a: Takeover, inputs: dict[str, Any],
                         who: dict[str, Any]) -> AdminTakeover | str:
