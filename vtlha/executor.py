@@ -45,6 +45,10 @@ from vtlha.protocol.hold import HoldGate, Why
 from vtlha.service import Service
 
 ENFORCE_INTERVAL = 0.02  # seconds between checks of the hold rule (notices also trigger one)
+#: before a held group's lease counts as expired, notices already received get this many
+#: turns of the event loop (at most DRAIN_MAX seconds) to be applied
+DRAIN_TURNS = 20
+DRAIN_MAX = 0.005
 BUCKET_CHECK = 1.0  # seconds between reads of the KV bucket's identity
 IDENTITY_TIMEOUT = 0.5  # seconds for one read of it
 
@@ -261,6 +265,11 @@ class HoldingExecutor(Executor):
             "vtlha_lease_notices_other_bucket_total", "Lease notices of another KV bucket "
             "than this executor's, ignored", registry=self.registry)
         self._checking_bucket = False
+        self._lease_sub: Subscription | None = None
+        self.notices_drained = Counter(
+            "vtlha_lease_expiry_drains_total", "Held leases found expired by a check, by "
+            "what applying the notices already received showed (held: a newer notice was "
+            "waiting; expired: none)", ["result"], registry=self.registry)
 
     def executor_groups(self) -> set[str]:
         """The groups this executor holds anything for (all of the pair's by default)."""
@@ -283,8 +292,8 @@ class HoldingExecutor(Executor):
 
     async def start_executor(self) -> None:
         """Lease notices, commands, and one enforcement loop per group."""
-        await self.nc.subscribe(self.subjects.lease(self.node),
-                                cb=self.subscribe_handler("lease", self._on_notice))
+        self._lease_sub = await self.nc.subscribe(
+            self.subjects.lease(self.node), cb=self.subscribe_handler("lease", self._on_notice))
         await super().start_executor()
         for g in sorted(self.executor_groups()):
             self.every(ENFORCE_INTERVAL, functools.partial(self.enforce, g), f"enforce-{g}")
@@ -319,8 +328,29 @@ class HoldingExecutor(Executor):
     async def enforce_all(self) -> None:
         await asyncio.gather(*(self.enforce(g) for g in self.executor_groups()))
 
+    async def _drain_notices(self, group: str) -> None:
+        """A held group's lease looks expired: first let the lease notices this process
+        has already received be applied. After a stall (the event loop blocked, a tick
+        overran) the newest notices can sit in the socket or the subscription's queue
+        while a check runs ahead of them, and the group would be released on a lease
+        that a waiting notice extends. A few turns of the loop (the socket read, the
+        parse, the callback), stopped once nothing is queued or after ``DRAIN_MAX``.
+        Safe: a notice's validity is the lease holder's CLOCK_MONOTONIC when it was
+        sent, so applying it late never extends it; only what was received counts."""
+        t0 = time.monotonic()
+        for turn in range(DRAIN_TURNS):
+            await asyncio.sleep(0)
+            sub = self._lease_sub
+            if (turn >= 2 and (sub is None or sub.pending_msgs == 0)) \
+                    or time.monotonic() - t0 > DRAIN_MAX:
+                break
+        held = self.gate.verdict(group, time.monotonic()) is Why.HOLD
+        self.notices_drained.labels("held" if held else "expired").inc()
+
     async def enforce(self, group: str) -> None:
         """Make what is held match the hold rule for ``group``."""
+        if self.holds(group) and self.gate.verdict(group, time.monotonic()) is Why.EXPIRED:
+            await self._drain_notices(group)
         async with self._group_locks[group]:
             why = self.gate.verdict(group, time.monotonic())
             if why is Why.HOLD:
