@@ -20,6 +20,9 @@ help:
 	@echo "make bench-events - failover time with the event stream healthy vs its leader killed (root)"
 	@echo "make chaos-short - every chaos fault kind once over the network lab (root); docs/chaos-report.md"
 	@echo "make chaos  - 200 chaos iterations (root); docs/chaos-report.md"
+	@echo "make chaos-short-iscsi - every chaos fault kind once with the devices on a real iSCSI target (tgtd; root)"
+	@echo "make bench-footprint - RSS and CPU of each service, idle and at 10 Hz (loopback)"
+	@echo "make bench-kv - lease renewals per second the three-server KV sustains (loopback)"
 	@echo "make images - the container image, built offline (root; podman, mmdebstrap)"
 	@echo "make test-containers - node-a, node-b and the witness in containers (host network, network lab, under systemd): kill, take over (root)"
 	@echo "make clean  - remove the venv and caches"
@@ -88,6 +91,16 @@ demo: venv sysdeps
 bench: venv
 	$(BIN)/python bench/failover.py
 
+# Each service's RSS and CPU, idle (1 Hz) and at 10 Hz, on loopback (about a minute).
+.PHONY: bench-footprint
+bench-footprint: venv
+	$(BIN)/python bench/footprint.py
+
+# Lease renewals per second the three-server KV sustains (R3, sync always; loopback).
+.PHONY: bench-kv
+bench-kv: venv
+	$(BIN)/python bench/kv_capacity.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 
@@ -127,6 +140,13 @@ chaos-short: venv sysdeps
 
 chaos: venv sysdeps
 	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --iterations 200 --report $(CHAOS_REPORT) $(CHAOS_ARGS)
+
+# chaos-short with the devices as LUNs of a real iSCSI target (tgtd in the witness's
+# namespace, a portal per path; SCSI-3 PR fencing): issue 18.
+CHAOS_ISCSI_REPORT ?= docs/chaos-report-iscsi.md
+.PHONY: chaos-short-iscsi
+chaos-short-iscsi: venv sysdeps
+	$(BIN)/vtlha-lab chaos run --seed $(CHAOS_SEED) --san iscsi --report $(CHAOS_ISCSI_REPORT) $(CHAOS_ARGS)
 
 # The witness-only-cut lab tests (issue 14), alone (they are also part of `make test`).
 .PHONY: test-witness

@@ -221,3 +221,31 @@ class Tgtd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: the lab's target name and first portal port (a portal per path on the next ports)
+LAB_IQN = "iqn.2026-12.org.vtlha:lab"
+LAB_PORT = 3260
+
+
+def use_iscsi(raw: dict[str, object], port: int = LAB_PORT, iqn: str = LAB_IQN,
+              paths: int = 2) -> None:
+    """Change a cluster file (as loaded from YAML) to ``san.kind: iscsi`` on the lab's
+    tgtd: the witness's service address, a portal per path (``port``, ``port + 1``, ...),
+    a LUN per device in the file's order."""
+    witness = raw["witness"]
+    devices = raw["devices"]
+    assert isinstance(witness, dict) and isinstance(devices, dict)
+    w = str(witness["service_ip"]).split("/")[0]
+    raw["san"] = {"kind": "iscsi", "host": witness["host"], "port": port, "iqn": iqn,
+                  "portals": [f"{w}:{port + i}" for i in range(paths)]}
+    for k, dev in enumerate(devices.values()):
+        dev["lun"] = k + 1
+
+
+def set_online(tgtd: Tgtd, lun: int, online: bool) -> None:
+    """Take a LUN's medium away (``online`` False: every READ and WRITE then ends with
+    NOT READY, MEDIUM NOT PRESENT, on every path — the device failing, as the chaos
+    suite's ``device-fail``) or give it back. Registrations and the reservation stay."""
+    tgtd.adm("--lld", "iscsi", "--op", "update", "--mode", "logicalunit", "--tid", "1",
+             "--lun", str(lun), "--params", f"removable=1,online={1 if online else 0}")

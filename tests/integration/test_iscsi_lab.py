@@ -34,21 +34,18 @@ import pytest
 from tests.conftest import ROOT, torn_down_lab
 from tests.integration.test_storage_lab import Writer, _served, _storage
 from vtlha_lab.lab import Lab
+from vtlha_lab.tgt import LAB_IQN, LAB_PORT, use_iscsi
 
 pytestmark = pytest.mark.root
 
-IQN = "iqn.2026-12.org.vtlha:lab"
-PORT = 3260
+IQN = LAB_IQN
+PORT = LAB_PORT
 A_DEVICES = ("vtl-a0", "vtl-a1")
 
 
 def _iscsi(tape: bool) -> Callable[[dict[str, Any]], None]:
     def edit(raw: dict[str, Any]) -> None:
-        w = raw["witness"]["service_ip"].split("/")[0]
-        raw["san"] = {"kind": "iscsi", "host": raw["witness"]["host"], "port": PORT,
-                      "iqn": IQN, "portals": [f"{w}:{PORT}", f"{w}:{PORT + 1}"]}
-        for k, dev in enumerate(raw["devices"].values()):
-            dev["lun"] = k + 1
+        use_iscsi(raw, PORT, IQN)
         if not tape:
             for pair in raw["pairs"]:
                 for n in pair["nodes"]:

@@ -4,6 +4,7 @@ histories that must fail)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,25 @@ def test_a_recovery_slower_than_the_bound_and_a_slow_baseline_are_caught() -> No
     details = [v.detail for v in check(sorted(h, key=lambda r: r["t"])).violations]
     assert any("served again 1.50 s after the fault (bound 1.13 s)" in d for d in details)
     assert any("home again after 20.0 s (bound 15.0 s)" in d for d in details)
+
+
+def test_fail_on_safety_fails_only_on_a_safety_class(tmp_path: Path) -> None:
+    """CI's gate (`--fail-on safety`): a stranded group is reported but passes; a double
+    answer fails; the default (`any`) fails on both."""
+    from click.testing import CliRunner
+
+    from vtlha_lab.chaos.cli import chaos
+
+    stranded = [r for r in clean() if not (r["type"] == "arp" and r["addr"] == A
+                                           and r["t"] > T0 + 0.5)]
+    double = [*clean(), {"type": "arp", "t": T0 + 0.7, "addr": A,
+                         "nodes": ["node-a", "node-b"]}]
+    assert check(stranded).safe and not check(stranded).ok
+    assert not check(sorted(double, key=lambda r: r["t"])).safe
+    for name, hist, any_rc, safety_rc in (("stranded", stranded, 1, 0), ("double", double, 1, 1)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in sorted(hist, key=lambda r: r["t"])))
+        assert CliRunner().invoke(chaos, ["check", str(path)]).exit_code == any_rc
+        res = CliRunner().invoke(chaos, ["check", str(path), "--fail-on", "safety"])
+        assert res.exit_code == safety_rc, res.output
+        assert ("not failed on" in res.output) == (safety_rc == 0)

@@ -37,3 +37,20 @@ def test_all_tools_present_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("PATH", _only(tmp_path, "ip", "nft", "setpriv", "tgtd", "tgtadm"))
     require_tools(iscsi=True)
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_use_iscsi_makes_a_valid_cluster_file_on_the_labs_tgtd() -> None:
+    """The chaos suite's `--san iscsi` (and the iSCSI lab tests): the example's devices
+    become LUNs 1..n of the lab's target, a portal per path on the witness's address."""
+    import yaml
+
+    from tests.conftest import EXAMPLE
+    from vtlha.config import parse_config
+    from vtlha_lab.tgt import LAB_IQN, use_iscsi
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    use_iscsi(raw)
+    cfg = parse_config(raw)
+    assert cfg.san.kind == "iscsi" and cfg.san.iqn == LAB_IQN
+    assert cfg.san.portals == ["198.51.100.9:3260", "198.51.100.9:3261"]
+    assert [d.lun for d in cfg.devices.values()] == [1, 2, 3, 4]

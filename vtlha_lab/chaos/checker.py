@@ -34,6 +34,10 @@ BLIP = 0.1         # an address outage shorter than this does not count for the 
 STRANDED_ACK = 2.0  # a data group with no ack this long before the check is unserved
 STRANDED_ARP = 1.0  # an address nobody answered this long before the check is unserved
 MOVE_KINDS = ("failover",)
+#: what must never happen: two nodes answering, an acknowledged block lost or wrong, a
+#: fenced writer acknowledged, an epoch going back (the rest are availability classes)
+SAFETY = frozenset({"double-answer", "lost-block", "wrong-block", "fenced-writer",
+                    "epoch-back"})
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,12 @@ class Result:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    @property
+    def safe(self) -> bool:
+        """No violation of a safety class (``SAFETY``): what must never happen, whatever
+        the availability classes say."""
+        return not [v for v in self.violations if v.cls in SAFETY]
 
 
 @dataclass

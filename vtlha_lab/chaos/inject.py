@@ -24,6 +24,7 @@ import nats
 
 from vtlha_lab.chaos.supervisor import Supervisor
 from vtlha_lab.lab import Lab
+from vtlha_lab.tgt import set_online
 
 NODE_KILLABLE = ("heartbeat", "ip-manager", "storage-monitor", "arbiter")
 CUT_TABLE = "vtlha_chaos_cut"
@@ -263,6 +264,11 @@ def cut_all_paths(ctx: Ctx) -> Active:
 
 def device_fail(ctx: Ctx) -> Active:
     dev = ctx.rng.choice(sorted(ctx.lab.cfg.devices))
+    tgtd, lun = ctx.lab.tgtd, ctx.lab.cfg.devices[dev].lun
+    if tgtd is not None and lun is not None:  # san.kind iscsi: the LUN's medium goes away
+        set_online(tgtd, lun, False)
+        return Active("device-fail", {"device": dev, "lun": lun},
+                      undo=lambda: set_online(tgtd, lun, True))
     backing = Path(ctx.lab.cfg.devices[dev].backing)
     backing = backing if backing.is_absolute() else ctx.lab.state_root / backing
     size = backing.stat().st_size

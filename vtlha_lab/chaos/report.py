@@ -141,6 +141,10 @@ def write_report(result: Result, records: Sequence[Mapping[str, Any]], path: Pat
            if planned and planned > ran else "")
         + (f", **took** {elapsed / 60:.1f} min" if elapsed else ""),
         f"- **replay**: `{result.command}`",
+        "- **SAN**: " + ("a real iSCSI target (tgtd in the witness's namespace, SCSI-3 "
+                         "persistent reservations)" if run.get("san") == "iscsi"
+                         or "--san iscsi" in result.command
+                         else "the reference target (`vtlha_lab/santarget.py`)"),
         "- **verdict**: " + ("no violation" if result.ok
                              else f"{len(result.violations)} violation(s)"),
     ]

@@ -9,6 +9,7 @@ printed and recorded); the timing of the real processes is not replayed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from vtlha_lab.chaos.inject import INJECT, Active, Ctx, heal_everything
 from vtlha_lab.chaos.live import LiveView
 from vtlha_lab.chaos.supervisor import Supervisor
 from vtlha_lab.lab import Lab
+from vtlha_lab.tgt import use_iscsi
 
 LOG = logging.getLogger("vtlha_lab.chaos")
 BIN = Path(sys.executable).parent
@@ -56,6 +58,7 @@ class RunOptions:
     observer_interval: float = 0.015
     command: str = ""
     time_limit: float | None = None  # seconds: no new iteration starts after this
+    iscsi: bool = False  # the devices as LUNs of the lab's tgtd (vtlha_lab.tgt.use_iscsi)
 
 
 def plan(seed: int, iterations: int, kinds: list[str]) -> list[tuple[str, ...]]:
@@ -78,7 +81,7 @@ def plan(seed: int, iterations: int, kinds: list[str]) -> list[tuple[str, ...]]:
 def replay_command(opts: RunOptions) -> str:
     return opts.command or (
         f"vtlha-lab chaos run --seed {opts.seed} --iterations {opts.iterations} "
-        f"--faults {','.join(opts.faults)}")
+        f"--faults {','.join(opts.faults)}" + (" --san iscsi" if opts.iscsi else ""))
 
 
 class Recorder:
@@ -134,6 +137,8 @@ def prepare(opts: RunOptions) -> Path:
         # or storage fault right after it would wait out the hold (the policy's rule)
         # and the iteration would test nothing. The runner waits this hold out instead.
         pair["failback_hold_time"] = FAILBACK_HOLD
+    if opts.iscsi:
+        use_iscsi(raw)
     opts.work_dir.mkdir(parents=True, exist_ok=True)
     cfg = opts.work_dir / "cluster.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -152,8 +157,13 @@ def create_devices(lab: Lab) -> None:
 def start_observer(c: Cluster, out: Path, interval: float) -> subprocess.Popen[bytes]:
     lab = c.lab
     argv = [*lab.prefix("client"), sys.executable, "-m", "vtlha_lab.chaos.observer",
-            "--out", str(out), "--interval", str(interval),
-            "--reservations", str(lab.state_root / "san" / "reservations.json")]
+            "--out", str(out), "--interval", str(interval)]
+    if lab.cfg.san.kind == "iscsi":  # read through PR IN by the prwatch process instead
+        lab.procs.spawn("client", "chaos-prwatch", [
+            *lab.prefix("client"), sys.executable, "-m", "vtlha_lab.chaos.prwatch",
+            "--config", str(lab.config_path), "--out", str(out.with_name("prwatch.jsonl"))])
+    else:  # the reference target's persisted reservations
+        argv += ["--reservations", str(lab.state_root / "san" / "reservations.json")]
     for n in lab.cfg.nodes:
         argv += ["--mac", f"{n.name}={lab.mac(n.name, 'eth0')},{lab.mac(n.name, 'eth1')}",
                  "--node", f"{n.name}={lab.ns(n.name)}"]
@@ -369,7 +379,7 @@ class Runner:
             self.supervisor = Supervisor(lab, self.rng, self.record)
             self.record({"type": "run", "phase": "start", "seed": opts.seed,
                          "iterations": opts.iterations, "faults": opts.faults,
-                         "command": replay_command(opts),
+                         "command": replay_command(opts), "san": lab.cfg.san.kind,
                          "timings": {**self.cluster.timings(),
                                      "failback_hold_time": FAILBACK_HOLD},
                          "constants": {k: v for k, (v, _) in ft.CONSTANTS.items()},
@@ -424,6 +434,10 @@ class Runner:
             self.record({"type": "verify", "group": g, "exit": proc.returncode, **res})
         obs.send_signal(signal.SIGTERM)
         obs.wait(10)
+        with contextlib.suppress(KeyError):
+            pr = lab.procs.find("client", "chaos-prwatch")
+            pr.signal(signal.SIGTERM)
+            pr.proc.wait(10)
         for seq, e in self.read_events():
             self.record({"type": "event", "t": e.sent_at, "seq": seq, "kind": e.kind,
                          "node": e.node, "group": e.group, "old": e.old, "new": e.new,
@@ -447,8 +461,9 @@ class Runner:
         """One history file: the runner's records, the observer's and the tape clients'
         acknowledgements, ordered by time."""
         recs: list[dict[str, Any]] = []
-        for p in (self.runner_log, self.observer_log):
-            for line in p.read_text().splitlines():
+        prwatch = self.observer_log.with_name("prwatch.jsonl")
+        for p in (self.runner_log, self.observer_log, prwatch):
+            for line in p.read_text().splitlines() if p.exists() else []:
                 try:
                     recs.append(json.loads(line))
                 except ValueError:
