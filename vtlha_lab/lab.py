@@ -401,12 +401,12 @@ class Lab(LocalCluster):
         for host in self.servers:
             self.wait_nats(host)
 
-    def wait_nats(self, host: str, timeout: float = 60) -> None:
+    def wait_nats(self, host: str, timeout: float = 60, streams: bool = True) -> None:
         # (a restarted server's /healthz waits for its streams to catch up: once, in CI, a
         # stalled catch-up took longer than 30 s)
         srv = self.servers[host]
         srv.wait_ready(timeout=timeout, jetstream=len(self.servers) == 1,
-                       fetch=self._monitor_fetch(host, srv.spec.monitor_port))
+                       fetch=self._monitor_fetch(host, srv.spec.monitor_port), streams=streams)
 
     def _monitor_fetch(self, host: str, port: int) -> Callable[[str], int]:
         ns = self.ns(host)

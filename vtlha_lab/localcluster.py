@@ -192,18 +192,22 @@ class LocalCluster:
         for host in self.servers:
             self.wait_nats(host)
 
-    def wait_nats(self, host: str, timeout: float = 60) -> None:
+    def wait_nats(self, host: str, timeout: float = 60, streams: bool = True) -> None:
         # (a restarted server's /healthz waits for its streams to catch up: once, in CI, a
         # stalled catch-up took longer than 30 s)
         # Clustered: full /healthz, which waits for the JetStream meta leader too.
-        self.servers[host].wait_ready(timeout=timeout, jetstream=len(self.servers) == 1)
+        self.servers[host].wait_ready(timeout=timeout, jetstream=len(self.servers) == 1,
+                                      streams=streams)
 
-    def restart_nats(self, host: str) -> None:
-        """Start a host's nats-server again (same store) after it was killed."""
+    def restart_nats(self, host: str, streams: bool = True) -> None:
+        """Start a host's nats-server again (same store) after it was killed; with
+        ``streams`` False, wait for its JetStream only, not for every stream to catch
+        up (nats-server's catch-up of a stream has stalled for over a minute under
+        load, "catchup failed, too many retries", then replayed a snapshot)."""
         srv = self.servers[host]
         srv.kill()
         srv.start()
-        self.wait_nats(host)
+        self.wait_nats(host, streams=streams)
 
     def nats_urls(self, host: str) -> list[str]:
         return self.external_nats or self.cfg.nats_urls(first=host)

@@ -115,10 +115,12 @@ class NatsServer:
             return int(r.status)
 
     def wait_ready(self, timeout: float = 15.0, jetstream: bool = True,
-                   fetch: Callable[[str], int] | None = None) -> None:
+                   fetch: Callable[[str], int] | None = None, streams: bool = True) -> None:
         """Poll the monitor's /healthz until 200; ``fetch(path) -> status`` lets the
-        lab ask from inside the server's namespace."""
-        path = "/healthz" + ("?js-enabled-only=true" if jetstream else "")
+        lab ask from inside the server's namespace. ``streams`` False: the server's
+        JetStream is up (``js-server-only``), its streams need not have caught up."""
+        path = "/healthz" + ("?js-enabled-only=true" if jetstream
+                             else "" if streams else "?js-server-only=true")
         get = fetch or self._fetch
         deadline = time.monotonic() + timeout
         last = ""

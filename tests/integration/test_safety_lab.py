@@ -192,8 +192,10 @@ def test_witness_death_both_nodes_keep_serving_on_mutual_promises(secured_lab: L
     assert obs.overlaps == []
     assert all(lab.floating_on(n) for n in ("node-a", "node-b"))
     assert all(g < 1.0 for g in gaps.values()), gaps  # no address stopped being served
-    # The witness comes back; the active arbiter moves the KV leader back to it.
-    lab.restart_nats("witness")
+    # The witness comes back; the active arbiter moves the KV leader back to it (what
+    # is waited for: the KV's, not every stream's catch-up — the event stream's stalled
+    # for over a minute once under load, a nats-server matter this test is not about).
+    lab.restart_nats("witness", streams=False)
     lab.start_service("witness", "arbiter")
     lab.wait_for(lambda: lab.kv_leader() == "witness", 30, what="the KV leader back on the "
                  "witness")
