@@ -14,7 +14,6 @@ to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -30,6 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_results  # noqa: E402
 from vtlha_lab.eventcheck import copies, failover_trial  # noqa: E402
 from vtlha_lab.lab import Lab  # noqa: E402
 
@@ -98,10 +98,7 @@ def main() -> None:
         f, e = c["failover_s"], c["events_stored_s"]
         print(f"{case:<16} {args.trials:>6} {f['p50'] * 1000:>10.0f} ms {f['min'] * 1000:>4.0f} ms "
               f"{f['max'] * 1000:>4.0f} ms {e['p50']:>16.1f} s {c['doubled']:>8}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"events-failover-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path = save_results("events-failover", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

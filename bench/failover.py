@@ -8,7 +8,6 @@ record, polled every 5 ms). Prints a table and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_results  # noqa: E402
 from vtlha_lab.localcluster import LocalCluster, prepare_config  # noqa: E402
 
 
@@ -78,10 +78,7 @@ def main() -> None:
           f"{max(results) * 1000:>8.0f}")
     print(f"(heartbeat {t.heartbeat_interval} s, dead_after {t.dead_after} s; keepalived at "
           f"advert_int 0.1 s: 0.339 s p50 client outage, PLATFORM.md)")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"failover-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path = save_results("failover", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

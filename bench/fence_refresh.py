@@ -26,7 +26,6 @@ Prints a table and writes JSON to bench/results/fence-refresh-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -41,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_results  # noqa: E402
 from vtlha.fence import FAMILIES, TABLE, Fence, Nft  # noqa: E402
 from vtlha_lab.netns import in_netns  # noqa: E402
 
@@ -226,10 +226,7 @@ def main() -> None:
                "cpu_pressure_before": psi0, "cpu_pressure_after": psi1,
                "floating": FLOATING, "timeout_ms": TIMEOUT_MS, "elapsed_s": elapsed,
                "results": res}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fence-refresh-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path = save_results("fence-refresh", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

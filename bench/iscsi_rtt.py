@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from fence_refresh import cpu_pressure, stats_ms  # noqa: E402  (bench/ helpers)
 
+from bench.common import save_results  # noqa: E402
 from vtlha.iscsi.reservation import take  # noqa: E402
 from vtlha.iscsi.scsi import RESERVATION_TYPE, make_key  # noqa: E402
 from vtlha.iscsi.session import Permit, Session, Target, initiator_name  # noqa: E402
@@ -132,10 +132,7 @@ def main() -> None:
                "cpus": os.cpu_count(), "loadavg_before": load0, "loadavg_after": load1,
                "cpu_pressure_before": psi0, "cpu_pressure_after": psi1,
                "block_size": BLOCK, "results": res}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"iscsi-rtt-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path = save_results("iscsi-rtt", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -57,6 +57,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import save_results  # noqa: E402
 from vtlha.fence import TABLE, parse_held  # noqa: E402
 from vtlha_lab.lab import Lab, OverlapObserver  # noqa: E402
 from vtlha_lab.netns import socket_in  # noqa: E402
@@ -617,10 +618,7 @@ def main() -> None:
                             "its held set (vtlha_lab.observer); cross-checked by ARP and TCP "
                             "per MAC from the client namespace",
                "rows": table}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"keepalived-compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    path = save_results("keepalived-compare", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import shutil
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import nats  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from bench.common import save_results  # noqa: E402
 from vtlha import bus  # noqa: E402
 from vtlha.messages import Event  # noqa: E402
 from vtlha.outbox import Outbox, stream_publisher  # noqa: E402
@@ -104,10 +104,7 @@ def main() -> None:
         print(f"{size:<12} {p['p50']:>7.0f} us {p['p99']:>7.0f} us {p['max']:>7.0f} us "
               f"{r['drain_events_per_s']:>10.0f}")
     print(f"(load average {summary['load1']:.1f}; put is what emit costs the caller)")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"outbox-put-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(summary, indent=2))
+    path = save_results("outbox-put", summary)
     print(f"wrote {path.relative_to(ROOT)}")
 
 
