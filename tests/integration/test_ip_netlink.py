@@ -258,9 +258,9 @@ async def test_gratuitous_arp_is_repeated_garp_count_times(topo: Topo) -> None:
     s = _arp_sniffer(topo)
     b = await backend_in(topo, make_config(garp_count=4, garp_interval=0.05))
     try:
-        t0 = time.monotonic()
         await b.add("198.51.100.101/32")
-        assert time.monotonic() - t0 < 0.05, "add() must not wait for the repeats"
+        # add() returned with repeats still to send: it did not wait for them
+        assert b.garp.pending(), "add() must not wait for the repeats"
         await poll(lambda: _done(b), "the repeats to end", timeout=2.0)
         n = await _count_garps(s, "198.51.100.101", topo.macs["vd0"], time.monotonic() + 0.1)
         assert n == 4 == b.garp.sent
