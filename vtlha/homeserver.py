@@ -30,6 +30,12 @@ connection belongs:
 Moving is ``set_server_pool`` with the chosen server first, then ``force_reconnect``
 (~5 ms; subscriptions are re-made by nats-py). Nothing moves while every server is bad
 (a KV election: no server would do better) or before each server has been asked once.
+
+A request in flight when the connection moves loses its reply (it waits out its
+timeout). A move home away from a server that still works is never urgent, so it waits
+for the service's ``ready`` (the lease holder's: no renewal in flight, one just
+renewed; chaos iteration 131: a renewal lost to a move home let node-b's leases lapse);
+a move away from a server that does not reach the KV leader does not wait.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import nats
@@ -86,8 +92,13 @@ class HomeServer:
 
     def __init__(self, nc: NATS, urls: Sequence[str], subjects: Subjects, name: str,
                  interval: float = INTERVAL, rise: int = RISE, fall: int = FALL,
-                 auth: ClientAuth = NONE) -> None:
+                 auth: ClientAuth = NONE,
+                 ready: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.nc = nc
+        #: asked before a move home from a server that still works (False: not now;
+        #: the next step asks again)
+        self.ready = ready
+        self.deferred = 0
         self.urls = list(urls)
         self.auth = auth
         self.subject = Subjects.js_api("STREAM", "MSG", "GET", subjects.kv_stream)
@@ -112,7 +123,7 @@ class HomeServer:
         return next((u for u in self.urls if netloc(u) == now), f"nats://{now}")
 
     def status(self) -> dict[str, object]:
-        return {"server": self.current(), "moves": self.moves,
+        return {"server": self.current(), "moves": self.moves, "deferred": self.deferred,
                 "reaches_kv_leader": {u: h.state for u, h in self.states.items()}}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -122,9 +133,14 @@ class HomeServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval)
         finally:
-            for p in self.probes.values():
-                with contextlib.suppress(Exception):
-                    await p.close()
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the probe connections (the service connection is not ours)."""
+        for p in self.probes.values():
+            with contextlib.suppress(Exception):
+                await p.close()
+        self.probes.clear()
 
     async def step(self) -> str | None:
         """Ask every server once, then move if ``choose`` says so; returns the URL moved
@@ -143,6 +159,15 @@ class HomeServer:
         to = choose(self.urls, cur, {u: h.state for u, h in self.states.items()})
         if to is None or self.nc.is_closed or self.nc.is_reconnecting:
             return None
+        still_works = cur is not None and cur in self.states and self.states[cur].state is True
+        if still_works:  # a move home, not away from a bad server: it can wait
+            if self.ready is not None and not await self.ready():
+                self.deferred += 1
+                log.info("moving home deferred: the service is not ready to move", extra={
+                    "from": cur, "to": to, "client": self.name})
+                return None
+            if self.nc.is_closed or self.nc.is_reconnecting or self.current() != cur:
+                return None  # the connection changed while we waited
         log.warning("moving to another nats server", extra={
             "from": cur, "to": to, "client": self.name,
             "why": "own node's server reaches the KV leader again" if to == self.urls[0]

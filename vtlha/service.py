@@ -282,6 +282,12 @@ class Service:
         self.log.info(reason, extra={"event": kind, "event_id": event.id})
         return event.id
 
+    async def ready_to_move(self) -> bool:
+        """Whether the NATS connection may move home now (``HomeServer``): a move loses
+        the replies of requests in flight. A service with requests on the failover path
+        overrides this (the heartbeat: its lease renewals)."""
+        return True
+
     # ---- lifecycle ---------------------------------------------------------
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}",
@@ -290,7 +296,8 @@ class Service:
                                                   **self.nats_auth.describe()})
         if len(self.nats_urls) > 1:  # back to its own server, away from one cut off
             self.home = HomeServer(self._nc, self.nats_urls, self.subjects,
-                                   f"{self.name}@{self.node}", auth=self.nats_auth)
+                                   f"{self.name}@{self.node}", auth=self.nats_auth,
+                                   ready=self.ready_to_move)
             self.spawn(self.home.run(self._stopping), "nats-home", critical=False)
         yield
         with contextlib.suppress(Exception):

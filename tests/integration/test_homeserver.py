@@ -88,3 +88,40 @@ async def test_connection_returns_to_its_own_server_after_it_restarts(
         stop.set()
         await admin.close()
         await nc.close()
+
+
+async def test_a_move_home_waits_until_the_service_is_ready(
+        servers: dict[str, NatsServer]) -> None:
+    """A move loses the replies of requests in flight (chaos iteration 131: a lease
+    renewal's, and node-b's leases lapsed): a move home from a server that still works
+    happens only when the service says it is ready (the heartbeat: right after a
+    renewal, nothing in flight)."""
+    urls = [servers[n].spec.url for n in NAMES]
+    subjects = Subjects("homeserver-ready")
+    nc = await bus.connect(urls[1:2], name="test@own")  # on the companion's server
+    admin = await nats.connect(urls[1:])
+    ready = False
+    asked = 0
+
+    async def is_ready() -> bool:
+        nonlocal asked
+        asked += 1
+        return ready
+
+    home = HomeServer(nc, urls, subjects, "test@own", interval=INTERVAL, ready=is_ready)
+    try:
+        await bus.retry_js("kv", lambda: bus.ensure_kv(admin.jetstream(timeout=2), subjects, 3))
+        assert home.current() == urls[1]
+        for _ in range(home.rise + 3):
+            await home.step()
+        assert home.states[urls[0]].state is True and home.states[urls[1]].state is True
+        assert asked >= 3 and home.deferred == asked and home.moves == 0
+        assert home.current() == urls[1], "moved although the service was not ready"
+        ready = True
+        assert await home.step() == urls[0]
+        await _wait(lambda: home.current() == urls[0], 5, "the move home")
+        assert home.moves == 1
+    finally:
+        await home.close()
+        await admin.close()
+        await nc.close()

@@ -752,3 +752,35 @@ def test_group_resumed_from_its_record_waits_for_a_promise_given_for_it() -> Non
     assert lh.on_promise_request(A, [G], TTL, started + 0.5).granted
     lh.on_record(G, rec(B, 2, "held"), 9, started + 0.5 + RTT)  # the KV is back
     assert first_renewal_at(lh, started + 0.5 + RTT, started + 2.0) == started + 0.5 + TTL
+
+
+# ---- a quiet moment to move the NATS connection (chaos iteration 131) -----------------
+
+
+def test_quiet_only_right_after_a_renewal_with_nothing_in_flight() -> None:
+    lh = holding(T0, groups=(G, H))
+    assert lh.quiet(T0 + RTT)  # both renewals answered just now
+    assert not lh.quiet(T0 + INTERVAL / 2 + RTT)  # the next renewal is close: not now
+    rs = renews(lh.tick(T0 + INTERVAL))
+    assert {r.group for r in rs} == {G, H}
+    assert not lh.quiet(T0 + INTERVAL)  # renewals in flight: a move would lose a reply
+    lh.on_renew_result(G, rs[0].sent_at, KvResult.OK, revision=9, now=T0 + INTERVAL + RTT)
+    assert not lh.quiet(T0 + INTERVAL + RTT)  # H's still in flight
+    lh.on_renew_result(H, rs[1].sent_at, KvResult.OK, revision=9, now=T0 + INTERVAL + RTT)
+    assert lh.quiet(T0 + INTERVAL + RTT)
+
+
+def test_quiet_waits_for_a_promise_or_probe_in_flight() -> None:
+    lh = holding(T0)
+    cut_off(lh)  # the renewal found the KV unavailable: a promise is asked
+    assert lh.promise_in_flight and not lh.quiet(T0 + INTERVAL + RTT)
+    idle = holder(A)
+    assert idle.quiet(T0)  # nothing held, nothing in flight
+    [probe] = [e for e in idle.tick(T0) if isinstance(e, Probe)]
+    assert probe and not idle.quiet(T0)
+
+
+def test_quiet_does_not_wait_for_an_acquiring_group() -> None:
+    lh = holder(A)
+    assert lh.on_record(G, rec(state="acquiring"), 3, T0)
+    assert lh.groups[G].phase is Phase.ACQUIRING and lh.quiet(T0)

@@ -179,6 +179,21 @@ class LeaseHolder:
         promise runs)."""
         return self.promises_given.get(group, 0.0)
 
+    def quiet(self, now: float) -> bool:
+        """Nothing in flight (renewal, promise, probe) and every held lease renewed less
+        than half a renewal interval ago: the moment to move the NATS connection (a move
+        loses the replies in flight; this one has a whole lease before the next renewal
+        is due). Acquiring groups are not waited for (their first renewal waits on a gate)."""
+        if self.promise_in_flight or self.probe_in_flight:
+            return False
+        for g in self.groups.values():
+            if g.in_flight:
+                return False
+            if g.phase is Phase.HOLDING and (g.last_sent is None
+                                             or now - g.last_sent > self.interval / 2):
+                return False
+        return True
+
     # ---- inputs ------------------------------------------------------------------
     def on_record(self, group: str, rec: GroupRecord | None, revision: int,
                   now: float, generation: int | None = None) -> list[Effect]:

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from vtlha_heartbeat.main import HeartbeatService
 
 TICK = 0.01  # seconds between lease-holder ticks (gates open within this)
+QUIET_POLL = 0.005  # seconds between looks for a quiet moment to move the connection
 #: the direct connection to the companion's server: a dead one is noticed after
 #: ``DIRECT_PING`` x (``DIRECT_PINGS_OUT`` + 1) s at most, then made again every
 #: ``DIRECT_RETRY`` s, each try bounded by 4 x ``DIRECT_RETRY`` (a try begun while the
@@ -486,6 +487,17 @@ class LeaseRunner:
         except Exception:
             result = KvResult.UNAVAILABLE
         self.lh.on_probe_result(result)
+
+    async def ready_to_move(self) -> bool:
+        """Wait (up to two renewal intervals, at least 0.2 s) for a moment with nothing
+        in flight right after a renewal (``LeaseHolder.quiet``): the NATS connection may
+        move home then without losing a renewal's reply (chaos iteration 131)."""
+        deadline = time.monotonic() + max(2 * self.t.heartbeat_interval, 0.2)
+        while not self.lh.quiet(time.monotonic()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(QUIET_POLL)
+        return True
 
     def states(self, now: float) -> list[LeaseState]:
         """Each group's lease for the heartbeat (operators' view, durations only). The

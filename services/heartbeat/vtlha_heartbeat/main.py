@@ -131,6 +131,9 @@ class HeartbeatService(Executor):
         self.lease.on_acquire(group, epoch, self.command.wait if self.command else None)
         return []
 
+    async def ready_to_move(self) -> bool:
+        return await self.lease.ready_to_move()
+
     async def release(self, group: str, epoch: int) -> list[str]:
         return []  # executors release; the lease holder only stops renewing when taken
 
