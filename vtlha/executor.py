@@ -266,6 +266,8 @@ class HoldingExecutor(Executor):
             "than this executor's, ignored", registry=self.registry)
         self._checking_bucket = False
         self._lease_sub: Subscription | None = None
+        self._kicked: dict[str, asyncio.Task[None]] = {}  # group -> its notice's enforcement
+        self._kick_again: set[str] = set()
         self.notices_drained = Counter(
             "vtlha_lease_expiry_drains_total", "Held leases found expired by a check, by "
             "what applying the notices already received showed (held: a newer notice was "
@@ -314,10 +316,31 @@ class HoldingExecutor(Executor):
             return
         self.gate.on_notice(n.group, n.epoch, n.valid_until, n.revoked, n.since)
         # At once, unless starting to hold may take long (resource agents): then the
-        # group's own loop acts on it. Notices must never queue behind a start, or the
-        # gate would see the lease lapse while renewals wait in line.
+        # group's own loop acts on it. Never awaited here: nats-py runs a subscription's
+        # callbacks one at a time, and an enforcement waiting on a group's lock or the
+        # shared netlink lock (another group's address added or removed, 30-170 ms under
+        # load) queued every later notice of every group behind it: leases lapsed with
+        # their renewals waiting in line, and each release made more such work (chaos
+        # iteration 77: 7 s of flapping after one real lapse).
         if n.group in self.executor_groups() and not self.slow_start:
-            await self.enforce(n.group)
+            self._kick(n.group)
+
+    def _kick(self, group: str) -> None:
+        """Enforce ``group`` soon, in a task of its own: one at a time per group; a kick
+        while one runs makes it run once more (with the newest notice) when it ends."""
+        running = self._kicked.get(group)
+        if running is not None and not running.done():
+            self._kick_again.add(group)
+            return
+        self._kicked[group] = self.spawn(self._enforce_kicked(group), f"notice-{group}",
+                                         critical=False)
+
+    async def _enforce_kicked(self, group: str) -> None:
+        while True:
+            self._kick_again.discard(group)
+            await self.enforce(group)
+            if group not in self._kick_again:
+                return
 
     async def _check_bucket_now(self) -> None:
         try:
