@@ -18,6 +18,7 @@ not by forking ``nft`` (~16-20 ms a call). PLATFORM.md records the measurements.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -135,10 +136,24 @@ class Fence:
         """Take the addresses out of both held sets (those present), in one batch."""
         present = set(self.held())
         gone = [a for a in addresses if a in present]
-        if gone:
-            elems = ", ".join(gone)
+        if not gone:
+            return
+        elems = ", ".join(gone)
+        try:
             self.nft.run("".join(f"delete element {f} {TABLE} held {{ {elems} }}\n"
                                  for f in FAMILIES))
+        except FenceError:
+            # An element timed out between the listing and the delete (the two sets'
+            # elements expire apart; the batch is all or nothing): delete one by one,
+            # and fail only if one is still listed afterwards (nft 1.0.6 has no
+            # ``destroy``).
+            for f in FAMILIES:
+                for a in gone:
+                    with contextlib.suppress(FenceError):
+                        self.nft.run(f"delete element {f} {TABLE} held {{ {a} }}\n")
+            left = [a for a in gone if a in self.held()]
+            if left:
+                raise FenceError(f"cannot take {', '.join(left)} out of the fence") from None
 
     def held(self) -> dict[str, float]:
         """Address -> seconds left, from the inet table's held set (expired elements are
