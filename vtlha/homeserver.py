@@ -123,7 +123,8 @@ class HomeServer:
         return next((u for u in self.urls if netloc(u) == now), f"nats://{now}")
 
     def status(self) -> dict[str, object]:
-        return {"server": self.current(), "moves": self.moves, "deferred": self.deferred,
+        return {"server": self.current(), "home": self.urls[0], "moves": self.moves,
+                "deferred": self.deferred,
                 "reaches_kv_leader": {u: h.state for u, h in self.states.items()}}
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -121,6 +121,9 @@ async def test_a_move_home_waits_until_the_service_is_ready(
         assert await home.step() == urls[0]
         await _wait(lambda: home.current() == urls[0], 5, "the move home")
         assert home.moves == 1
+        # what the chaos baseline waits for: the connection on its own server
+        st = home.status()
+        assert st["server"] == st["home"] == urls[0] and st["deferred"] == home.deferred
     finally:
         await home.close()
         await admin.close()

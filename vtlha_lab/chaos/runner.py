@@ -34,6 +34,7 @@ from vtlha_lab.chaos.inject import INJECT, Active, Ctx, heal_everything
 from vtlha_lab.chaos.live import LiveView
 from vtlha_lab.chaos.supervisor import Supervisor
 from vtlha_lab.lab import Lab
+from vtlha_lab.localcluster import NODE_SERVICES
 from vtlha_lab.tgt import use_iscsi
 
 LOG = logging.getLogger("vtlha_lab.chaos")
@@ -266,6 +267,23 @@ class Runner:
         self.live.update()
         return self.live.home(c.homes, c.addr_group, c.data_groups)
 
+    def on_own_servers(self) -> bool:
+        """Every service's NATS connection back on its own node's server (``/nats``):
+        after a nats-server's restart the services move home on their own a few seconds
+        later (``vtlha.homeserver``), and a move left for the next fault's window would
+        be charged to that fault (chaos iteration 77 was iteration 76's move home)."""
+        lab = self.cluster.lab
+        for c in lab.procs.children:
+            if c.service not in NODE_SERVICES or not c.alive:
+                continue
+            try:
+                st = lab.http_get(c.host, c.service, "/nats", timeout=0.5)
+            except Exception:
+                return False
+            if "home" in st and st.get("server") != st["home"]:
+                return False
+        return True
+
     def restore(self, it: int, actives: list[Active]) -> None:
         t0 = time.monotonic()
         self.record({"type": "baseline", "phase": "start", "iteration": it})
@@ -282,7 +300,7 @@ class Runner:
         last_try = 0.0
         ok = False
         while time.monotonic() - t0 < 3 * bound:
-            if self.at_home():
+            if self.at_home() and self.on_own_servers():
                 ok = True
                 break
             if time.monotonic() - last_try > 2.0:
