@@ -113,6 +113,13 @@ def _fault_record(r: dict[str, Any], iters: dict[int, Iteration]) -> None:
         # as an info record) leaves its kind out, so nothing is expected of it.
         iters[i].kinds = tuple(r["kinds"])
         iters[i].not_injected = tuple(k for k in r["planned"] if k not in r["kinds"])
+        # An injector that prepares first (kill-arbiter-at-claim arms a KV watch) says
+        # when its fault really began: the window and the recovery count from the
+        # earliest such moment, never before the iteration's start.
+        at = [float(d["injected_at"]) for d in r.get("detail", [])
+              if isinstance(d, dict) and "injected_at" in d]
+        if at and len(at) == len(r.get("detail", [])):
+            iters[i].start = max(iters[i].start, min(at))
     elif i in iters and r["phase"] == "end":
         iters[i].end = float(r["t"])
         iters[i].detail = list(r.get("detail", []))
