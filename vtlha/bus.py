@@ -87,16 +87,23 @@ async def connect(
     name: str,
     connect_deadline: float = 30.0,
     auth: ClientAuth = NONE,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
     """Connect to the first reachable server of ``servers`` (own node's first), retrying
     with exponential backoff for up to ``connect_deadline`` seconds, as ``auth`` says
-    (credential, TLS; none by default)."""
+    (credential, TLS; none by default). ``on_reconnect`` runs after every reconnect
+    (the replies to requests sent on the old connection will not come)."""
 
     async def _disconnected() -> None:
         log.warning("nats disconnected")
 
     async def _reconnected() -> None:
         log.info("nats reconnected", extra={"server": server_url(nc)})
+        if on_reconnect is not None:
+            try:
+                await on_reconnect()
+            except Exception as exc:  # a hook's failure must not break the client
+                log.error("reconnect hook failed", extra={"error": repr(exc)})
 
     async def _error(exc: Exception) -> None:
         log.warning("nats error", extra={"error": repr(exc)})

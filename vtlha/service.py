@@ -282,6 +282,11 @@ class Service:
         self.log.info(reason, extra={"event": kind, "event_id": event.id})
         return event.id
 
+    async def reconnected(self) -> None:
+        """The NATS connection was made again (its server died, or it moved home): the
+        replies to requests sent on the old one will not come. The heartbeat renews its
+        leases at once instead of waiting out their timeouts."""
+
     async def ready_to_move(self) -> bool:
         """Whether the NATS connection may move home now (``HomeServer``): a move loses
         the replies of requests in flight. A service with requests on the failover path
@@ -291,7 +296,7 @@ class Service:
     # ---- lifecycle ---------------------------------------------------------
     async def _nats_ctx(self, app: web.Application) -> AsyncIterator[None]:
         self._nc = await bus.connect(self.nats_urls, name=f"{self.name}@{self.node}",
-                                     auth=self.nats_auth)
+                                     auth=self.nats_auth, on_reconnect=self.reconnected)
         self.log.info("connected to nats", extra={"server": bus.server_url(self._nc),
                                                   **self.nats_auth.describe()})
         if len(self.nats_urls) > 1:  # back to its own server, away from one cut off

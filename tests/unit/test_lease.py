@@ -790,3 +790,26 @@ def test_quiet_does_not_wait_for_an_acquiring_group() -> None:
     lh = holder(A)
     assert lh.on_record(G, rec(state="acquiring"), 3, T0)
     assert lh.groups[G].phase is Phase.ACQUIRING and lh.quiet(T0)
+
+
+def test_renewals_abandoned_after_a_reconnect_are_sent_again_at_once() -> None:
+    """A node's own nats-server died mid-renewal (chaos iteration 42): the renewal is
+    sent again at the next tick, not after its timeout and an interval; a late answer to
+    the abandoned one extends nothing."""
+    lh = holding(T0)
+    r1 = renewing(lh, T0 + INTERVAL)
+    assert lh.abandon_in_flight() == [G] and lh.abandon_in_flight() == []
+    r2 = renewing(lh, T0 + INTERVAL + RTT)  # the very next tick
+    assert r2.last == r1.last
+    assert lh.on_renew_result(G, r1.sent_at, KvResult.OK, revision=7,
+                              now=T0 + INTERVAL + 2 * RTT) == []  # the abandoned one: ignored
+    assert lh.groups[G].valid_until == T0 + TTL
+    # it committed, so the new one conflicts with it: adopt, and renew at once again
+    assert lh.on_renew_result(G, r2.sent_at, KvResult.CONFLICT,
+                              current=rec().model_copy(update={"renewed_by": A}),
+                              current_revision=7, now=T0 + INTERVAL + 2 * RTT) == []
+    r3 = renewing(lh, T0 + INTERVAL + 3 * RTT)
+    assert r3.last == 7
+    [n] = notices(lh.on_renew_result(G, r3.sent_at, KvResult.OK, revision=8,
+                                     now=T0 + INTERVAL + 4 * RTT))
+    assert n.valid_until == r3.sent_at + TTL

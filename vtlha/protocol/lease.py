@@ -194,6 +194,19 @@ class LeaseHolder:
                 return False
         return True
 
+    def abandon_in_flight(self) -> list[str]:
+        """The connection the renewals went out on was lost: their replies will not come.
+        Each group in flight renews at the next tick; a late answer to the abandoned one
+        is ignored (it no longer matches ``last_sent``): safe, as validity only ever
+        counts from the send time of a renewal whose success was seen. If the abandoned
+        one committed, the next one conflicts with it, adopts it and renews again."""
+        out = []
+        for g in self.groups.values():
+            if g.in_flight:
+                g.in_flight, g.last_sent = False, None
+                out.append(g.group)
+        return sorted(out)
+
     # ---- inputs ------------------------------------------------------------------
     def on_record(self, group: str, rec: GroupRecord | None, revision: int,
                   now: float, generation: int | None = None) -> list[Effect]:

@@ -488,6 +488,16 @@ class LeaseRunner:
             result = KvResult.UNAVAILABLE
         self.lh.on_probe_result(result)
 
+    def reconnected(self) -> None:
+        """The service connection was made again: renewals sent on the old one will get
+        no reply (each would wait out its timeout, and the next renewal an interval more:
+        chaos iteration 42, a node's own nats-server killed, lapsed its leases). Renew
+        them at the next tick."""
+        abandoned = self.lh.abandon_in_flight()
+        if abandoned:
+            self.svc.log.info("renewals in flight abandoned after a reconnect; renewing "
+                              "at once", extra={"groups": abandoned})
+
     async def ready_to_move(self) -> bool:
         """Wait (up to two renewal intervals, at least 0.2 s) for a moment with nothing
         in flight right after a renewal (``LeaseHolder.quiet``): the NATS connection may

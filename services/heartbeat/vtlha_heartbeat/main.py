@@ -134,6 +134,9 @@ class HeartbeatService(Executor):
     async def ready_to_move(self) -> bool:
         return await self.lease.ready_to_move()
 
+    async def reconnected(self) -> None:
+        self.lease.reconnected()
+
     async def release(self, group: str, epoch: int) -> list[str]:
         return []  # executors release; the lease holder only stops renewing when taken
 
