@@ -603,10 +603,20 @@ class ClusterConfig(_Model):
                           cluster_port=self.port(server, "nats_cluster"),
                           monitor_port=self.port(server, "nats_monitor"))
 
+    def server_order(self, first: str | None = None) -> list[str]:
+        """The servers a client on host ``first`` tries, in order: its own, then the
+        witness's, then the companion's (the configured order otherwise). A node whose
+        own server died must not sit on its companion's: a fault of the companion (even
+        a 1 s link cut) would then cost it its own groups too (chaos iteration 164 of
+        the fourth 200-run: node-b's server killed, node-a's links cut 0.1 s later, and
+        node-b's services on node-a's server lost all four groups)."""
+        witness = self.witness.host
+        return sorted(self.nats.servers, key=lambda s: (s != first, s != witness))
+
     def nats_urls(self, first: str | None = None, host: str = "127.0.0.1") -> list[str]:
-        """Client URLs of the configured servers, `first`'s own first: from
+        """Client URLs of the configured servers in ``server_order(first)``: from
         ``nats.listen`` when given, else loopback mode's (``host``, the hosts' ports)."""
-        order = sorted(self.nats.servers, key=lambda s: s != first)
+        order = self.server_order(first)
         if self.nats.listen:
             return [f"nats://{_url_host(self.nats.listen[s].host)}:"
                     f"{self.nats.listen[s].client_port}" for s in order]

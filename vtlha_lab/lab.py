@@ -208,9 +208,10 @@ class Lab(LocalCluster):
         return [self.record.nats_url]  # through the uplink, to the witness's server
 
     def nats_urls(self, host: str) -> list[str]:
-        """Own server first (loopback inside the namespace), then the others."""
+        """Own server first (loopback inside the namespace), then the others in
+        ``server_order`` (the witness's before the companion's)."""
         others = [f"nats://{self.service_ip(h).split('/')[0]}:{self.cfg.ports.nats_client}"
-                  for h in self.cfg.nats.servers if h != host]
+                  for h in self.cfg.server_order(host) if h != host]
         own = ([f"nats://127.0.0.1:{self.cfg.ports.nats_client}"]
                if host in self.cfg.nats.servers else [])
         return own + others

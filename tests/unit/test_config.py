@@ -577,23 +577,25 @@ def test_port_honours_configured_bases(tmp_path: Path) -> None:
     assert cfg.port("witness", "heartbeat") == 9301
 
 
-def test_nats_urls_own_server_first(cfg: ClusterConfig) -> None:
+def test_nats_urls_own_server_first_then_the_witness(cfg: ClusterConfig) -> None:
+    """A node's services fall back on the witness's server before the companion's: on
+    the companion's, a fault of the companion would cost them their own groups."""
     a, b, w = "nats://127.0.0.1:4222", "nats://127.0.0.1:4322", "nats://127.0.0.1:4422"
-    assert cfg.nats_urls() == [a, b, w]
-    assert cfg.nats_urls("node-a") == [a, b, w]
-    assert cfg.nats_urls("node-b") == [b, a, w]
+    assert cfg.nats_urls() == [w, a, b]
+    assert cfg.nats_urls("node-a") == [a, w, b]
+    assert cfg.nats_urls("node-b") == [b, w, a]
     assert cfg.nats_urls("witness") == [w, a, b]
-    assert cfg.nats_urls("not-a-server") == [a, b, w]
+    assert cfg.nats_urls("not-a-server") == [w, a, b]
     assert cfg.nats_urls("node-b", host="10.0.0.1") == [
         "nats://10.0.0.1:4322",
-        "nats://10.0.0.1:4222",
         "nats://10.0.0.1:4422",
+        "nats://10.0.0.1:4222",
     ]
 
 
 def test_nats_urls_of_the_example() -> None:
     assert load_config(EXAMPLE).nats_urls("node-a") == [
-        "nats://127.0.0.1:4222", "nats://127.0.0.1:4322", "nats://127.0.0.1:4422"]
+        "nats://127.0.0.1:4222", "nats://127.0.0.1:4422", "nats://127.0.0.1:4322"]
     assert load_config(EXAMPLE).nats_urls("witness") == [
         "nats://127.0.0.1:4422", "nats://127.0.0.1:4222", "nats://127.0.0.1:4322"]
 

@@ -185,8 +185,8 @@ def test_tls_and_listen_are_rendered(tmp_path: Path) -> None:
     r["nats"]["tls"] = {"ca": "/etc/vtlha/ca.pem", "cert": "/etc/vtlha/{host}.pem",
                         "key": "/etc/vtlha/{host}.key"}
     cfg = parse_config(r)
-    assert cfg.nats_urls("node-b") == ["nats://10.0.0.2:4222", "nats://10.0.0.1:4222",
-                                       "nats://10.0.0.3:4222"]
+    assert cfg.nats_urls("node-b") == ["nats://10.0.0.2:4222", "nats://10.0.0.3:4222",
+                                       "nats://10.0.0.1:4222"]  # own, witness, companion
     conf = deploy.render(cfg, tmp_path).configs["node-b"].read_text()
     assert 'listen: "10.0.0.2:4222"' in conf and 'http: "10.0.0.2:8222"' in conf
     assert '"/etc/vtlha/node-b.pem"' in conf and "verify: true" in conf
