@@ -23,6 +23,7 @@ help:
 	@echo "make chaos-short-iscsi - every chaos fault kind once with the devices on a real iSCSI target (tgtd; root)"
 	@echo "make bench-footprint - RSS and CPU of each service, idle and at 10 Hz (loopback)"
 	@echo "make bench-kv - lease renewals per second the three-server KV sustains (loopback)"
+	@echo "make bench-scale - one arbiter facing 10 to 2,000 pairs at 10 Hz: CPU, lag, detection (loopback; SCALE_ARGS='--pairs 10,100 --silences 5' for a short run)"
 	@echo "make images - the container image, built offline (root; podman, mmdebstrap)"
 	@echo "make test-containers - node-a, node-b and the witness in containers (host network, network lab, under systemd): kill, take over (root)"
 	@echo "make clean  - remove the venv and caches"
@@ -100,6 +101,14 @@ bench-footprint: venv
 .PHONY: bench-kv
 bench-kv: venv
 	$(BIN)/python bench/kv_capacity.py
+
+# One active arbiter (the real service) facing 10, 100, 1,000 and 2,000 pairs at 10 Hz
+# heartbeats from a load generator: its CPU, RSS, event-loop lag and detection latency
+# (loopback, one nats-server; ~15 min). Writes bench/results/scale-*.json, docs/img/scale.png.
+SCALE_ARGS ?=
+.PHONY: bench-scale
+bench-scale: venv
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -32,6 +32,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     generate_latest,
 )
 
@@ -40,6 +41,7 @@ from vtlha.config import ClusterConfig, load_config
 from vtlha.errors import ConfigError, FatalError, InvalidMessage, VtlhaError
 from vtlha.homeserver import HomeServer
 from vtlha.log import setup_logging
+from vtlha.looplag import LAG_BUCKETS, LAG_INTERVAL, watch_loop_lag
 from vtlha.messages import Event
 from vtlha.natsauth import ClientAuth, client_auth, service_user
 from vtlha.outbox import Outbox, stream_publisher
@@ -105,6 +107,10 @@ class Service:
             registry=self.registry,
         )
         self.up = Gauge("vtlha_up", "1 while the service runs", registry=self.registry)
+        self.loop_lag = Histogram(
+            "vtlha_event_loop_lag_seconds", f"How much later than due the event loop woke a "
+            f"task sleeping {LAG_INTERVAL:g} s (vtlha.looplag): a busy loop delays every "
+            f"callback by as much", buckets=LAG_BUCKETS, registry=self.registry)
         self.version = _version()
         Gauge("vtlha_build_info", "Always 1: the version of vtl-ha this service runs, its "
               "Python's", ["version", "service", "python"], registry=self.registry).labels(
@@ -318,6 +324,8 @@ class Service:
         self.outbox.load()
         publish = stream_publisher(lambda: self.js, self.subjects)
         self.spawn(self.outbox.run(publish, self._stopping), "outbox")
+        self.spawn(watch_loop_lag(self.loop_lag.observe, self._stopping), "loop-lag",
+                   critical=False)
         await self.start()
         self.up.set(1)
         self.log.info("started", extra={"nats": self.nats_urls})
