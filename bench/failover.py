@@ -118,6 +118,7 @@ PLOT = ROOT / "docs" / "img" / "failover-outage.png"
 TCP_INTERVAL, TCP_TIMEOUT, ARP_INTERVAL = 0.005, 0.05, 0.01
 TAPE_INTERVAL = 0.02
 EXIT_PAUSED = 75
+OWNER = os.getpid()  # this process; pyroute2 forks helpers that must own nothing
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,21 @@ def finish_measures(case: str, p: Probes, t0: float, end: float) -> dict[str, An
     return m
 
 
+#: faults in effect only once the call that makes them returns (a link set down, an
+#: nftables table written: what the client sees changes then); a signal takes effect
+#: when it is sent, the start of the call (the rest is reaping)
+EFFECT_ON_RETURN = ("links", "mgmt", "split")
+
+
+def fault_time(case: str, r: dict[str, Any], t_call: float, wall_call: float
+               ) -> tuple[float, float]:
+    """The fault's time (monotonic, wall) from the injection call's start (the call has
+    just returned); the call's duration goes to ``r['inject_s']``."""
+    now, wall = time.monotonic(), time.time()
+    r["inject_s"] = now - t_call
+    return (now, wall) if case in EFFECT_ON_RETURN else (t_call, wall_call)
+
+
 def bounds(interval: float, lease_ttl: float, dead_after: float, margin: float
            ) -> tuple[float, float]:
     """(how long to wait for a takeover at most, how long to watch after it and after
@@ -356,6 +372,8 @@ class Ours:
         print(f"  vtl-ha lab ready in {time.monotonic() - t:.0f} s", flush=True)
 
     def down(self, keep: bool = False) -> None:
+        if os.getpid() != OWNER:
+            return  # a forked helper (pyroute2's) owns nothing
         if self.lab is not None:
             self.lab.stop()
             self.lab = None
@@ -622,6 +640,7 @@ def ours_trial(o: Ours, case: Case) -> dict[str, Any]:
                 tape = start_tape(o, work)
             t0, t0_wall = time.monotonic(), time.time()
             undo = ours_inject(o, case.name, r)
+            t0, t0_wall = fault_time(case.name, r, t0, t0_wall)
             if case.name == "split":
                 time.sleep(1 + 6 * o.interval)
                 r["took_s"] = None
@@ -744,6 +763,7 @@ def ka_trial(case: Case, interval: float, nice: int, lease_ttl: float, dead_afte
             wait_answered_by(probes, A)
             t0 = time.monotonic()
             undo = ka_inject(lab, case.name, interval, nice)
+            t0, _ = fault_time(case.name, r, t0, time.time())
             if case.name == "split":
                 time.sleep(1 + 6 * interval)
                 r["took_s"] = None
@@ -916,12 +936,16 @@ def plot(recs: list[dict[str, Any]], path: Path) -> None:
         labelled: set[str] = set()
         for i, case in enumerate(cases):
             for j, system in enumerate(("vtl-ha", "keepalived")):
-                xs = [max(float(r["outage_s"]), 1e-3) for r in recs
-                      if r["case"] == case and r["system"] == system
-                      and float(r["interval"]) == iv and not r.get("error")
-                      and r.get("outage_s") is not None]
+                mine = [r for r in recs if r["case"] == case and r["system"] == system
+                        and float(r["interval"]) == iv and not r.get("error")]
+                xs = [max(float(r["outage_s"]), 1e-3) for r in mine
+                      if r.get("outage_s") is not None]
                 if not xs:
                     continue
+                two = sum(bool(r.get("double_holders")) for r in mine)
+                ax.text(i + (j - 0.5) * 0.36, 0.98, f"2 holders\n{two}/{len(mine)}",
+                        transform=ax.get_xaxis_transform(), ha="center", va="top",
+                        fontsize=6, color="#d62728" if two else "#555555")
                 x = i + (j - 0.5) * 0.36
                 ax.boxplot([xs], positions=[x], widths=0.3, showfliers=False,
                            medianprops={"color": colours[system]})
@@ -932,11 +956,14 @@ def plot(recs: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(cases)), [f"{c}\n({CASES[c].measured})" for c in cases],
                       fontsize=7)
         ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 3)  # room for the counts
         ax.set_ylabel("outage (s, log)")
         ax.set_title(f"heartbeat interval / advert_int {iv:g} s")
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Client-observed failover outage (TCP probe from the client namespace)")
+    fig.suptitle("Client-observed failover outage (TCP probe from the client namespace); "
+                 "'2 holders': trials in which two nodes answered at some instant",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -969,6 +996,10 @@ def report(state: Path, plot_path: Path, run: dict[str, Any]) -> None:
 
 
 def _raise_stopped(signum: int, _frame: object) -> None:
+    if os.getpid() != OWNER:  # a forked helper (pyroute2's, for a namespace): it owns
+        signal.signal(signum, signal.SIG_DFL)  # nothing, and dies as it would have
+        os.kill(os.getpid(), signum)
+        return
     raise Stopped(f"signal {signum}")
 
 
@@ -1149,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
                 if why:
                     break
         except (Stopped, KeyboardInterrupt) as exc:
-            why = f"stopped ({exc!s} ); every lab removed; rerun to resume"
+            why = f"stopped ({exc!s}); every lab removed; rerun to resume"
     run |= {"loadavg_after": os.getloadavg(), "trials_this_run": runner.ran,
             "elapsed_s": round(time.monotonic() - runner.t_start), "stopped": why}
     print(f"\n{runner.ran} trials this run in {run['elapsed_s']} s; load average "
