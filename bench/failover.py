@@ -679,8 +679,8 @@ def ka_split(lab: KaLab, cut: bool) -> None:
     client reaches both."""
     for me, peer in ((A, B), (B, A)):
         peer_ip = KaLab.ADDR[peer].split("/")[0]
-        script = (f"table inet bench_split {{ chain in {{ type filter hook input priority -300;"
-                  f" ip saddr {peer_ip} drop; }} }}\n" if cut
+        script = (f"table inet bench_split {{\n  chain in {{ type filter hook input priority "
+                  f"-300;\n    ip saddr {peer_ip} drop;\n  }}\n}}\n" if cut
                   else "delete table inet bench_split\n")
         subprocess.run(["ip", "netns", "exec", lab.ns[me], "nft", "-f", "-"],
                        input=script.encode(), check=cut, timeout=10, capture_output=True)
@@ -917,6 +917,30 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['ended_two_holders']:>7}")
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The table as Markdown (for BENCHMARKS.md): seconds, vtl-ha's row above
+    keepalived's."""
+    out = ["| interval | case | system | n | p50 | p90 | p99 | max | ARP p50 / p99 "
+           "| ratio p50 / p99 | two answering (any instant) | ended with two |",
+           "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def sec(st: dict[str, float] | None, q: str) -> str:
+        return "-" if st is None else f"{st[q]:.3f}"
+
+    for r in rows:
+        ratio = r.get("ratio")
+        rt = "-" if not ratio else " / ".join("-" if ratio[q] is None else f"{ratio[q]:.2f}"
+                                              for q in ("p50", "p99"))
+        o, a = r["outage"], r["outage_arp"]
+        n = f"{r['trials']}" + (f" (+{r['failed']} failed)" if r["failed"] else "") + (
+            f" ({r['no_outage_measured']} no takeover)" if r["no_outage_measured"] else "")
+        out.append(f"| {r['interval']:g} s | {r['case']} | {r['system']} | {n} | "
+                   f"{sec(o, 'p50')} | {sec(o, 'p90')} | {sec(o, 'p99')} | {sec(o, 'max')} | "
+                   f"{sec(a, 'p50')} / {sec(a, 'p99')} | {rt} | {r['double_holders']} | "
+                   f"{r['ended_two_holders']} |")
+    return "\n".join(out)
+
+
 def plot(recs: list[dict[str, Any]], path: Path) -> None:
     """Per interval, per case: vtl-ha's outages beside keepalived's (box and points)."""
     import matplotlib
@@ -970,7 +994,7 @@ def plot(recs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def report(state: Path, plot_path: Path, run: dict[str, Any]) -> None:
+def report(state: Path, plot_path: Path, run: dict[str, Any], markdown: bool = False) -> None:
     recs = load_state(state)
     rows = summarize(recs)
     ratios(rows)
@@ -982,6 +1006,8 @@ def report(state: Path, plot_path: Path, run: dict[str, Any]) -> None:
     tg = targets(rows, recs)
     for line in tg:
         print("target: " + line)
+    if markdown:
+        print("\n" + markdown_table(rows))
     if recs:
         plot(recs, plot_path)
         shown = plot_path.relative_to(ROOT) if plot_path.is_relative_to(ROOT) else plot_path
@@ -1146,6 +1172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "shared machine's quiet time; rerun to resume); exit code 75")
     ap.add_argument("--summary-only", action="store_true",
                     help="run nothing: the table, JSON and plot from the state file")
+    ap.add_argument("--markdown", action="store_true",
+                    help="with --summary-only: the table as Markdown too (BENCHMARKS.md)")
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
@@ -1161,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
                            "loadavg_before": os.getloadavg(),
                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     if args.summary_only:
-        report(args.state, args.plot, run)
+        report(args.state, args.plot, run, markdown=args.markdown)
         return 0
     if os.geteuid() != 0:
         print("bench/failover.py needs root: it builds network namespaces, moves addresses, "
