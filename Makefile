@@ -13,7 +13,7 @@ help:
 	@echo "make demo   - two-node cluster (network lab as root, loopback otherwise): crash node-a, watch node-b take over"
 	@echo "make test   - lint (ruff, mypy) then the whole test suite"
 	@echo "make lint   - ruff and mypy only"
-	@echo "make bench  - failover timing benchmark (prints a table, writes bench/results/*.json)"
+	@echo "make bench  - failover outage in the network lab, vtl-ha beside keepalived, resumable (root; BENCH_ARGS=...)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
 	@echo "make sim-long - the protocol simulator over SIM_SEEDS (20,000) more seeds"
 	@echo "make bench-iscsi - SCSI-3 PR and 4 KiB I/O round trips against a real tgtd (root)"
@@ -89,8 +89,11 @@ integration: venv
 demo: venv sysdeps
 	$(BIN)/vtlha-lab demo --config examples/cluster.yaml
 
-bench: venv
-	$(BIN)/python bench/failover.py
+# Client-observed failover outage in the network lab, vtl-ha beside keepalived (root; hours
+# at the default 30 + 10 trials per case: resumable, BENCH_ARGS="--trials 2" for a smoke).
+BENCH_ARGS ?=
+bench: venv sysdeps
+	$(BIN)/python bench/failover.py $(BENCH_ARGS)
 
 # Each service's RSS and CPU, idle (1 Hz) and at 10 Hz, on loopback (about a minute).
 .PHONY: bench-footprint

@@ -29,14 +29,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import save_results  # noqa: E402
+from bench.common import save_results, scale_timings  # noqa: E402
 from vtlha_lab.localcluster import LocalCluster, prepare_config  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-#: the timings scaled by 10 for the idle case (1 Hz heartbeats; every rule keeps holding)
-SCALED = ("heartbeat_interval", "dead_after", "lease_ttl", "margin", "check_interval",
-          "probe_interval", "storage_stale_after")
 TARGET_RSS_MB = 60.0
 
 
@@ -91,8 +88,7 @@ def case(name: str, scale: float, window: float, settle: float) -> dict[str, Any
     try:
         cfg_path = prepare_config(ROOT / "examples" / "cluster.yaml", work)
         raw = yaml.safe_load(cfg_path.read_text())
-        for k in SCALED:
-            raw["timings"][k] = raw["timings"][k] * scale
+        scale_timings(raw, scale)  # the idle case: 1 Hz heartbeats
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
         c = LocalCluster(cfg_path, work)
         try:

@@ -30,6 +30,9 @@ keepalived processes are killed and every namespace removed, also on error).
 
     .venv/bin/python bench/keepalived_compare.py [--trials 3] [--advert-int 0.1 1]  (root)
 
+keepalived's lab and the checks are in ``bench/labkit.py`` (``bench/failover.py`` uses them
+too).
+
 Prints a table and writes JSON to bench/results/keepalived-compare-<timestamp>.json.
 """
 
@@ -37,18 +40,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,121 +58,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import save_results  # noqa: E402
-from vtlha.fence import TABLE, parse_held  # noqa: E402
+from bench.labkit import (  # noqa: E402
+    EXAMPLE,
+    NODES,
+    PORT,
+    VIP,
+    KaLab,
+    answers,
+    client_view,
+    configured,
+    ensure_keepalived,
+    fenced,
+    first_change,
+    mac_of,
+    observer,
+    overlap_s,
+    tcp_via,
+    wait_for,
+)
 from vtlha_lab.lab import Lab, OverlapObserver  # noqa: E402
-from vtlha_lab.netns import socket_in  # noqa: E402
-from vtlha_lab.probes import arp_responders as _arp_responders  # noqa: E402
-
-EXAMPLE = ROOT / "examples" / "cluster.yaml"
-PORT = 7000
-VIP = "198.51.100.101"  # node-a's data address in examples/cluster.yaml; keepalived's VIP
-NODES = ("node-a", "node-b")
 
 
 class BenchTimeout(Exception):
     pass
-
-
-# ---- helpers shared by both labs -------------------------------------------------
-
-
-def sh(*argv: str, timeout: float = 10, check: bool = True) -> str:
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                       check=False)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip()}")
-    return r.stdout
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str,
-             interval: float = 0.005) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            v = pred()
-        except OSError:
-            v = None
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def configured(ns: str, addr: str = VIP) -> bool:
-    """The address is configured in the namespace (any link)."""
-    return f" {addr}/" in sh("ip", "-n", ns, "-o", "-4", "addr", "show")
-
-
-def fenced(ns: str, addr: str = VIP) -> bool | None:
-    """The address is in the node's fence held set (None: the node has no fence)."""
-    r = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "set", "inet", TABLE,
-                        "held"], capture_output=True, text=True, timeout=10, check=False)
-    return addr in parse_held(r.stdout) if r.returncode == 0 else None
-
-
-def mac_of(ns: str, ifname: str = "eth0") -> str:
-    out = sh("ip", "-n", ns, "-o", "link", "show", ifname).split()
-    return out[out.index("link/ether") + 1]
-
-
-def arp_responders(ns: str, src_ip: str, target: str = VIP, ifname: str = "eth0",
-                   wait: float = 0.3) -> set[str]:
-    return _arp_responders(ns, src_ip, target, ifname, wait)
-
-
-def tcp_via(ns: str, mac: str, ip: str = VIP, port: int = PORT,
-            timeout: float = 0.3) -> str:
-    """Connect to ip:port from ``ns`` with the neighbour entry for ``ip`` pinned to
-    ``mac``: 'served <name>' or 'refused (RST)' (both: that node answers) or 'no answer'."""
-    sh("ip", "-n", ns, "neigh", "replace", ip, "lladdr", mac, "dev", "eth0", "nud",
-       "permanent")
-    try:
-        s = socket_in(ns)
-        try:
-            s.settimeout(timeout)
-            s.connect((ip, port))
-            return f"served {s.recv(64).decode().strip()}"
-        except ConnectionRefusedError:
-            return "refused (RST)"
-        except OSError:
-            return "no answer"
-        finally:
-            s.close()
-    finally:
-        sh("ip", "-n", ns, "neigh", "del", ip, "dev", "eth0", check=False)
-
-
-def answers(tcp: str) -> bool:
-    return tcp != "no answer"
-
-
-def client_view(client_ns: str, client_ip: str, macs: dict[str, str]) -> dict[str, Any]:
-    """Who answers for the VIP as seen from the client: ARP and TCP per node."""
-    arp = arp_responders(client_ns, client_ip)
-    by_mac = {m: n for n, m in macs.items()}
-    tcp = {n: tcp_via(client_ns, m) for n, m in macs.items()}
-    return {"arp_replies_from": sorted(by_mac.get(m, m) for m in arp), "tcp": tcp}
-
-
-def first_change(holders: list[Any], since: float,
-                 test: Callable[[set[str]], bool]) -> float | None:
-    """From the observer's history of one address ((time, "node,node") at each change):
-    the first time at or after ``since`` at which ``test(answering nodes)`` holds."""
-    def who(h: Any) -> set[str]:
-        return set(filter(None, str(h[1]).split(",")))
-
-    before = [h for h in holders if float(h[0]) <= since]
-    if before and test(who(before[-1])):
-        return since
-    for h in holders:
-        if float(h[0]) > since and test(who(h)):
-            return float(h[0])
-    return None
-
-
-def overlap_s(overlaps: list[Any]) -> float:
-    return sum(float(o[1]) - float(o[0]) for o in overlaps)
 
 
 # ---- vtl-ha ----------------------------------------------------------------------
@@ -256,143 +164,6 @@ def ours_trial(case: str, work: Path, leases: int) -> dict[str, Any]:
 # ---- keepalived --------------------------------------------------------------------
 
 
-def ensure_keepalived() -> str:
-    if shutil.which("keepalived") is None:
-        if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            sys.exit("keepalived is not installed and cannot be installed here (needs root "
-                     "and apt-get): apt-get install -y keepalived")
-        print("keepalived is missing: installing it (apt-get install -y keepalived)",
-              flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        r = subprocess.run(["apt-get", "install", "-y", "-qq", "keepalived"], env=env,
-                           timeout=600, check=False)
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, timeout=600, check=False)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "keepalived"], env=env,
-                           timeout=600, check=True)
-    out = subprocess.run(["keepalived", "--version"], capture_output=True, text=True,
-                         timeout=10, check=False)
-    return (out.stdout + out.stderr).splitlines()[0].strip()
-
-
-KA_CONF = """global_defs {{
-  router_id {name}
-  vrrp_version 3
-}}
-vrrp_instance VI_1 {{
-  state {state}
-  interface eth0
-  virtual_router_id 51
-  priority {prio}
-  advert_int {advert}
-  virtual_ipaddress {{
-    {vip}/32 dev eth0
-  }}
-}}
-"""
-
-
-class KaLab:
-    """Two keepalived nodes and a client on a bridge in a switch namespace."""
-
-    ADDR = {"node-a": "198.51.100.1/24", "node-b": "198.51.100.2/24",
-            "client": "198.51.100.200/24"}
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        lab_id = secrets.token_hex(3)
-        self.ns = {h: f"kacmp-{lab_id}-{h}" for h in ("sw", *NODES, "client")}
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.ka: dict[str, subprocess.Popen[bytes]] = {}
-
-    def build(self) -> None:
-        for name in self.ns.values():
-            sh("ip", "netns", "add", name)
-            sh("ip", "-n", name, "link", "set", "lo", "up")
-        sw = self.ns["sw"]
-        sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", sw, "link", "set", "br0", "up")
-        for i, h in enumerate((*NODES, "client")):
-            sh("ip", "-n", sw, "link", "add", f"p{i}", "type", "veth", "peer", "name",
-               "eth0", "netns", self.ns[h])
-            sh("ip", "-n", sw, "link", "set", f"p{i}", "master", "br0", "up")
-            sh("ip", "-n", self.ns[h], "addr", "add", self.ADDR[h], "dev", "eth0")
-            sh("ip", "-n", self.ns[h], "link", "set", "eth0", "up")
-
-    def spawn(self, host: str, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.work / f"{host}-{name}.log", "ab")  # noqa: SIM115 - the child's
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *argv], stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def start_keepalived(self, host: str, advert: float, master: bool) -> None:
-        conf = self.work / f"{host}.conf"
-        conf.write_text(KA_CONF.format(name=host.replace("-", "_"),
-                                       state="MASTER" if master else "BACKUP",
-                                       prio=150 if master else 100, advert=advert, vip=VIP))
-        self.ka[host] = self.spawn(host, "keepalived", [
-            "keepalived", "--dont-fork", "--log-console", "--log-detail", "--vrrp",
-            "--use-file", str(conf), "--pid", str(self.work / f"{host}.pid"),
-            "--vrrp_pid", str(self.work / f"{host}-vrrp.pid")])
-
-    def kill_keepalived(self, host: str) -> None:
-        """SIGKILL the whole keepalived of a node (parent and VRRP child, one group)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.ka[host].pid, signal.SIGKILL)
-        self.ka[host].wait(5)
-
-    def teardown(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(5)
-        for name in self.ns.values():  # anything still inside (started by this lab)
-            if os.path.exists(f"/run/netns/{name}"):
-                for pid in sh("ip", "netns", "pids", name, check=False).split():
-                    with contextlib.suppress(ProcessLookupError, ValueError):
-                        os.kill(int(pid), signal.SIGKILL)
-        for name in self.ns.values():
-            deadline = time.monotonic() + 5
-            while os.path.exists(f"/run/netns/{name}") and time.monotonic() < deadline:
-                sh("ip", "netns", "del", name, check=False)
-                if os.path.exists(f"/run/netns/{name}"):
-                    time.sleep(0.05)
-            if os.path.exists(f"/run/netns/{name}"):
-                print(f"WARNING: namespace {name} could not be removed", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def observer(nodes: dict[str, str], address: str, out: Path,
-             interval: float = 0.01) -> Iterator[dict[str, Any]]:
-    """``vtlha_lab.observer`` over these namespaces (what OverlapObserver does for a Lab)."""
-    argv = [sys.executable, "-m", "vtlha_lab.observer", "--out", str(out), "--interval",
-            str(interval), "--address", address]
-    for n, ns in nodes.items():
-        argv += ["--node", f"{n}={ns}"]
-    proc = subprocess.Popen(argv)
-    result: dict[str, Any] = {}
-    try:
-        ready = Path(str(out) + ".ready")
-        deadline = time.monotonic() + 15
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the observer did not start polling")
-            time.sleep(0.01)
-        yield result
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        result.update(json.loads(out.read_text()))
-        if result.get("errors"):
-            raise RuntimeError(f"the observer failed: {result['errors']}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-
-
 def keepalived_trial(advert: float, work: Path) -> dict[str, Any]:
     lab = KaLab(work)
     try:
@@ -446,6 +217,10 @@ def keepalived_trial(advert: float, work: Path) -> dict[str, Any]:
         return r
     finally:
         lab.teardown()
+
+
+def ka_trial_at(advert: float) -> Callable[[Path], dict[str, Any]]:
+    return lambda work: keepalived_trial(advert, work)
 
 
 # ---- the run -------------------------------------------------------------------------
@@ -551,7 +326,7 @@ def main() -> None:
         print(f"keepalived ({ka_version}): SIGKILL the master's keepalived", flush=True)
         for adv in args.advert_int:
             row("keepalived", f"SIGKILL, advert_int {adv:g} s", "kill -> backup holds VIP",
-                f"keepalived advert_int {adv:g}", lambda w, a=adv: keepalived_trial(a, w))
+                f"keepalived advert_int {adv:g}", ka_trial_at(adv))
     except BenchTimeout as exc:
         stopped = str(exc)
         print(f"STOPPED: {stopped}; the table below has the trials that finished",
@@ -566,7 +341,7 @@ def main() -> None:
     print()
     print(head)
     print("-" * len(head))
-    table = []
+    table: list[dict[str, Any]] = []
     for system, case, what, rs in rows:
         ok = [r for r in rs if "error" not in r]
         fo = ms_summary([r.get("failover_s") for r in ok])

@@ -4,8 +4,15 @@
     probe --target IP:PORT --out FILE   a client: connects every --interval seconds for
                                         --duration seconds and writes one JSON line per
                                         attempt {t (CLOCK_MONOTONIC), ok, who, error}
+    arp --target IP --ifname IF --out FILE [--mac NODE=MAC ...]
+                                        a client: a round of ARP requests for IP every
+                                        --interval seconds for --duration seconds (the chaos
+                                        observer's rounds); one JSON line whenever the set
+                                        of nodes answering changes {type: arp, t (the
+                                        round's CLOCK_MONOTONIC), addr, nodes}, and at the
+                                        end {type: arp.stats, rounds, max_gap}
 
-Both are bounded and stop by themselves (probe) or on SIGTERM (serve). CLOCK_MONOTONIC
+They are bounded and stop by themselves (probe, arp) or on SIGTERM (all). CLOCK_MONOTONIC
 is one clock for every process on the host, so the test process can compare times."""
 
 from __future__ import annotations
@@ -62,6 +69,53 @@ def probe(target: str, out: str, interval: float, duration: float, timeout: floa
                 time.sleep(delay)
 
 
+def arp_watch(target: str, ifname: str, out: str, interval: float, duration: float,
+              macs: dict[str, str]) -> None:
+    """Rounds of ARP requests for ``target`` out of ``ifname`` (run inside the client's
+    namespace), with the chaos observer's machinery: a round's replies are told apart by
+    the sender address its requests carry, so a late reply counts in its own round. A
+    round's nodes are written (when they changed) with the time it was sent; a MAC in
+    ``macs`` (node -> MAC) is written as the node's name."""
+    from vtlha_lab.chaos.observer import ArpRounds, Interface, Out
+
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    itf = Interface(ifname)
+    itf.addresses.append(target)
+    with open(out, "a", buffering=1) as f:
+        rec = Out(f)
+        rounds = ArpRounds([itf], {m.lower(): n for n, m in macs.items()}, rec)
+        end = time.monotonic() + duration
+        prev_sent: float | None = None
+        max_gap = 0.0
+        nxt = time.time()  # ArpRounds.receive waits on the wall clock
+        while not stop and time.monotonic() < end:
+            sent = time.monotonic()
+            if prev_sent is not None:
+                max_gap = max(max_gap, sent - prev_sent)
+            rounds.send()
+            nxt = max(nxt + interval, time.time())
+            rounds.receive(nxt)
+            rounds.finish(sent if prev_sent is None else prev_sent)  # the previous round
+            prev_sent = sent
+        rec.write({"type": "arp.stats", "t": time.monotonic(), "rounds": rounds.k,
+                   "max_gap": round(max_gap, 4)})
+
+
+def read_arp(path: str | os.PathLike[str]) -> list[tuple[float, frozenset[str]]]:
+    """An ``arp`` output file as (round time, nodes answering) at each change."""
+    out = []
+    for e in read_timeline(str(path)):
+        if e.get("type") == "arp":
+            out.append((float(e["t"]), frozenset(e["nodes"])))  # type: ignore[arg-type,call-overload]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m vtlha_lab.probes")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -74,9 +128,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=0.005)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--timeout", type=float, default=0.05)
+    r = sub.add_parser("arp")
+    r.add_argument("--target", required=True)
+    r.add_argument("--ifname", default="eth0")
+    r.add_argument("--out", required=True)
+    r.add_argument("--interval", type=float, default=0.01)
+    r.add_argument("--duration", type=float, default=30.0)
+    r.add_argument("--mac", action="append", default=[], help="NODE=MAC")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         serve(a.port, a.name)
+    elif a.cmd == "arp":
+        arp_watch(a.target, a.ifname, a.out, a.interval, a.duration,
+                  dict(m.split("=", 1) for m in a.mac))
     else:
         probe(a.target, a.out, a.interval, a.duration, a.timeout)
 

@@ -1,0 +1,98 @@
+"""bench/failover.py's measurement, on hand-made probe timelines (no lab, no root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.failover import (
+    arp_measures,
+    headline,
+    pct,
+    ratios,
+    summarize,
+    targets,
+    tcp_measures,
+)
+
+
+def tcp(*answers: tuple[float, str | None]) -> list[dict[str, Any]]:
+    return [{"t": t, "ok": who is not None, "who": who, "error": None if who else "Timeout"}
+            for t, who in answers]
+
+
+def test_tcp_from_the_fault_and_from_the_last_answer_of_the_old_node() -> None:
+    tl = tcp((9.9, "node-a"), (10.0, "node-a"), (10.05, None), (10.2, None),
+             (10.3, "node-b"), (10.31, "node-b"))
+    m = tcp_measures(tl, 10.02, "node-a", "node-b")
+    assert m["tcp_from_fault_s"] == pytest.approx(0.28)
+    assert m["tcp_gap_s"] == pytest.approx(0.30)  # from node-a's last answer
+    assert m["tcp_longest_gap_s"] == pytest.approx(0.30)
+
+
+def test_tcp_without_a_takeover_measures_none() -> None:
+    m = tcp_measures(tcp((1.0, "node-a"), (2.0, None)), 1.5, "node-a", "node-b")
+    assert m["tcp_from_fault_s"] is None and m["tcp_gap_s"] is None
+
+
+A, B, AB, NOBODY = (frozenset({"node-a"}), frozenset({"node-b"}),
+                    frozenset({"node-a", "node-b"}), frozenset())
+
+
+def test_arp_links_cut_nobody_then_node_b() -> None:
+    m = arp_measures([(0.0, A), (10.01, NOBODY), (10.35, B)], 10.0, 12.0, "node-a", "node-b")
+    assert m["arp_from_fault_s"] == pytest.approx(0.35)
+    assert m["arp_gap_s"] == pytest.approx(0.34)
+    assert m["arp_nobody_longest_s"] == pytest.approx(0.34)
+    assert m["arp_double_s"] == 0
+
+
+def test_arp_a_killed_keepalived_keeps_answering_beside_the_backup() -> None:
+    m = arp_measures([(0.0, A), (10.4, AB)], 10.0, 12.0, "node-a", "node-b")
+    assert m["arp_from_fault_s"] == pytest.approx(0.4)
+    assert m["arp_gap_s"] == 0.0
+    assert m["arp_double_s"] == pytest.approx(1.6)  # until the end: it does not heal
+
+
+def test_headline_per_case() -> None:
+    m = {"tcp_from_fault_s": 1.0, "tcp_gap_s": 0.2, "tcp_longest_gap_s": 0.3,
+         "arp_from_fault_s": 1.1, "arp_gap_s": 0.1, "arp_nobody_longest_s": 0.0,
+         "ack_longest_gap_s": 2.0}
+    assert headline("crash", m) == (1.0, 1.1)
+    assert headline("switchover", m) == (0.2, 0.1)
+    assert headline("split", m) == (0.3, 0.0)
+    assert headline("data", m) == (2.0, 1.1)
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    xs = [float(i) for i in range(1, 11)]
+    assert pct(xs, 50) == pytest.approx(5.5)
+    assert pct(xs, 99) == pytest.approx(9.91)
+    assert pct([3.0], 99) == 3.0
+
+
+def rec(system: str, case: str, outage: float | None, **kw: Any) -> dict[str, Any]:
+    return {"interval": 0.1, "case": case, "system": system, "trial": 0, "load1": 1.0,
+            "outage_s": outage, "outage_arp_s": outage, "error": None, **kw}
+
+
+def test_summary_ratio_and_targets() -> None:
+    recs = [rec("vtl-ha", "crash", 0.4), rec("vtl-ha", "crash", 0.5),
+            rec("keepalived", "crash", 0.35, double_holders=True, ended_two_holders=True),
+            rec("keepalived", "crash", 0.36, double_holders=True, ended_two_holders=True),
+            rec("vtl-ha", "fatal", 0.5, fall=2, check_interval_s=0.2),
+            rec("vtl-ha", "data", 1.5),
+            {**rec("vtl-ha", "links", None), "error": "RuntimeError('x')"}]
+    rows = summarize(recs)
+    ratios(rows)
+    by = {(r["case"], r["system"]): r for r in rows}
+    assert by[("crash", "keepalived")]["ended_two_holders"] == 2
+    assert by[("crash", "vtl-ha")]["double_holders"] == 0
+    assert by[("crash", "vtl-ha")]["ratio"]["p50"] == pytest.approx(0.45 / 0.355)
+    assert by[("links", "vtl-ha")]["failed"] == 1 and by[("links", "vtl-ha")]["outage"] is None
+    said = "\n".join(targets(rows, recs))
+    assert "crash at 0.1 s" in said and "NOT met" in said.splitlines()[0]
+    assert "fatal at 0.1 s: p99 0.500 s vs target 0.65 s (0.25 + fall x check_interval): met" \
+        in said
+    assert "data path" in said and said.rstrip().endswith("NOT met")
