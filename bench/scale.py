@@ -817,9 +817,17 @@ class Coordinator:
                                "settled_s": None}
         deadline = t0 + self.args.settle_max
         log = LogScan(self.work / "arbiter.log")
+        arb = self.procs.children["arbiter"]
         while time.monotonic() < deadline:
-            if self.procs.children["arbiter"].poll() is not None:
-                raise RuntimeError(f"the arbiter exited; see {self.work}/arbiter.log")
+            if arb.poll() is not None:
+                out["exited"] = {"code": arb.returncode,
+                                 "after_s": round(time.monotonic() - t0, 1),
+                                 "cpu_share": round((out.get("cpu_s") or 0.0)
+                                                    / (time.monotonic() - t0), 3),
+                                 **start_failure(self.work / "arbiter.log")}
+                self.say(f"the arbiter EXITED during its start: {out['exited']}")
+                return out
+            out["cpu_s"] = cpu_seconds(arb.pid)
             if out["reconciled_s"] is None and log.has('"reconciled every group"'):
                 out["reconciled_s"] = round(time.monotonic() - t0, 1)
                 self.say("arbiter reconciled every group")
@@ -993,10 +1001,23 @@ class Coordinator:
         self.start_arbiter()
         self.say("arbiter started")
         out["startup"] = await self.wait_settled()
+        if "exited" in out["startup"]:
+            return out  # nothing to measure: the table says why
         await asyncio.sleep(self.args.settle)
         n_ev = len(self.events)
         self.say(f"steady state: measuring {self.args.window:g} s")
-        out["steady"] = await self.sample(self.args.window)
+        try:
+            out["steady"] = await self.sample(self.args.window)
+        except Exception:
+            arb = self.procs.children["arbiter"]
+            if arb.poll() is None:
+                raise
+            # it died after the settle wait (its start failed late): say so
+            out["startup"]["exited"] = {"code": arb.returncode, "after_s": None,
+                                        "cpu_share": None,
+                                        **start_failure(self.work / "arbiter.log")}
+            self.say(f"the arbiter EXITED: {out['startup']['exited']}")
+            return out
         out["steady"]["events"] = self._kinds(self.events[n_ev:])
         self.say(f"steady: arbiter {out['steady']['arbiter_cpu'] * 100:.0f} % of a core, "
                  f"lag p99 {fmt_s(out['steady']['lag_p99_s'])}")
@@ -1073,6 +1094,37 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "claim_p99_s": pct(claim, 0.99), "claim_max_s": max(claim, default=None)}
 
 
+def start_failure(path: Path) -> dict[str, Any]:
+    """Why the arbiter's start failed, from its log: the error, the innermost frame of
+    vtl-ha's own code it came from, what its start was waiting for (``bus.retry_js``)
+    and how often it had retried that."""
+    error, where, what, retries = None, None, None, 0
+    first, failed = None, None
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            if first is None and line.startswith("{"):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    first = float(orjson.loads(line).get("ts"))
+            if '"jetstream not ready, retrying"' not in line and '"start failed"' not in line:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError):
+                rec = orjson.loads(line)
+                if rec.get("msg") == "jetstream not ready, retrying":
+                    retries, what = retries + 1, rec.get("what")
+                    continue
+                error, failed = rec.get("error"), rec.get("ts")
+                frames = [ln.strip() for ln in str(rec.get("exc", "")).splitlines()
+                          if ln.strip().startswith("File ") and "vtlha" in ln
+                          and "site-packages" not in ln and "bounded.py" not in ln]
+                if frames:
+                    f = frames[-1].split('"')
+                    where = f"{Path(f[1]).name}{f[2].replace(', line ', ':').split(',')[0]}" \
+                        f" in {frames[-1].rsplit(' in ', 1)[-1]}"
+    return {"error": f"{error} at {where}" if where else error, "waiting_for": what,
+            "jetstream_retries": retries,
+            "failed_after_s": round(failed - first, 1) if first and failed else None}
+
+
 def log_summary(path: Path) -> dict[str, Any]:
     """The arbiter's own warnings about itself: ticks that overran (by loop) and the
     worst overrun."""
@@ -1131,30 +1183,48 @@ def fmt_s(x: float | None) -> str:
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def table(rows: list[dict[str, Any]], target: float) -> None:
+def table(rows: list[dict[str, Any]], target: float, interval: float) -> None:
     print()
     print(f"{'pairs':>6} {'nodes':>6} {'gen':>4} {'renewed':>8} {'arb CPU':>8} {'RSS MB':>7} "
-          f"{'lag p99':>8} {'hb ok':>6} {'detect p50':>11} {'p99':>8} {'claim p99':>10} "
-          f"{'found':>6} {'false':>6} {'load':>5}")
+          f"{'lag p99':>8} {'hb pub':>7} {'hb ok':>6} {'detect p50':>11} {'p99':>8} "
+          f"{'claim p99':>10} {'found':>6} {'false':>6} {'active':>7} {'load':>5}")
     for r in rows:
+        if "exited" in r["startup"]:
+            ex = r["startup"]["exited"]
+            print(f"{r['pairs']:>6} {r['nodes']:>6} {r['generators']:>4} {r['renewed_nodes']:>8}"
+                  f"  the arbiter EXITED {ex.get('failed_after_s') or ex['after_s']} s into its "
+                  f"start: {ex['error']}, waiting for {ex.get('waiting_for')} "
+                  f"({(ex['cpu_share'] or 0) * 100:.0f} % of a core until then)")
+            continue
         st, si = r["steady"], r["silence"]
         kept = st["hb_validated_per_s"] / st["hb_published_per_s"] \
             if st["hb_published_per_s"] else 0.0
+        pub = st["hb_published_per_s"] * interval / r["nodes"]  # of the heartbeats due
         print(f"{r['pairs']:>6} {r['nodes']:>6} {r['generators']:>4} {r['renewed_nodes']:>8} "
               f"{st['arbiter_cpu'] * 100:>7.0f}% {st['arbiter_rss_mb']:>7.1f} "
-              f"{fmt_s(st['lag_p99_s']):>8} {kept * 100:>5.0f}% "
+              f"{fmt_s(st['lag_p99_s']):>8} {pub * 100:>6.0f}% {kept * 100:>5.0f}% "
               f"{fmt_s(si['down_p50_s']):>11} {fmt_s(si['down_p99_s']):>8} "
               f"{fmt_s(si['claim_p99_s']):>10} "
               f"{si['detected']:>3}/{len(si['silences']):<2} {si['false_downs']:>6} "
-              f"{st['load_1min']:>5.1f}")
+              f"{acting(st):>7} {st['load_1min']:>5.1f}")
+    print("(hb pub: heartbeats the generator published, of those due; hb ok: of those, "
+          "the ones the arbiter validated)")
     print(f"\ntarget (issue 20): 1,000 pairs at 10 Hz, detection p99 <= {fmt_s(target)} "
           f"((k+1) x heartbeat_interval), arbiter <= 50 % of one core, cost linear or better")
-    steady = [(r["pairs"], r["steady"]["arbiter_cpu"]) for r in rows]
+    steady = [(r["pairs"], r["steady"]["arbiter_cpu"]) for r in rows if "steady" in r]
     for (n1, c1), (n2, c2) in itertools.pairwise(steady):
         if c1 > 0 and c2 > 0:
             print(f"  CPU {n1} -> {n2} pairs: x{c2 / c1:.1f} for x{n2 / n1:.0f} pairs "
                   f"(exponent {math.log(c2 / c1) / math.log(n2 / n1):.2f}; 1 = linear; "
                   f"flattens once the arbiter's one core is saturated)")
+
+
+def acting(st: dict[str, Any]) -> str:
+    """Whether the arbiter was active through the steady window."""
+    a, b = st.get("active_at_start"), st.get("active_at_end")
+    if a is None:
+        return "?"
+    return "yes" if a and b else "no" if not a and not b else "lost" if a else "gained"
 
 
 def plot(rows: list[dict[str, Any]], target: float, path: Path) -> None:
@@ -1163,14 +1233,20 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["pairs"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a1.plot(xs, [r["steady"]["arbiter_cpu"] * 100 for r in rows], "o-",
+    ran = [r for r in rows if "steady" in r]
+    died = [r for r in rows if "exited" in r["startup"]]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    a1.plot([r["pairs"] for r in ran], [r["steady"]["arbiter_cpu"] * 100 for r in ran], "o-",
             label="steady (no silences)")
-    a1.plot(xs, [r["silence"]["arbiter_cpu"] * 100 for r in rows], "s--",
+    a1.plot([r["pairs"] for r in ran], [r["silence"]["arbiter_cpu"] * 100 for r in ran], "s--",
             label="during the silences")
-    a1.axhline(50, color="red", ls=":", label="target: 50 % at 1,000 pairs")
+    if died:
+        a1.plot([r["pairs"] for r in died],
+                [(r["startup"]["exited"]["cpu_share"] or 0) * 100 for r in died], "rx", ms=10,
+                label="start failed: the arbiter exited")
+    a1.axhline(50, color="red", ls=":", label="target: <= 50 % at 1,000 pairs")
     a1.set_xscale("log")
+    a1.set_ylim(0, 110)
     a1.set_xlabel("pairs (2 nodes each), 10 Hz heartbeats")
     a1.set_ylabel("arbiter CPU, % of one core")
     a1.set_title("Arbiter CPU")
@@ -1179,19 +1255,34 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path) -> None:
     for key, style, label in (("down_p50_s", "o-", "detection p50 (node.down)"),
                               ("down_p99_s", "o--", "detection p99 (node.down)"),
                               ("claim_p99_s", "s:", "claim in the KV, p99")):
-        pts = [(r["pairs"], r["silence"][key]) for r in rows if r["silence"][key] is not None]
+        pts = [(r["pairs"], r["silence"][key]) for r in ran if r["silence"][key] is not None]
         if pts:
             a2.plot([p for p, _ in pts], [v for _, v in pts], style, label=label)
+    for k, r in enumerate(rows):
+        if "exited" in r["startup"] or not r["silence"]["detected"]:
+            why = "the arbiter\nexited at start" if "exited" in r["startup"] else \
+                "no silence\ndetected"
+            y = target * (1.2 + 0.5 * (k % 2))
+            a2.annotate(f"{r['pairs']} pairs:\n{why}", (r["pairs"], y), fontsize=7,
+                        ha="center", color="darkred")
+    for r in ran:
+        if not r["steady"].get("active_at_start", True):
+            y = r["steady"]["arbiter_cpu"] * 100 + 6
+            a1.annotate("not active\n(never acted)", (r["pairs"], y), fontsize=7, ha="center",
+                        color="darkred")
+    top = max([r["silence"][k] or 0.0 for r in ran for k in ("down_p99_s", "claim_p99_s")]
+              + [target * 2.2])
     a2.axhline(target, color="red", ls=":", label=f"target p99: {target:g} s")
     a2.set_xscale("log")
-    a2.set_yscale("log")
+    a2.set_xlim(min(r["pairs"] for r in rows) / 1.5, max(r["pairs"] for r in rows) * 1.5)
+    a2.set_ylim(0, top * 1.1)
     a2.set_xlabel("pairs (2 nodes each), 10 Hz heartbeats")
     a2.set_ylabel("seconds from the last heartbeat")
     a2.set_title("Detection latency of a silent node")
-    a2.legend(fontsize=8)
+    a2.legend(fontsize=8, loc="lower left")
     a2.grid(alpha=0.3, which="both")
-    fig.suptitle("One arbiter facing N pairs (bench/scale.py; one nats-server, simulated "
-                 "nodes)", fontsize=10)
+    fig.suptitle("One arbiter facing N pairs (bench/scale.py: the real arbiter, one "
+                 "nats-server, simulated nodes)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -1249,6 +1340,9 @@ def main() -> None:
                     help="where the PNG goes ('' for none)")
     ap.add_argument("--resume", default=None,
                     help="a scale-partial.json: its sizes are kept, not run again")
+    ap.add_argument("--wait-while", default=None, metavar="FILE",
+                    help="before each size, wait while FILE exists (a shared machine's "
+                    "'do not disturb' flag)")
     ap.add_argument("--keep", action="store_true", help="keep each size's work directory")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # cleanup runs (finally)
@@ -1258,13 +1352,17 @@ def main() -> None:
         for r in orjson.loads(Path(args.resume).read_bytes()).get("sizes", []):
             done[r["pairs"]] = r
         print(f"resuming: {sorted(done)} done already")
-    partial = RESULTS / "scale-partial.json"
+    name = "scale-profile" if args.profile else "scale"  # a profiled arbiter is slower
+    partial = RESULTS / f"{name}-partial.json"
     meta = {"bench": "scale", "machine": platform.platform(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "args": vars(args),
             "load_before": os.getloadavg()}
     for n in sizes:
         if n in done:
             continue
+        while args.wait_while and Path(args.wait_while).exists():
+            print(f"waiting: {args.wait_while} exists", flush=True)
+            time.sleep(30)
         print(f"{n} pairs:", flush=True)
         try:
             done[n] = asyncio.run(one_size(n, args))
@@ -1282,14 +1380,14 @@ def main() -> None:
     cfg_t = yaml.safe_load((ROOT / "examples" / "cluster.yaml").read_text())["timings"]
     target = cfg_t["heartbeat_interval"] * (cfg_t["dead_after"] / cfg_t["heartbeat_interval"]
                                             + 1)
-    table(rows, target)
+    table(rows, target, cfg_t["heartbeat_interval"])
     if args.plot and not args.profile and rows:
         plot(rows, target, Path(args.plot))
     out = {**meta, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "load_after": os.getloadavg(), "target_detection_p99_s": target, "sizes": every,
            "simulated": "nodes' services (heartbeats, reports, command acks, lease holders' "
            "acquisitions) by the load generator; renewals only within --renew-budget"}
-    print(f"results: {save_results('scale', out)}")
+    print(f"results: {save_results(name, out)}")
 
 
 if __name__ == "__main__":
