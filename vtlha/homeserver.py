@@ -130,7 +130,11 @@ class HomeServer:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
-                await self.step()
+                try:
+                    await self.step()
+                except Exception as exc:  # one failed step must not end the watch
+                    log.error("nats home check failed", extra={
+                        "client": self.name, "error": repr(exc)}, exc_info=exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.interval)
         finally:

@@ -128,3 +128,35 @@ async def test_a_move_home_waits_until_the_service_is_ready(
         await home.close()
         await admin.close()
         await nc.close()
+
+
+async def test_a_failing_step_does_not_end_the_watch(servers: dict[str, NatsServer]) -> None:
+    """An error in one step (here the service's readiness check raising) is logged and
+    the next step runs: a watch that died would leave the connection wherever nats-py's
+    last reconnect took it, for good."""
+    urls = [servers[n].spec.url for n in NAMES]
+    subjects = Subjects("homeserver-fails")
+    nc = await bus.connect(urls[1:2], name="test@own")  # on the companion's server
+    admin = await nats.connect(urls[1:])
+    calls = 0
+
+    async def flaky() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError("readiness check broke")
+        return True
+
+    home = HomeServer(nc, urls, subjects, "test@own", interval=INTERVAL, ready=flaky)
+    stop = asyncio.Event()
+    try:
+        await bus.retry_js("kv", lambda: bus.ensure_kv(admin.jetstream(timeout=2), subjects, 3))
+        task = asyncio.create_task(home.run(stop))
+        await _wait(lambda: home.current() == urls[0], 30, "the move home after two failures")
+        assert calls >= 3 and home.moves == 1 and not task.done()
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        stop.set()
+        await admin.close()
+        await nc.close()
