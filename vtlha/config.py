@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -513,6 +516,41 @@ class Ports(_Model):
     tape: int = 10001  # the reference tape data service, on the data group's portal address
 
 
+@dataclass(frozen=True)
+class Lookups:
+    """A cluster file's lookups by name, built once (``ClusterConfig.lookups``)."""
+
+    nodes: tuple[Node, ...]
+    hosts: tuple[str, ...]
+    host_index: Mapping[str, int]
+    node: Mapping[str, Node]
+    pair: Mapping[str, Pair]
+    pair_of: Mapping[str, Pair]
+    companion: Mapping[str, Node]
+    #: group name -> (home node, kind)
+    groups: Mapping[str, tuple[str, str]]
+
+    @classmethod
+    def of(cls, cfg: ClusterConfig) -> Lookups:
+        nodes = tuple(n for p in cfg.pairs for n in p.nodes)
+        hosts = (*(n.name for n in nodes), cfg.witness.host)
+        groups: dict[str, tuple[str, str]] = {}
+        for n in nodes:
+            groups[n.data_group] = (n.name, "data")
+            groups[n.mgmt_group] = (n.name, "mgmt")
+        host_index: dict[str, int] = {}
+        for i, h in enumerate(hosts):
+            host_index.setdefault(h, i)
+        return cls(
+            nodes=nodes, hosts=hosts, host_index=MappingProxyType(host_index),
+            node=MappingProxyType({n.name: n for n in reversed(nodes)}),
+            pair=MappingProxyType({p.name: p for p in reversed(cfg.pairs)}),
+            pair_of=MappingProxyType({n.name: p for p in reversed(cfg.pairs) for n in p.nodes}),
+            companion=MappingProxyType({n.name: o for p in cfg.pairs for n in p.nodes
+                                        for o in p.nodes if o.name != n.name}),
+            groups=MappingProxyType(groups))
+
+
 class ClusterConfig(_Model):
     cluster: Name
     timings: Timings = Field(default_factory=Timings)
@@ -538,43 +576,52 @@ class ClusterConfig(_Model):
         return self
 
     # ---- lookups -------------------------------------------------------------
+    # The model is frozen: its lookups are built once (an arbiter facing many pairs asks
+    # them for every group of every snapshot; rebuilt per call they made it quadratic).
+    @cached_property
+    def lookups(self) -> Lookups:
+        return Lookups.of(self)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None,
+                   deep: bool = False) -> Self:
+        """A copy, its lookups built again (``update`` may change what they index)."""
+        out = super().model_copy(update=update, deep=deep)
+        out.__dict__.pop("lookups", None)
+        return out
+
     @property
     def nodes(self) -> list[Node]:
-        return [n for p in self.pairs for n in p.nodes]
+        return list(self.lookups.nodes)
 
     @property
     def hosts(self) -> list[str]:
         """Every host in index order: nodes in file order, then the witness."""
-        return [n.name for n in self.nodes] + [self.witness.host]
+        return [*self.lookups.hosts]
 
     def host_index(self, host: str) -> int:
-        return self.hosts.index(host)
+        try:
+            return self.lookups.host_index[host]
+        except KeyError:
+            raise ValueError(f"{host!r} is not a host of the cluster") from None
 
     def node(self, name: str) -> Node:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
+        return self.lookups.node[name]
 
     def has_node(self, name: str) -> bool:
-        return any(n.name == name for n in self.nodes)
+        return name in self.lookups.node
+
+    def pair(self, name: str) -> Pair:
+        return self.lookups.pair[name]
 
     def pair_of(self, node: str) -> Pair:
-        for p in self.pairs:
-            if any(n.name == node for n in p.nodes):
-                return p
-        raise KeyError(node)
+        return self.lookups.pair_of[node]
 
     def companion(self, node: str) -> Node:
-        return next(n for n in self.pair_of(node).nodes if n.name != node)
+        return self.lookups.companion[node]
 
-    def groups(self) -> dict[str, tuple[str, str]]:
-        """group name -> (home node, kind) for every group of the cluster."""
-        out: dict[str, tuple[str, str]] = {}
-        for n in self.nodes:
-            out[n.data_group] = (n.name, "data")
-            out[n.mgmt_group] = (n.name, "mgmt")
-        return out
+    def groups(self) -> Mapping[str, tuple[str, str]]:
+        """group name -> (home node, kind) for every group of the cluster (read-only)."""
+        return self.lookups.groups
 
     def group_addresses(self, group: str) -> list[str]:
         home, kind = self.groups()[group]

@@ -44,9 +44,10 @@ They are allowed in maintenance: maintenance suspends *automatic* moves only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 
@@ -214,6 +215,42 @@ class Snapshot:
     #: (monotonic; lease_ttl after it became active): ``decide`` holds them back and
     #: says so. None: no hold-off.
     hold_off_until: float | None = None
+
+    # The snapshot is immutable: its indexes are built once (decided group by group and
+    # pair by pair, a scan of every group per pair made a decision pairs x groups).
+    @cached_property
+    def groups_by_home(self) -> Mapping[str, tuple[GroupView, ...]]:
+        """home node -> its groups, by name."""
+        out: dict[str, list[GroupView]] = {}
+        for g in sorted(self.groups.values(), key=lambda g: g.name):
+            out.setdefault(g.home, []).append(g)
+        return {n: tuple(gs) for n, gs in out.items()}
+
+    @cached_property
+    def pair_by_node(self) -> Mapping[str, PairView]:
+        out: dict[str, PairView] = {}
+        for p in self.pairs:
+            for n in p.nodes:
+                out.setdefault(n, p)
+        return out
+
+    def for_pairs(self, names: Iterable[str]) -> Snapshot:
+        """This snapshot cut down to the pairs ``names``: their nodes, the groups those
+        are home to, those nodes' storage views. A pair is decided from its own part
+        alone (``decide``), so a decision event carries only its pair's part as its
+        inputs: the whole cluster's would grow with the estate (~2.2 KB a pair: past
+        nats-server's 1 MB payload limit at ~450 pairs) and cost O(cluster) per event.
+        Unknown names are ignored."""
+        want = set(names)
+        pairs = tuple(p for p in self.pairs if p.name in want)
+        nodes = {n for p in pairs for n in p.nodes}
+        groups = {g.name: g for n in sorted(nodes) for g in self.groups_by_home.get(n, ())}
+        return replace(
+            self, pairs=pairs, nodes={n: v for n, v in self.nodes.items() if n in nodes},
+            groups=dict(sorted(groups.items())),
+            in_flight=frozenset(g for g in self.in_flight if g in groups),
+            storage={n: v for n, v in self.storage.items() if n in nodes},
+            storage_alarms=frozenset(g for g in self.storage_alarms if g in groups))
 
     def to_inputs(self) -> dict[str, Any]:
         """Plain JSON-able data (tuples as lists, sets as sorted lists)."""
@@ -555,7 +592,7 @@ def is_recently_moved(pair: PairView, g: GroupView, now: float) -> bool:
 
 
 def pair_of(snap: Snapshot, node: str) -> PairView | None:
-    return next((p for p in snap.pairs if node in p.nodes), None)
+    return snap.pair_by_node.get(node)
 
 
 @dataclass(frozen=True)
@@ -572,7 +609,7 @@ class NodeHealth:
 def node_health(snap: Snapshot, node: str, now: float) -> NodeHealth:
     nv = snap.nodes[node]
     view = fresh_storage(snap, node, now)
-    devices = tuple(d for g in snap.groups.values() if g.home == node and g.kind == "data"
+    devices = tuple(d for g in snap.groups_by_home.get(node, ()) if g.kind == "data"
                     for d in g.devices)
     return NodeHealth(
         up=is_alive(nv, now, snap.dead_after) and not nv.fatal_failing,
@@ -671,8 +708,9 @@ def _decide_pair(snap: Snapshot, pair: PairView, now: float) -> list[Action]:
     holds = _hold_downs(pair, now)
     out += holds
     c = _Ctx(snap, pair, now, dead, pair.held_down | {h.node for h in holds})
-    for g in sorted(snap.groups.values(), key=lambda g: g.name):
-        if g.home not in pair.nodes or g.name in snap.in_flight:
+    mine = (g for n in pair.nodes for g in snap.groups_by_home.get(n, ()))
+    for g in sorted(mine, key=lambda g: g.name):
+        if g.name in snap.in_flight:
             continue
         action = _decide_group(c, g)
         if action is not None:

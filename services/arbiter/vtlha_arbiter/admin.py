@@ -146,7 +146,9 @@ class AdminServer:
             request = req.policy_request()
             result = policy.answer(snap, request, now)
             status = policy.answer_status(result)
-            inputs = {"snapshot": snap.to_inputs(), "now": now, "request": request}
+            about = _about(req, snap)
+            part = snap.for_pairs([about["pair"]]) if about.get("pair") else snap
+            inputs = {"snapshot": part.to_inputs(), "now": now, "request": request}
             who = {"operator": req.operator, "from": req.node, "request": request}
             host.log.info(status, extra={"term": self.act.term, **who})
             if isinstance(result, Refusal):

@@ -90,9 +90,13 @@ class Decider:
         self.last_status = decision.status
         self.host.log.info(decision.status, extra={"term": self.act.term,
                                                    "rules": [a.rule.value for a in actions]})
-        inputs = {"snapshot": snap.to_inputs(), "now": now}
+        per_pair: dict[str, dict[str, Any]] = {}  # each event carries its pair's part
         for action in decision.actions:
             self.decisions.labels(action.rule.value).inc()
+            inputs = per_pair.get(action.pair)
+            if inputs is None:
+                inputs = per_pair[action.pair] = {
+                    "snapshot": snap.for_pairs([action.pair]).to_inputs(), "now": now}
             await self._carry_out(action, inputs)
 
     async def _carry_out(self, action: policy.Action, inputs: dict[str, Any]) -> None:

@@ -51,11 +51,11 @@ class PairState:
         self.records.clear()
 
     def _pair(self, name: str) -> Pair:
-        return next(p for p in self.config.pairs if p.name == name)
+        return self.config.pair(name)
 
     def pair_of_key(self, key: str) -> str | None:
         name = key.removeprefix("pair.")
-        return name if any(p.name == name for p in self.config.pairs) else None
+        return name if name in self.config.lookups.pair else None
 
     # ---- reading -------------------------------------------------------------------
     def record(self, pair: str) -> PairRecord:
