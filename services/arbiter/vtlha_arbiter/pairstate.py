@@ -10,6 +10,7 @@ active arbiter; ``PairState.view`` turns them into the arbiter's monotonic clock
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from vtlha.subjects import Subjects
 
 CAS_TRIES = 5  # compare-and-set attempts of one change before giving up (logged)
 KV_TIMEOUT = 1.0  # seconds per KV call
+LOAD_CONCURRENCY = 32  # pair records read at once by ``load``
 
 
 def to_monotonic(wall: float, now: float, wall_now: float) -> float:
@@ -43,12 +45,14 @@ class PairState:
         self.records: dict[str, tuple[PairRecord, int]] = {}  # pair -> (record, revision)
         self.invalid = 0
         self.generation = 0  # bumped when the bucket is recreated (``forget``)
+        self.loaded: set[str] = set()  # pairs ``load`` has read in this generation
 
     def forget(self) -> None:
         """The KV bucket was recreated: the pairs' records and revisions were the old
         bucket's; until the new one has records, each pair's state is the config's."""
         self.generation += 1
         self.records.clear()
+        self.loaded.clear()
 
     def _pair(self, name: str) -> Pair:
         return self.config.pair(name)
@@ -94,8 +98,26 @@ class PairState:
             raise
 
     async def load(self) -> None:
-        for p in self.config.pairs:
-            await self.read(p.name)
+        """Read every pair's record, ``LOAD_CONCURRENCY`` at a time. A failed read ends
+        the load; the next one (``bus.retry_js``) reads only the pairs not read yet: at
+        1,000 pairs, one slow read in a thousand restarted the whole load from the
+        first key and the arbiter never started (bench/scale.py)."""
+        gate = asyncio.Semaphore(LOAD_CONCURRENCY)
+        gen = self.generation
+
+        async def one(name: str) -> None:
+            async with gate:
+                await self.read(name)
+                if gen == self.generation:
+                    self.loaded.add(name)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for p in self.config.pairs:
+                    if p.name not in self.loaded:
+                        tg.create_task(one(p.name))
+        except ExceptionGroup as eg:  # the first failure, as one read would raise it
+            raise eg.exceptions[0] from None
 
     async def read(self, pair: str) -> None:
         gen = self.generation
