@@ -23,7 +23,9 @@ connection belongs:
 
 - the own server is good and the connection is elsewhere: go home;
 - the server in use is bad and another is good: go to the first good one, in the
-  configured order (own node's first);
+  configured order (own node's first), if in each of the last ``fall`` probes the one
+  in use did not answer and that one did (``at_fault``: after a KV election every
+  server fails at once, and they come back a probe apart);
 - the connection left the own server without being moved (nats-py reconnected
   elsewhere): the own server is bad until ``rise`` fresh answers (``note_left_home``).
 
@@ -114,6 +116,8 @@ class HomeServer:
         self.last_seen: str | None = None
         #: the last changes of a server's state, in order: (url, reaches the KV leader)
         self.changes: deque[tuple[str, bool]] = deque(maxlen=CHANGES_KEPT)
+        #: each of the last ``fall`` steps' raw answers: url -> answered
+        self.answers: deque[dict[str, bool]] = deque(maxlen=fall)
 
     def current(self) -> str | None:
         if not self.nc.is_connected or self.nc.connected_url is None:
@@ -159,12 +163,16 @@ class HomeServer:
                 self.changes.append((u, ok))
                 log.info("nats server " + ("reaches" if ok else "does not reach")
                          + " the KV leader", extra={"server": u, "client": self.name})
+        self.answers.append(dict(zip(self.urls, answers, strict=True)))
         self.note_left_home()
         cur = self.current()
         to = choose(self.urls, cur, {u: h.state for u, h in self.states.items()})
         if to is None or self.nc.is_closed or self.nc.is_reconnecting:
             return None
         still_works = cur is not None and cur in self.states and self.states[cur].state is True
+        if not still_works and cur in self.states and not at_fault(self.answers, cur, to,
+                                                                   self.fall):
+            return None  # they failed together: the server in use is not the one at fault
         if still_works:  # a move home, not away from a bad server: it can wait
             if self.ready is not None and not await self.ready():
                 self.deferred += 1
@@ -215,6 +223,17 @@ class HomeServer:
         except (OSError, nats.errors.Error, TimeoutError, ValueError):
             return False
         return is_leader_answer(body)
+
+
+def at_fault(answers: Sequence[dict[str, bool]], current: str, to: str, fall: int) -> bool:
+    """The server in use is the one at fault: in each of the last ``fall`` steps it did
+    not answer and ``to`` did. After every server failed together (the KV's leader being
+    elected again, e.g. a stream leader asked to step down) they come back a probe apart,
+    and the first good one is no reason to leave a server that answers again: seen, a
+    node's ip-manager moved off its own server to the companion's 0.1 s before the
+    companion's links were cut, and its groups lapsed."""
+    return len(answers) >= fall and all(not a.get(current, False) and a.get(to, False)
+                                        for a in list(answers)[-fall:])
 
 
 def is_leader_answer(body: object) -> bool:

@@ -124,6 +124,10 @@ class GroupView:
     revision: int = 0
     devices: tuple[str, ...] = ()  # storage devices of a data group (config)
     moved_at: float | None = None  # when it last changed owner (None: never, or unknown)
+    #: when the arbiter last saw the owner renew the group's lease in the KV (its
+    #: monotonic clock; None: not seen). A renewal is a sign of life as good as a
+    #: heartbeat: see ``_dead_owner``.
+    renewed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -547,6 +551,17 @@ def is_dead(node: NodeView, snap: Snapshot, now: float) -> bool:
     return now - since > snap.dead_after
 
 
+def renews(g: GroupView, now: float, dead_after: float) -> bool:
+    """The owner renewed the group's lease within ``dead_after`` (as the arbiter saw the
+    KV): it is alive whatever its heartbeats say. Its heartbeats reach the arbiter by
+    another path than its renewals (a subscription through the arbiter's own server, not
+    the KV's leader), and an arbiter whose own server was cut off for a moment misses the
+    one and then gets the other (the renewals made meanwhile, at once). Waiting costs a
+    real death nothing: the new owner serves ``lease_ttl + margin`` after the last renewal
+    seen in any case, and ``dead_after <= lease_ttl``."""
+    return g.renewed_at is not None and now - g.renewed_at < dead_after
+
+
 def storage_age(view: StorageView, now: float) -> float:
     return now - view.received_at
 
@@ -807,6 +822,8 @@ def _dead_owner(c: _Ctx, g: GroupView) -> Action | None:
     assert g.owner is not None
     new = c.other(g.owner)
     if c.pair.maintenance or _barrier(c, new, strict=False) is not None:
+        return None
+    if renews(g, c.now, c.snap.dead_after):
         return None
     return Takeover(
         g.name, g.owner, new, c.pair.name, g.epoch, g.revision,

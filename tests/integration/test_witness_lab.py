@@ -8,13 +8,17 @@
 2. The KV and event stream leaders land on a node after restarts: they return to the
    witness within the bound, and a 0.5 s link cut of node-a then costs node-b's own
    addresses nothing.
+3. The witness's arbiter gone and node-a's active: a 0.5 s link cut of node-a (its
+   arbiter sees node-b's heartbeats stop) still costs node-b's own addresses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
+from typing import Any
 
 import nats.errors
 import orjson
@@ -116,6 +120,30 @@ def _diagnose(lab: Lab, away: list[str]) -> str:
     return "\n".join(out)
 
 
+def _cut_node_a(lab: Lab, cut_s: float, after: float) -> tuple[OverlapObserver, float, float]:
+    """node-a's links cut for ``cut_s`` under a fast observer, watched ``after`` more:
+    (the observer, when the cut began, when the watch ended)."""
+    with OverlapObserver(lab, interval=0.005) as obs:
+        t_cut = time.monotonic()
+        lab.set_links("node-a", up=False)
+        time.sleep(cut_s)  # the fault under test lasts this long
+        lab.set_links("node-a", up=True)
+        time.sleep(after)  # a late second holder or a needless move shows by then
+        return obs, t_cut, time.monotonic()
+
+
+def _b_gaps(obs: OverlapObserver, since: float, until: float
+            ) -> dict[str, list[tuple[float, float, str]]]:
+    """node-b's own addresses: the spans not answered by node-b alone."""
+    return {a: _gaps(obs, a, "node-b", since, until) for a in B_OWN}
+
+
+def _assert_b_kept_its_own(obs: OverlapObserver, b_gaps: dict[str, Any]) -> None:
+    assert obs.samples > 20
+    assert obs.overlaps == [], obs.overlaps[:5]
+    assert b_gaps == {a: [] for a in B_OWN}, b_gaps
+
+
 def _gaps(obs: OverlapObserver, addr: str, owner: str, since: float,
           until: float) -> list[tuple[float, float, str]]:
     """Spans between ``since`` and ``until`` (monotonic, the observer's clock) in which
@@ -189,14 +217,12 @@ def test_node_cut_from_the_witness_only_costs_the_companion_nothing(lab: Lab) ->
         # none)
         lab.wait_for(lambda: _served_by_owners(lab), 10,
                      what="every group served by its KV owner")
-    b_gaps = {a: _gaps(obs, a, "node-b", t_cut, t_end) for a in B_OWN}
+    b_gaps = _b_gaps(obs, t_cut, t_end)
     print(f"\nobserver: {obs.samples} samples, longest poll gap {obs.max_gap * 1000:.0f} ms;"
           f" node-b's own addresses not answered by node-b alone: {b_gaps}; owners after: "
           f"{lab.held_by()}; operator request answered {answered:.2f} s after the heal "
           f"(bound {bound:.1f} s)")
-    assert obs.samples > 20
-    assert obs.overlaps == [], obs.overlaps[:5]
-    assert b_gaps == {a: [] for a in B_OWN}, b_gaps
+    _assert_b_kept_its_own(obs, b_gaps)
     assert answered <= bound
 
 
@@ -245,19 +271,49 @@ def test_leaders_return_to_the_witness_after_restarts_and_a_link_cut_costs_b_not
     bound = 1.0 + 5.0 + t.leader_ttl
     home_bound = 5.0 + homeserver.RISE * homeserver.INTERVAL + 1.0
     cut_s = 0.5
-    with OverlapObserver(lab, interval=0.005) as obs:
-        t_cut = time.monotonic()
-        lab.set_links("node-a", up=False)
-        time.sleep(cut_s)  # the fault under test lasts this long
-        lab.set_links("node-a", up=True)
-        time.sleep(3 * t.lease_ttl)
-        t_end = time.monotonic()
-    b_gaps = {a: _gaps(obs, a, "node-b", t_cut, t_end) for a in B_OWN}
+    obs, t_cut, t_end = _cut_node_a(lab, cut_s, 3 * t.lease_ttl)
+    b_gaps = _b_gaps(obs, t_cut, t_end)
     print(f"\nleaders back on the witness {back:.2f} s after a node's server led (bound "
           f"{bound:.1f} s); every service on its own server {home:.2f} s after (bound "
           f"{home_bound:.1f} s); observer: {obs.samples} "
           f"samples, longest poll gap {obs.max_gap * 1000:.0f} ms; node-b's own addresses "
           f"not answered by node-b alone during and after a {cut_s} s cut of node-a: {b_gaps}")
     assert back <= bound and home <= home_bound
-    assert obs.overlaps == [], obs.overlaps[:5]
-    assert b_gaps == {a: [] for a in B_OWN}, b_gaps
+    _assert_b_kept_its_own(obs, b_gaps)
+
+
+def test_a_node_arbiter_behind_a_cut_of_its_own_node_takes_nothing_from_the_other(
+        lab: Lab) -> None:
+    """node-a's arbiter active (the witness's killed); node-a's links cut for 0.5 s. From
+    behind the cut node-a's arbiter hears node-b's heartbeats stop and decides node-b
+    dead; after the heal the KV shows node-b renewing all along. Before, its claim was
+    lost to those renewals, claimed again against them and won: node-b's own groups
+    moved to node-a for nothing (found by the test above). Now the renewals are a sign
+    of life (``policy.renews``; the takeover machine gives a claim up when the owner it
+    decided dead renewed since): node-b keeps its groups."""
+    _start(lab)
+    t = lab.cfg.timings
+    b_arbiter = lab.procs.find("node-b", "arbiter")
+    b_arbiter.signal(signal.SIGSTOP)  # out of the election for a moment: node-a's wins
+    try:
+        lab.procs.find("witness", "arbiter").signal(signal.SIGKILL)
+        lab.wait_for(lambda: lab.arbiter_role("node-a") == "active", 30, interval=0.05,
+                     what="node-a's arbiter active")
+    finally:
+        b_arbiter.signal(signal.SIGCONT)
+    lab.wait_for(lambda: lab.arbiter_role("node-b") == "standby"
+                 and (lab.status("node-a", "arbiter") or {}).get("acting") is True
+                 and not (lab.status("node-a", "arbiter") or {}).get("in_flight", [1]),
+                 30, interval=0.05, what="node-a's arbiter acting, node-b's standing by")
+    lab.wait_for(lambda: _serving(lab), 30, what="every node serving its home groups")
+    obs, t_cut, t_end = _cut_node_a(lab, 0.5, 3 * t.lease_ttl + t.dead_after)
+    b_gaps = _b_gaps(obs, t_cut, t_end)
+    log = (lab.work_dir / "logs" / "node-a-arbiter.log").read_text(errors="replace")
+    print(f"\nobserver: {obs.samples} samples; node-b's own addresses not answered by "
+          f"node-b alone: {b_gaps}; owners after: {lab.held_by()}; node-a's arbiter "
+          f"declared node-b down: {'node-b is down' in log}; claims given up as node-b "
+          f"renewed: {log.count('after it was decided dead')}")
+    _assert_b_kept_its_own(obs, b_gaps)
+    # (node-a's own groups may move: the fault is node-a's)
+    owners = lab.held_by()
+    assert owners["node-b-data"] == owners["node-b-mgmt"] == "node-b", owners

@@ -81,3 +81,28 @@ def test_the_config_lookups_answer_as_the_scans_did() -> None:
     renamed = cfg.pairs[0].model_copy(update={"name": "renamed"})
     other = cfg.model_copy(update={"pairs": [renamed]})
     assert other.pair("renamed").name == "renamed" and "renamed" not in cfg.lookups.pair
+
+
+def test_an_owner_still_renewing_its_lease_is_not_taken_over() -> None:
+    """Heartbeats stopped but the KV shows the owner renewing (an arbiter whose own
+    server was cut off gets the renewals made meanwhile at once, the heartbeats never):
+    no takeover until dead_after has passed since the last renewal it saw; the node
+    is still declared down (the mark is about its heartbeats)."""
+    from dataclasses import replace
+
+    s = _snapshot(dead="p2a")
+    groups = dict(s.groups)
+    for g in ("p2a-data", "p2a-mgmt"):
+        groups[g] = replace(groups[g], renewed_at=NOW - 0.1)
+    renewing = replace(s, groups=groups)
+    d = decide(renewing, NOW)
+    assert [type(a) for a in d.actions] == [MarkDown]
+    for g in ("p2a-data", "p2a-mgmt"):  # the last renewal seen dead_after ago
+        groups[g] = replace(groups[g], renewed_at=NOW - s.dead_after - 0.01)
+    later = decide(replace(s, groups=groups), NOW)
+    assert {a.group for a in later.actions if isinstance(a, Takeover)} == {"p2a-data",
+                                                                           "p2a-mgmt"}
+    # the event's inputs carry it: the replay holds back as the decision did
+    inputs = orjson.loads(orjson.dumps({"snapshot": renewing.for_pairs(["pair-2"])
+                                        .to_inputs(), "now": NOW}))
+    assert explain(inputs) == d.status

@@ -128,6 +128,33 @@ def test_the_reread_after_a_lost_claim(rec: GroupRecord | None, rev: int,
         assert out == expected
 
 
+def test_an_owner_decided_dead_that_renewed_since_is_not_claimed_again() -> None:
+    """The witness lab's trace: node-a's arbiter, active, behind a 0.5 s cut of node-a,
+    decided node-b dead (its heartbeats stopped reaching node-a's server); its claim
+    was lost after the heal because node-b had renewed meanwhile, and the re-read claim
+    won: node-b's own groups moved to node-a for nothing. An owner that renewed after it
+    was decided dead is alive: the claim is given up (the policy decides again, and
+    ``policy.renews`` holds it while the renewals go on); for an owner known alive
+    (a fatal check, a switchover) a renewal only means claiming against it again."""
+    m = _machine(alive=False)
+    m.start(10.0)
+    m.on_claim(tk.Lost(), 10.45)
+    out = m.on_record(_rec("a", 4), 45, 10.5)  # renewed by its owner after revision 40
+    assert out == [tk.GivenUp(out[0].reason, "owner_renewed")]  # type: ignore[union-attr]
+    assert "renewed its lease" in out[0].reason and m.done  # type: ignore[union-attr]
+    # a renewal written by someone else (the arbiter's own record) is no sign of life
+    m = _machine(alive=False)
+    m.start(10.0)
+    m.on_claim(tk.Lost(), 10.45)
+    assert m.on_record(_rec("a", 4, renewed_by="arb"), 45, 10.5) == [
+        tk.Claim("a-data", "b", 5, 45)]
+    # the owner alive: claim against the renewal
+    m = _machine(alive=True)
+    m.start(10.0)
+    m.on_claim(tk.Lost(), 10.45)
+    assert m.on_record(_rec("a", 4), 45, 10.5) == [tk.Claim("a-data", "b", 5, 45)]
+
+
 def test_a_renewal_seen_on_the_reread_restarts_the_wait() -> None:
     m = _machine(seen=9.0)
     m.start(10.0)

@@ -193,7 +193,7 @@ class Failed:
 @dataclass(frozen=True)
 class GivenUp:
     reason: str
-    result: str  # claim_lost, not_active
+    result: str  # claim_lost, owner_renewed, not_active
 
 
 Output = Claim | Read | Release | Acquire | Emit | Done | Failed | GivenUp
@@ -310,6 +310,11 @@ class Mover:
             and rec.state == "held"
         if unchanged and self.last is not None and revision > self.last:
             if rec is not None and rec.renewed_by == rec.owner:
+                if not self.old_alive:
+                    # decided dead, yet it renewed since: the decision was made on a
+                    # view that missed it (policy.renews); the policy decides again on
+                    # what the view shows now, this renewal included
+                    return self._give_up("owner_renewed")
                 self.last_renewal_seen = now  # that renewal was seen now
             return self._claim(revision)
         if unchanged and self.unknown and revision == self.last:
@@ -318,6 +323,8 @@ class Mover:
 
     def _give_up(self, result: str) -> list[Output]:
         why = {"claim_lost": f"{self.m.group} changed since it was decided (claim lost)",
+               "owner_renewed": f"{self.m.old} renewed its lease on {self.m.group} after "
+                                "it was decided dead: it is alive (claim given up)",
                "not_active": "this arbiter is no longer active: the next active arbiter "
                              "reconciles the group"}[result]
         return self._end(GivenUp(why, result))

@@ -276,7 +276,7 @@ class Mover:
             self.takeovers.labels("completed").inc()
         else:
             self.takeovers.labels(end.result).inc()
-        if isinstance(end, tk.GivenUp) and end.result == "not_active":
+        if isinstance(end, tk.GivenUp) and end.result in ("not_active", "owner_renewed"):
             self.host.log.info(end.reason, extra={"group": run.job.move.group})
 
     async def record_failure(self, pair: str, node: str) -> None:

@@ -213,6 +213,7 @@ class ClusterView:
                 revision=rec[1] if rec else 0,
                 devices=tuple(self.config.group_devices(g)),
                 moved_at=moved_at(rec[0], now, wall) if rec else None,
+                renewed_at=self.last_renewal.get(g),
             )
         assert self.pairs is not None
         snap = Snapshot(

@@ -259,7 +259,11 @@ class ArbiterProc:
             return
         other = companion(rec.owner)
         if not self.alive(rec.owner) and self.alive(other):
-            self.start_move(tk.Move(tk.Kind.TAKEOVER, g, other, rec.owner, rec.epoch, rev))
+            renewed = self.last_renewal.get(g)
+            if renewed is None or self.now() - renewed >= self.sim.t.dead_after:
+                # (as policy.renews: an owner still renewing is not taken over)
+                self.start_move(tk.Move(tk.Kind.TAKEOVER, g, other, rec.owner, rec.epoch,
+                                        rev))
         elif g in self.requests:
             new = self.requests.pop(g)
             if new != rec.owner:
