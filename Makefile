@@ -113,6 +113,12 @@ SCALE_ARGS ?=
 bench-scale: venv
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
+# The arbiter's snapshot + decision per tick against 10 to 2,000 pairs, in-process
+# (no I/O: its own CPU; ~1 min). Writes bench/results/decide-cost-*.json.
+.PHONY: bench-decide
+bench-decide: venv
+	$(BIN)/python bench/decide_cost.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import platform
@@ -75,6 +76,8 @@ def one_size(n_pairs: int, ticks: int, work: Path, profile: bool) -> dict[str, A
     load_s = time.perf_counter() - t0
     now = time.monotonic()
     view = steady_view(cfg, now)
+    gc.collect()  # as every service does once started (vtlha.service)
+    gc.freeze()
     snap_s, decide_s, inputs_s, sizes, actions = [], [], [], [], 0
     prof = cProfile.Profile() if profile else None
     for k in range(ticks):
@@ -98,6 +101,7 @@ def one_size(n_pairs: int, ticks: int, work: Path, profile: bool) -> dict[str, A
         inputs_s.append(d - c)
         sizes.append(len(body))
         actions += len(decision.actions)
+    gc.unfreeze()
     med = sorted
     row = {
         "pairs": n_pairs, "nodes": 2 * n_pairs, "groups": 4 * n_pairs, "ticks": ticks,
