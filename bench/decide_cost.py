@@ -41,7 +41,7 @@ from vtlha_arbiter.pairstate import PairState  # noqa: E402
 from vtlha_arbiter.view import ClusterView  # noqa: E402
 
 from bench.common import save_results  # noqa: E402
-from bench.scale import cluster_file  # noqa: E402
+from bench.scale_cluster import cluster_file  # noqa: E402
 from vtlha import policy  # noqa: E402
 from vtlha.config import ClusterConfig, load_config  # noqa: E402
 from vtlha.messages import (  # noqa: E402
@@ -103,7 +103,7 @@ def one_size(n_pairs: int, ticks: int, work: Path, profile: bool) -> dict[str, A
         actions += len(decision.actions)
     gc.unfreeze()
     med = sorted
-    row = {
+    row: dict[str, Any] = {
         "pairs": n_pairs, "nodes": 2 * n_pairs, "groups": 4 * n_pairs, "ticks": ticks,
         "load_config_s": round(load_s, 3),
         "snapshot_ms": round(1000 * med(snap_s)[len(snap_s) // 2], 3),

@@ -1,4 +1,5 @@
-"""bench/failover.py's measurement, on hand-made probe timelines (no lab, no root)."""
+"""bench/failover.py's measurement (``bench/failover_measure.py``) and summary
+(``bench/failover_report.py``), on hand-made probe timelines (no lab, no root)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,8 @@ from typing import Any
 
 import pytest
 
-from bench.failover import (
-    arp_measures,
-    headline,
-    pct,
-    ratios,
-    summarize,
-    targets,
-    tcp_measures,
-)
+from bench.failover_measure import arp_measures, headline, tcp_measures
+from bench.failover_report import pct, ratios, summarize, targets
 
 
 def tcp(*answers: tuple[float, str | None]) -> list[dict[str, Any]]:
