@@ -181,7 +181,7 @@ def _devices(cfg: ClusterConfig, node: str, report: StorageReport | None) -> lis
             latency_s=None if p.latency is None else round(p.latency, 6), error=p.error))
     return [DeviceState(device=d, reachable=any(p.reachable for p in by_dev.get(d, [])),
                         paths=by_dev.get(d, []))
-            for d in sorted(cfg.devices) if node in cfg.devices[d].paths]
+            for d in cfg.lookups.devices_of.get(node, ())]
 
 
 def _node(cfg: ClusterConfig, name: str, heard: Heard, held: bool,
@@ -335,7 +335,9 @@ def _global_storage(cfg: ClusterConfig, pair: PairStatus,
     """A device that no node of the pair reaches: not a local failure (the manual: no
     failover, an alarm)."""
     out = []
-    for dev, d in sorted(cfg.devices.items()):
+    of_pair = sorted({d for n in pair.nodes for d in cfg.lookups.devices_of.get(n, ())})
+    for dev in of_pair:
+        d = cfg.devices[dev]
         users = [nodes[n] for n in pair.nodes if n in d.paths and nodes[n].storage_ok
                  is not None]
         if len(users) >= 2 and not any(x.reachable for n in users for x in n.devices

@@ -529,6 +529,8 @@ class Lookups:
     companion: Mapping[str, Node]
     #: group name -> (home node, kind)
     groups: Mapping[str, tuple[str, str]]
+    #: node -> the devices it has paths to, by name
+    devices_of: Mapping[str, tuple[str, ...]]
 
     @classmethod
     def of(cls, cfg: ClusterConfig) -> Lookups:
@@ -548,7 +550,9 @@ class Lookups:
             pair_of=MappingProxyType({n.name: p for p in reversed(cfg.pairs) for n in p.nodes}),
             companion=MappingProxyType({n.name: o for p in cfg.pairs for n in p.nodes
                                         for o in p.nodes if o.name != n.name}),
-            groups=MappingProxyType(groups))
+            groups=MappingProxyType(groups),
+            devices_of=MappingProxyType({n.name: tuple(sorted(
+                d for d, dev in cfg.devices.items() if n.name in dev.paths)) for n in nodes}))
 
 
 class ClusterConfig(_Model):

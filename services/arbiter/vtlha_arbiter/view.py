@@ -71,6 +71,10 @@ class ClusterView:
         self.reachable_since: dict[str, dict[str, float]] = {}
         #: node -> device -> since when it has had no path up to the device
         self.lost_since: dict[str, dict[str, float]] = {}
+        #: node -> the StorageView of its latest report (``storage_report`` makes it: it
+        #: changes only when a report arrives, and a snapshot of 1,000 pairs rebuilt all
+        #: 2,000 every tick)
+        self.storage_views: dict[str, StorageView] = {}
         self.started_at = started_at  # the policy's "never heard" grace counts from here
         self.pairs: PairState | None = None  # the pairs' operator state (KV pair.<pair>)
 
@@ -127,6 +131,7 @@ class ClusterView:
                 lost.setdefault(dev, now)
             else:
                 lost.pop(dev, None)
+        self.storage_views[report.node] = self.storage_view(report.node, report, now)
 
     def set_record(self, group: str, rec: GroupRecord, revision: int, now: float) -> bool:
         """A group record read, watched or written at ``revision``. A revision not newer
@@ -224,7 +229,7 @@ class ClusterView:
             groups=groups,
             in_flight=in_flight,
             initial_assign_wait=self.t.initial_assign_wait,
-            storage={n: self.storage_view(n, r, t) for n, (r, t) in self.storage.items()},
+            storage=dict(self.storage_views),
             storage_stale_after=self.t.storage_stale_after,
             storage_alarms=frozenset(self.storage_alarms),
             storage_settle=self.t.storage_settle,
