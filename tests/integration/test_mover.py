@@ -1,7 +1,9 @@
 """The arbiter's mover against a real nats-server (no services): an automatic claim
 decided on a stale view — a stalled ``group.>`` watch, the owner renewing meanwhile —
-re-reads the key and claims against the fresh revision (issue 14). Before, only operator
-claims retried: an automatic one lost its compare-and-set on every tick, forever."""
+re-reads the key, which brings the view up to date (issue 14: before, an automatic claim
+lost its compare-and-set on every tick, forever). An owner decided dead that renewed
+since is alive: that claim is given up (``owner_renewed``), and the next decision, on the
+fresh revision, wins once the renewals have stopped (``policy.renews``)."""
 
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ async def host(nats_server: NatsServer, request: pytest.FixtureRequest) -> Async
         await nc.close()
 
 
-async def test_an_automatic_claim_on_a_stale_revision_reads_again_and_wins(host: _Host) -> None:
+async def test_a_claim_on_a_stale_revision_reads_again_and_the_next_decision_wins(
+        host: _Host) -> None:
     kv = await bus.ensure_kv(host.nc.jetstream(), host.subjects, 1)
     key = host.subjects.group_key(GROUP)
     rev0 = await kv.create(key, encode(GroupRecord(owner="node-a", term=1, epoch=3,
@@ -103,15 +106,28 @@ async def test_an_automatic_claim_on_a_stale_revision_reads_again_and_wins(host:
         assert e.revision is not None
         await kv.update(key, encode(GroupRecord(owner="node-a", term=1, epoch=3, state="held",
                                                 renewed_by="node-a")), last=e.revision)
+    latest = (await kv.get(key)).revision
     act = Activation(host)  # type: ignore[arg-type]
     act.election = _Election()  # type: ignore[assignment]
     act.term, act.active_since, act.announced_term = 7, 0.0, 7
     mover = Mover(host, view, records, act)  # type: ignore[arg-type]
-    decided = Takeover(GROUP, "node-a", "node-b", "pair-1", epoch=3, revision=rev0,
-                       status="node-b takes over node-a-mgmt: heartbeats from node-a stopped",
-                       rule=Rule.HEARTBEATS_STOPPED)
-    mover.start(decided, {"snapshot": {}, "now": 0.0})
 
+    def decided(revision: int) -> Takeover:
+        return Takeover(GROUP, "node-a", "node-b", "pair-1", epoch=3, revision=revision,
+                        status="node-b takes over node-a-mgmt: heartbeats from node-a stopped",
+                        rule=Rule.HEARTBEATS_STOPPED)
+
+    # decided on the stale view: the re-read shows node-a renewing after rev0 (it was
+    # alive then): given up, and the view now has the latest revision and that renewal
+    mover.start(decided(rev0), {"snapshot": {}, "now": 0.0})
+    assert await asyncio.wait_for(mover.runs[GROUP].claimed, 10.0) is False
+    assert mover.takeovers.labels("owner_renewed")._value.get() == 1
+    assert view.records[GROUP][1] == latest and GROUP in view.last_renewal
+    assert decode(GroupRecord, (await kv.get(key)).value or b"").epoch == 3  # no claim
+
+    # node-a renews no more; the policy decides again (policy.renews has let it), on the
+    # fresh revision: the claim wins
+    mover.start(decided(view.records[GROUP][1]), {"snapshot": {}, "now": 0.0})
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
         got = decode(GroupRecord, (await kv.get(key)).value or b"")
