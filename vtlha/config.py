@@ -543,6 +543,11 @@ class Lookups:
         host_index: dict[str, int] = {}
         for i, h in enumerate(hosts):
             host_index.setdefault(h, i)
+        devices_of: dict[str, list[str]] = {n.name: [] for n in nodes}
+        for d in sorted(cfg.devices):  # each device's paths once, not every node x device
+            for on in cfg.devices[d].paths:
+                if on in devices_of:
+                    devices_of[on].append(d)
         return cls(
             nodes=nodes, hosts=hosts, host_index=MappingProxyType(host_index),
             node=MappingProxyType({n.name: n for n in reversed(nodes)}),
@@ -551,8 +556,7 @@ class Lookups:
             companion=MappingProxyType({n.name: o for p in cfg.pairs for n in p.nodes
                                         for o in p.nodes if o.name != n.name}),
             groups=MappingProxyType(groups),
-            devices_of=MappingProxyType({n.name: tuple(sorted(
-                d for d, dev in cfg.devices.items() if n.name in dev.paths)) for n in nodes}))
+            devices_of=MappingProxyType({k: tuple(ds) for k, ds in devices_of.items()}))
 
 
 class ClusterConfig(_Model):
