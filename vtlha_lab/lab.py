@@ -26,6 +26,7 @@ by another process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -43,6 +44,7 @@ from typing import Any
 
 import orjson
 from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vtlha.config import ClusterConfig
 from vtlha.errors import FatalError
@@ -590,11 +592,8 @@ def teardown(rec: LabRecord) -> list[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=rec.uplink_host_if)
-        if found:
-            ipr.link("del", index=found[0])
-            removed.append(rec.uplink_host_if)
+    if _remove_link(rec.uplink_host_if):
+        removed.append(rec.uplink_host_if)
     if rec.tgtd_control_port is not None:  # the killed tgtd's control socket files
         for suffix in ("", ".lock"):
             with contextlib.suppress(FileNotFoundError):
@@ -602,6 +601,22 @@ def teardown(rec: LabRecord) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         (REGISTRY / f"{rec.lab_id}.json").unlink()
     return removed
+
+
+def _remove_link(name: str) -> bool:
+    """Delete the host link ``name`` if it is there; whether it was."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        try:
+            ipr.link("del", index=found[0])
+        except NetlinkError as exc:
+            # the uplink is a veth: the kernel removes it on its own, a moment after its
+            # peer's namespace went, and may do so between the lookup and the delete
+            if exc.code != errno.ENODEV:
+                raise
+        return True
 
 
 #: ids of the labs this process created (the hygiene check looks at these only, so a

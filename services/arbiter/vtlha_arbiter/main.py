@@ -114,7 +114,7 @@ class Arbiter(Service):
         pairs = self.view.pairs = self.mover.pairs = self.decider.pairs = self.pairs
         self.admin.pairs = pairs
         await bus.retry_js("pair records", pairs.load)
-        await self._watch_pairs()
+        await bus.retry_js("pair watch", self._watch_pairs)
         await self.nc.subscribe(self.subjects.hb("*"),
                                 cb=self.subscribe_handler("heartbeat", self._on_heartbeat))
         await self.nc.subscribe(self.subjects.storage("*"),
