@@ -540,8 +540,12 @@ def heartbeat_age(node: NodeView, now: float) -> float | None:
 
 
 def is_alive(node: NodeView, now: float, dead_after: float) -> bool:
-    age = heartbeat_age(node, now)
-    return age is not None and age <= dead_after
+    return heard_within(node.last_heartbeat, now, dead_after)
+
+
+def heard_within(last_heartbeat: float | None, now: float, dead_after: float) -> bool:
+    """``is_alive`` on the time of the last heartbeat alone."""
+    return last_heartbeat is not None and now - last_heartbeat <= dead_after
 
 
 def is_dead(node: NodeView, snap: Snapshot, now: float) -> bool:
@@ -568,8 +572,12 @@ def storage_age(view: StorageView, now: float) -> float:
 
 def fresh_storage(snap: Snapshot, node: str, now: float) -> StorageView | None:
     """The node's storage view if it is fresh; None (cannot confirm) if missing or stale."""
-    view = snap.storage.get(node)
-    if view is None or storage_age(view, now) > snap.storage_stale_after:
+    return fresh(snap.storage.get(node), now, snap.storage_stale_after)
+
+
+def fresh(view: StorageView | None, now: float, stale_after: float) -> StorageView | None:
+    """``view`` if it is no older than ``stale_after``, else None."""
+    if view is None or storage_age(view, now) > stale_after:
         return None
     return view
 
@@ -623,13 +631,26 @@ class NodeHealth:
 
 def node_health(snap: Snapshot, node: str, now: float) -> NodeHealth:
     nv = snap.nodes[node]
-    view = fresh_storage(snap, node, now)
-    devices = tuple(d for g in snap.groups_by_home.get(node, ()) if g.kind == "data"
-                    for d in g.devices)
+    return health_of(nv.last_heartbeat, nv.fatal_failing, nv.mgmt_healthy,
+                     fresh_storage(snap, node, now), home_data_devices(snap, node), now,
+                     snap.dead_after)
+
+
+def home_data_devices(snap: Snapshot, node: str) -> tuple[str, ...]:
+    """The devices of the data group(s) whose home is ``node``."""
+    return tuple(d for g in snap.groups_by_home.get(node, ()) if g.kind == "data"
+                 for d in g.devices)
+
+
+def health_of(last_heartbeat: float | None, fatal_failing: tuple[str, ...],
+              mgmt_healthy: bool | None, fresh_view: StorageView | None,
+              devices: tuple[str, ...], now: float, dead_after: float) -> NodeHealth:
+    """``node_health`` from its inputs (the runner computes it before it has a snapshot:
+    ``ClusterView.snapshot`` builds each NodeView once, its "since" times included)."""
     return NodeHealth(
-        up=is_alive(nv, now, snap.dead_after) and not nv.fatal_failing,
-        mgmt=nv.mgmt_healthy is not False,
-        storage=not devices or reaches_all(view, devices),
+        up=heard_within(last_heartbeat, now, dead_after) and not fatal_failing,
+        mgmt=mgmt_healthy is not False,
+        storage=not devices or reaches_all(fresh_view, devices),
     )
 
 

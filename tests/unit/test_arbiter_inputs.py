@@ -53,6 +53,35 @@ def test_pair_view_from_the_record() -> None:
     assert v.failures == {"node-b": (-50.0, 40.0)}
 
 
+def test_a_pair_view_follows_each_new_record_and_its_clock() -> None:
+    """A pair's view is reused while its record holds no failure times (nothing in it
+    depends on the clock); a new record, a forgotten bucket or failure times make it
+    afresh, the failures on the clock of the call."""
+    st, p = _state(), CFG.pairs[0]
+    first = st.view(p, now=50.0, wall_now=1000.0)
+    assert st.view(p, now=60.0, wall_now=1010.0) is first  # the config's defaults, reused
+    st.seen("pair-1", PairRecord(maintenance=True), revision=3)
+    assert st.view(p, now=60.0, wall_now=1010.0).maintenance is True
+    st.seen("pair-1", PairRecord(failures={"node-a": [990.0]}), revision=4)
+    assert st.view(p, now=60.0, wall_now=1000.0).failures == {"node-a": (50.0,)}
+    assert st.view(p, now=70.0, wall_now=1000.0).failures == {"node-a": (60.0,)}
+    assert st.view(p, now=70.0, wall_now=1000.0).maintenance is False
+    st.forget()
+    assert st.view(p, now=80.0, wall_now=1020.0) == first
+
+
+def test_failing_checks_are_those_of_the_latest_heartbeat_even_when_asked_often() -> None:
+    st = NodeState()
+    ok = [CheckResult(name="vtl-daemon", ok=True, fatal=True)]
+    bad = [CheckResult(name="vtl-daemon", ok=False, fatal=True)]
+    st.heartbeat = Heartbeat(cluster="demo", node="node-a", incarnation="i", seq=1,
+                             interval=0.1, checks=bad)
+    assert st.failing() == st.failing() == (("vtl-daemon",), ())
+    st.heartbeat = Heartbeat(cluster="demo", node="node-a", incarnation="i", seq=2,
+                             interval=0.1, checks=ok)
+    assert st.failing() == ((), ())
+
+
 def test_an_older_revision_is_ignored_and_a_delete_forgets() -> None:
     st = _state()
     st.seen("pair-1", PairRecord(maintenance=True), revision=7)

@@ -46,6 +46,8 @@ class PairState:
         self.invalid = 0
         self.generation = 0  # bumped when the bucket is recreated (``forget``)
         self.loaded: set[str] = set()  # pairs ``load`` has read in this generation
+        #: pair -> (the record it was made of, None: the config's defaults; its view)
+        self._views: dict[str, tuple[PairRecord | None, PairView]] = {}
 
     def forget(self) -> None:
         """The KV bucket was recreated: the pairs' records and revisions were the old
@@ -68,7 +70,17 @@ class PairState:
         return got[0] if got else PairRecord(failback=self._pair(pair).failback)
 
     def view(self, p: Pair, now: float, wall_now: float) -> PairView:
-        rec = self.record(p.name)
+        got = self.records.get(p.name)
+        rec = got[0] if got else None
+        cached = self._views.get(p.name)
+        if cached is not None and cached[0] is rec:  # the same record, no failure times
+            return cached[1]
+        view = self._view(p, rec if rec is not None else self.record(p.name), now, wall_now)
+        if not view.failures:  # nothing in it depends on the clock: made once a record
+            self._views[p.name] = (rec, view)
+        return view
+
+    def _view(self, p: Pair, rec: PairRecord, now: float, wall_now: float) -> PairView:
         return PairView(
             p.name, (p.nodes[0].name, p.nodes[1].name), rec.failback, rec.maintenance,
             failback_hold_time=p.failback_hold_time, flap_max=p.flap_max,

@@ -38,13 +38,20 @@ class NodeState:
     healthy: Since = field(default_factory=Since)  # -> NodeView.healthy_since
     mgmt_ok: Since = field(default_factory=Since)  # -> mgmt_ok_since
     storage_ok: Since = field(default_factory=Since)  # -> storage_ok_since
+    #: ``failing()`` of the heartbeat it was computed from (every snapshot asks)
+    _failing: tuple[Heartbeat | None, tuple[tuple[str, ...], tuple[str, ...]]] | None = \
+        field(default=None, repr=False, compare=False)
 
     def failing(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(fatal, non-fatal) failing process checks of the latest heartbeat. The
         heartbeat service applies rise/fall per check run: taken as they are."""
+        if self._failing is not None and self._failing[0] is self.heartbeat:
+            return self._failing[1]
         checks = self.heartbeat.checks if self.heartbeat is not None else []
         bad = sorted({(c.name, c.fatal) for c in checks if not c.ok})
-        return (tuple(n for n, f in bad if f), tuple(n for n, f in bad if not f))
+        out = (tuple(n for n, f in bad if f), tuple(n for n, f in bad if not f))
+        self._failing = (self.heartbeat, out)
+        return out
 
 
 def _check_sender(kind: str, cluster: str, node: str, subject_node: str | None,
@@ -77,6 +84,13 @@ class ClusterView:
         self.storage_views: dict[str, StorageView] = {}
         self.started_at = started_at  # the policy's "never heard" grace counts from here
         self.pairs: PairState | None = None  # the pairs' operator state (KV pair.<pair>)
+        #: what the config says of each group, and each node's home data devices, as
+        #: every snapshot needs them (the config is frozen)
+        self.group_keys = tuple((g, home, kind, tuple(config.group_devices(g)))
+                                for g, (home, kind) in config.groups().items())
+        self.home_devices = {n: tuple(d for _, home, kind, devs in self.group_keys
+                                      if home == n and kind == "data" for d in devs)
+                             for n in self.nodes}
 
     # ---- liveness: the one rule --------------------------------------------------
     def node_view(self, n: str, now: float) -> NodeView:
@@ -122,7 +136,8 @@ class ClusterView:
         self.storage[report.node] = (report, now)
         since = self.reachable_since.setdefault(report.node, {})
         lost = self.lost_since.setdefault(report.node, {})
-        for dev, paths in self.storage_view(report.node, report, now).devices.items():
+        view = self.storage_view(report.node, report, now)
+        for dev, paths in view.devices.items():
             if paths.confirmed_now >= 1:
                 since.setdefault(dev, now)
             else:
@@ -131,7 +146,9 @@ class ClusterView:
                 lost.setdefault(dev, now)
             else:
                 lost.pop(dev, None)
-        self.storage_views[report.node] = self.storage_view(report.node, report, now)
+        # the view with the "since" times as this report left them
+        self.storage_views[report.node] = dataclasses.replace(
+            view, reachable_since=dict(since), lost_since=dict(lost))
 
     def set_record(self, group: str, rec: GroupRecord, revision: int, now: float) -> bool:
         """A group record read, watched or written at ``revision``. A revision not newer
@@ -208,48 +225,52 @@ class ClusterView:
         in flight; the end of a new active arbiter's hold-off). Also advances the nodes'
         "since" trackers (so call it once per decision)."""
         groups = {}
-        for g, (home, kind) in self.config.groups().items():
-            rec = self.records.get(g)
+        records, renewals = self.records, self.last_renewal
+        for g, home, kind, devices in self.group_keys:
+            rec = records.get(g)
             groups[g] = GroupView(
                 g, home, kind,
                 owner=rec[0].owner if rec else None,
                 epoch=rec[0].epoch if rec else 0,
                 state=rec[0].state if rec else None,
                 revision=rec[1] if rec else 0,
-                devices=tuple(self.config.group_devices(g)),
+                devices=devices,
                 moved_at=moved_at(rec[0], now, wall) if rec else None,
-                renewed_at=self.last_renewal.get(g),
+                renewed_at=renewals.get(g),
             )
         assert self.pairs is not None
-        snap = Snapshot(
+        storage = dict(self.storage_views)
+        return Snapshot(
             dead_after=self.t.dead_after,
             started_at=self.started_at,
             pairs=tuple(self.pairs.view(p, now, wall) for p in self.config.pairs),
-            nodes={n: self.node_view(n, now) for n in self.nodes},
+            nodes={n: self._node_view_since(n, storage.get(n), now) for n in self.nodes},
             groups=groups,
             in_flight=in_flight,
             initial_assign_wait=self.t.initial_assign_wait,
-            storage=dict(self.storage_views),
+            storage=storage,
             storage_stale_after=self.t.storage_stale_after,
             storage_alarms=frozenset(self.storage_alarms),
             storage_settle=self.t.storage_settle,
             storage_confirm_after=self.t.probe_interval + self.t.probe_timeout,
             hold_off_until=hold_off_until,
         )
-        return self._with_since(snap, now)
 
-    def _with_since(self, snap: Snapshot, now: float) -> Snapshot:
-        """Feed each node's health (``policy.node_health``) to its trackers and put
-        their "since" times in its view."""
-        nodes = {}
-        for n, nv in snap.nodes.items():
-            h = policy.node_health(snap, n, now)
-            st = self.nodes[n]
-            nodes[n] = dataclasses.replace(
-                nv, healthy_since=st.healthy.update(h.up, now),
-                mgmt_ok_since=st.mgmt_ok.update(h.mgmt, now),
-                storage_ok_since=st.storage_ok.update(h.storage, now))
-        return dataclasses.replace(snap, nodes=nodes)
+    def _node_view_since(self, n: str, storage: StorageView | None, now: float) -> NodeView:
+        """The node's view with its "since" times: its health (``policy.node_health``,
+        from the same inputs the snapshot shows) fed to its trackers first."""
+        st = self.nodes[n]
+        fatal, nonfatal = st.failing()
+        mgmt = self.mgmt_healthy(st, now)
+        h = policy.health_of(st.last_heartbeat, fatal, mgmt,
+                             policy.fresh(storage, now, self.t.storage_stale_after),
+                             self.home_devices[n], now, self.t.dead_after)
+        return NodeView(n, st.last_heartbeat, st.incarnation, st.declared_down,
+                        fatal_failing=fatal, nonfatal_failing=nonfatal,
+                        check_alarms=tuple(sorted(st.alarms)), mgmt_healthy=mgmt,
+                        healthy_since=st.healthy.update(h.up, now),
+                        mgmt_ok_since=st.mgmt_ok.update(h.mgmt, now),
+                        storage_ok_since=st.storage_ok.update(h.storage, now))
 
     # ---- status (HTTP) ---------------------------------------------------------------
     def node_status(self, n: str, now: float) -> dict[str, Any]:
