@@ -253,7 +253,7 @@ class Service:
         cluster, node = obj.get("cluster"), obj.get("node")
         if isinstance(cluster, str) and cluster != self.config.cluster:
             raise InvalidMessage(f"cluster {cluster[:64]!r} is not ours")
-        if isinstance(node, str) and node not in self.config.hosts:
+        if isinstance(node, str) and node not in self.config.lookups.host_index:
             raise InvalidMessage(f"node {node[:64]!r} is not a host of the cluster")
 
     def reject(self, kind: str, subject: str, error: str) -> None:

@@ -55,6 +55,8 @@ class Decider:
                                  registry=host.registry)
         self.node_alive = Gauge("vtlha_node_alive", "1 while a node's heartbeats arrive",
                                 ["node"], registry=host.registry)
+        #: each node's series, looked up once (every tick sets every node's)
+        self.alive_gauges = {n: self.node_alive.labels(n) for n in view.nodes}
 
     def snapshot(self, now: float) -> Snapshot:
         """The policy's inputs at ``now`` (advances the "since" trackers: once per
@@ -72,8 +74,8 @@ class Decider:
 
     async def _decide(self) -> None:
         now = time.monotonic()
-        for n in self.view.nodes:
-            self.node_alive.labels(n).set(1 if self.view.is_alive(n, now) else 0)
+        for n, alive in self.alive_gauges.items():
+            alive.set(1 if self.view.is_alive(n, now) else 0)
         if not self.act.is_acting():
             self.snapshot(now)  # a standby keeps its "since" trackers warm
             return  # a standby (or not yet announced): watch, never decide

@@ -82,6 +82,9 @@ class Arbiter(Service):
         self.ready = False
         self.heartbeats = Counter("vtlha_heartbeats_received_total", "Valid heartbeats received",
                                   ["node"], registry=self.registry)
+        #: each node's series, looked up once (every heartbeat counts)
+        self.heartbeats_of = {n.name: self.heartbeats.labels(n.name)
+                              for n in self.config.nodes}
         Gauge("vtlha_arbiter_active", "1 while this arbiter is the active one",
               registry=self.registry).set_function(lambda: 1.0 if self.act.is_active() else 0.0)
         Gauge("vtlha_arbiter_term", "The term this arbiter holds or last held (0: never)",
@@ -223,7 +226,7 @@ class Arbiter(Service):
     async def _on_heartbeat(self, msg: Msg) -> None:
         hb = decode(Heartbeat, msg.data)
         if self.view.heartbeat(hb, self.subjects.node_of(msg.subject), time.monotonic()):
-            self.heartbeats.labels(hb.node).inc()
+            self.heartbeats_of[hb.node].inc()
 
     async def _on_storage(self, msg: Msg) -> None:
         report = decode(StorageReport, msg.data)

@@ -12,7 +12,6 @@ raised, and per node three "since" trackers (``vtlha.health.Since``) fed with
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +103,7 @@ class ClusterView:
     def is_alive(self, node: str, now: float) -> bool:
         """The one "is this node alive" rule (``policy.is_alive``): a heartbeat within
         ``dead_after``."""
-        return policy.is_alive(self.node_view(node, now), now, self.t.dead_after)
+        return policy.heard_within(self.nodes[node].last_heartbeat, now, self.t.dead_after)
 
     def is_gone(self, node: str) -> bool:
         """Declared down by the policy (its heartbeats stopped): waiting for it to answer
@@ -136,8 +135,8 @@ class ClusterView:
         self.storage[report.node] = (report, now)
         since = self.reachable_since.setdefault(report.node, {})
         lost = self.lost_since.setdefault(report.node, {})
-        view = self.storage_view(report.node, report, now)
-        for dev, paths in view.devices.items():
+        devices, failed = self._paths(report.node, report)
+        for dev, paths in devices.items():
             if paths.confirmed_now >= 1:
                 since.setdefault(dev, now)
             else:
@@ -146,9 +145,8 @@ class ClusterView:
                 lost.setdefault(dev, now)
             else:
                 lost.pop(dev, None)
-        # the view with the "since" times as this report left them
-        self.storage_views[report.node] = dataclasses.replace(
-            view, reachable_since=dict(since), lost_since=dict(lost))
+        self.storage_views[report.node] = StorageView(report.node, now, devices, dict(since),
+                                                      dict(lost), failed)
 
     def set_record(self, group: str, rec: GroupRecord, revision: int, now: float) -> bool:
         """A group record read, watched or written at ``revision``. A revision not newer
@@ -198,23 +196,7 @@ class ClusterView:
         view does not show is neither lost nor confirmed. The groups the node reports
         ``failed`` (with their epoch and reason): the storage rule reads one at the
         group's epoch like a lost device of that group."""
-        up: dict[str, set[int]] = {}
-        ok: dict[str, set[int]] = {}
-        for p in report.paths:
-            if p.device in self.config.devices:
-                ups = up.setdefault(p.device, set())
-                oks = ok.setdefault(p.device, set())
-                if p.reachable:
-                    ups.add(p.path)
-                    if p.error is None:
-                        oks.add(p.path)
-        devices = {}
-        for dev, paths in up.items():
-            total = self.config.devices[dev].paths.get(node, 0)
-            devices[dev] = DevicePaths(len({i for i in paths if i < total}), total,
-                                       len({i for i in ok[dev] if i < total}))
-        failed = {gs.group: GroupFailure(gs.epoch, gs.reason) for gs in report.groups
-                  if gs.state == "failed" and gs.group in self.config.groups()}
+        devices, failed = self._paths(node, report)
         return StorageView(node, received, devices,
                            dict(self.reachable_since.get(node, {})),
                            dict(self.lost_since.get(node, {})), failed)
@@ -271,6 +253,28 @@ class ClusterView:
                         healthy_since=st.healthy.update(h.up, now),
                         mgmt_ok_since=st.mgmt_ok.update(h.mgmt, now),
                         storage_ok_since=st.storage_ok.update(h.storage, now))
+
+    def _paths(self, node: str, report: StorageReport
+               ) -> tuple[dict[str, DevicePaths], dict[str, GroupFailure]]:
+        """``storage_view``'s devices and failed groups of one report."""
+        up: dict[str, set[int]] = {}
+        ok: dict[str, set[int]] = {}
+        for p in report.paths:
+            if p.device in self.config.devices:
+                ups = up.setdefault(p.device, set())
+                oks = ok.setdefault(p.device, set())
+                if p.reachable:
+                    ups.add(p.path)
+                    if p.error is None:
+                        oks.add(p.path)
+        devices = {}
+        for dev, paths in up.items():
+            total = self.config.devices[dev].paths.get(node, 0)
+            devices[dev] = DevicePaths(len({i for i in paths if i < total}), total,
+                                       len({i for i in ok[dev] if i < total}))
+        failed = {gs.group: GroupFailure(gs.epoch, gs.reason) for gs in report.groups
+                  if gs.state == "failed" and gs.group in self.config.groups()}
+        return devices, failed
 
     # ---- status (HTTP) ---------------------------------------------------------------
     def node_status(self, n: str, now: float) -> dict[str, Any]:
