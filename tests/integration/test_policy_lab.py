@@ -164,12 +164,15 @@ def _cli(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _cli_settled(lab: Lab, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """``_cli``, asked again while it is refused because a move of the group is under way
-    (bounded by ``timeout``); any other answer is returned at once."""
+    """``_cli``, asked again as an operator would while it is refused because a move of
+    the group is under way, or told to try again (the group's record changed between the
+    decision and the claim: seen once as the KV's leader moved to the witness just after
+    start); bounded by ``timeout``; any other answer is returned at once."""
     deadline = time.monotonic() + timeout
     while True:
         out = _cli(lab, *args)
-        if out.returncode == 0 or "under way" not in out.stderr or time.monotonic() > deadline:
+        again = "under way" in out.stderr or "(try again)" in out.stderr
+        if out.returncode == 0 or not again or time.monotonic() > deadline:
             return out
         time.sleep(0.2)  # pacing between two operator requests, not synchronisation
 

@@ -92,14 +92,6 @@ class ClusterView:
                              for n in self.nodes}
 
     # ---- liveness: the one rule --------------------------------------------------
-    def node_view(self, n: str, now: float) -> NodeView:
-        st = self.nodes[n]
-        fatal, nonfatal = st.failing()
-        return NodeView(n, st.last_heartbeat, st.incarnation, st.declared_down,
-                        fatal_failing=fatal, nonfatal_failing=nonfatal,
-                        check_alarms=tuple(sorted(st.alarms)),
-                        mgmt_healthy=self.mgmt_healthy(st, now))
-
     def is_alive(self, node: str, now: float) -> bool:
         """The one "is this node alive" rule (``policy.is_alive``): a heartbeat within
         ``dead_after``."""
