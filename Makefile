@@ -23,6 +23,7 @@ help:
 	@echo "make chaos-short-iscsi - every chaos fault kind once with the devices on a real iSCSI target (tgtd; root)"
 	@echo "make bench-footprint - RSS and CPU of each service, idle and at 10 Hz (loopback)"
 	@echo "make bench-kv - lease renewals per second the three-server KV sustains (loopback)"
+	@echo "make bench-input - what one message costs the arbiter, beside nats-py's own floor (loopback)"
 	@echo "make bench-scale - one arbiter facing 10 to 2,000 pairs at 10 Hz: CPU, lag, detection (loopback; SCALE_ARGS='--pairs 10,100 --silences 5' for a short run)"
 	@echo "make images - the container image, built offline (root; podman, mmdebstrap)"
 	@echo "make test-containers - node-a, node-b and the witness in containers (host network, network lab, under systemd): kill, take over (root)"
@@ -118,6 +119,12 @@ bench-scale: venv
 .PHONY: bench-decide
 bench-decide: venv
 	$(BIN)/python bench/decide_cost.py
+
+# What one message costs the arbiter (in-process, and on a real nats-server beside
+# nats-py's own floor), and so its inputs' share of a core per estate (~30 s).
+.PHONY: bench-input
+bench-input: venv
+	$(BIN)/python bench/input_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -388,6 +388,14 @@ def encode(msg: BaseModel) -> bytes:
 
 def decode(model: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Parse and validate one message; the only error it raises is InvalidMessage."""
+    return validate(model, parse(model, data, max_bytes))
+
+
+def parse(model: type[BaseModel], data: bytes,
+          max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """``decode``'s first half: the message's JSON object, not validated yet (for a
+    handler that also compares the raw content with the last message's). Its errors
+    are ``decode``'s, named after ``model``."""
     if len(data) > max_bytes:
         raise InvalidMessage(f"{model.__name__}: {len(data)} bytes exceeds the {max_bytes} limit")
     try:
@@ -396,6 +404,11 @@ def decode(model: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M
         raise InvalidMessage(f"{model.__name__}: not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidMessage(f"{model.__name__}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def validate(model: type[M], obj: dict[str, Any]) -> M:
+    """``decode``'s second half: ``model`` validated from a parsed object."""
     try:
         return model.model_validate(obj)
     except ValidationError as exc:

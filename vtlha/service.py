@@ -72,6 +72,10 @@ class Service:
     #: path do; one that is not (notifier, dashboard) must not compete with them, nor
     #: hand a raised priority to the scripts it runs
     raises_priority: ClassVar[bool] = True
+    #: the inputs whose handler checks the envelope itself (``check_envelope`` parses
+    #: the JSON once more than the handler does: a service whose handler checks the
+    #: cluster and the sender on the validated message skips that second parse)
+    own_validation: ClassVar[frozenset[str]] = OWN_VALIDATION
 
     def __init__(
         self,
@@ -226,7 +230,7 @@ class Service:
             if self.stopping:
                 return
             try:
-                if kind not in OWN_VALIDATION:
+                if kind not in self.own_validation:
                     self.check_envelope(msg.data)
                 await handler(msg)
             except InvalidMessage as exc:

@@ -127,3 +127,87 @@ def test_the_election_restarts_on_a_recreated_bucket() -> None:
     assert fresh.reason == "the KV bucket was recreated"
     fresh.on_result(0.4, Action(Op.READ), 0.4, Held("node-b", 2, "y", 0))
     assert fresh.leader == "node-b"  # seen, not ignored as older than revision 81
+
+
+_PATHS = [(d, i) for d, dev in sorted(CFG.devices.items()) if "node-a" in dev.paths
+          for i in range(dev.paths["node-a"])]
+
+
+def _report_body(seq: int, up: tuple[bool, ...], errors: tuple[bool, ...],
+                 failed: bool) -> bytes:
+    import orjson
+    return orjson.dumps({
+        "cluster": CFG.cluster, "node": "node-a", "seq": seq, "sent_at": 1000.0 + seq,
+        "paths": [{"device": d, "path": i, "reachable": u, "error": "timeout" if e else None}
+                  for (d, i), u, e in zip(_PATHS, up, errors, strict=True)],
+        "groups": [{"group": "node-a-data", "epoch": 3,
+                    "state": "failed" if failed else "served"}]})
+
+
+def _bodies() -> object:
+    from hypothesis import strategies as st
+    n = len(_PATHS)
+    flags = st.tuples(*[st.booleans()] * n)
+    # a few reachabilities and errors, each report a combination of them: repeats are
+    # the rule (five reports a second of an unchanged node), and reports differing only
+    # in their paths' errors or only in their groups come up often
+    return st.tuples(st.lists(flags, min_size=1, max_size=2),
+                     st.lists(flags, min_size=1, max_size=2)).flatmap(
+        lambda pools: st.lists(st.tuples(st.sampled_from(pools[0]),
+                                         st.sampled_from(pools[1]), st.booleans()),
+                               min_size=1, max_size=30))
+
+
+def test_a_report_the_same_as_the_last_gives_the_view_a_full_working_out_gives() -> None:
+    """The arbiter's storage handler passes each report's paths and groups as parsed
+    (``raw``); one equal to the node's last report's reuses that report's devices, since
+    times and failures. Whatever the sequence of reports, the view is the one working
+    every report out in full gives (the "since" times included)."""
+    from hypothesis import given, settings
+
+    from vtlha.messages import StorageReport, parse, validate
+
+    @settings(max_examples=150, deadline=None)
+    @given(_bodies())
+    def check(seq: list[tuple[tuple[bool, ...], tuple[bool, ...], bool]]) -> None:
+        fast, full = ClusterView(CFG, started_at=0.0), ClusterView(CFG, started_at=0.0)
+        reused = 0
+        for k, (up, errors, failed) in enumerate(seq):
+            obj = parse(StorageReport, _report_body(k, up, errors, failed))
+            report = validate(StorageReport, obj)
+            before = fast.storage_views.get("node-a")
+            fast.storage_report(report, "node-a", now=10.0 + k,
+                                raw=(obj["paths"], obj["groups"]))
+            full.storage_report(report, "node-a", now=10.0 + k)
+            got = fast.storage_views["node-a"]
+            reused += before is not None and got.devices is before.devices
+            assert got == full.storage_views["node-a"]
+            assert got.received_at == 10.0 + k
+            assert fast.storage["node-a"] == full.storage["node-a"]
+        # a repeat of the content just before is always reused
+        repeats = sum(seq[k] == seq[k - 1] for k in range(1, len(seq)))
+        assert reused >= repeats
+
+    check()
+
+
+def test_a_report_is_worked_out_again_when_its_sender_is_refused() -> None:
+    """A refused report (another node's subject) changes nothing, its raw content
+    included: the next report is compared with the last accepted one."""
+    import pytest
+
+    from vtlha.errors import InvalidMessage
+    from vtlha.messages import StorageReport, parse, validate
+    view = ClusterView(CFG, started_at=0.0)
+    n = len(_PATHS)
+    good = parse(StorageReport, _report_body(1, (True,) * n, (False,) * n, False))
+    bad = parse(StorageReport, _report_body(2, (False,) * n, (False,) * n, False))
+    view.storage_report(validate(StorageReport, good), "node-a", now=1.0,
+                        raw=(good["paths"], good["groups"]))
+    with pytest.raises(InvalidMessage):
+        view.storage_report(validate(StorageReport, bad), "node-b", now=2.0,
+                            raw=(bad["paths"], bad["groups"]))
+    view.storage_report(validate(StorageReport, bad), "node-a", now=3.0,
+                        raw=(bad["paths"], bad["groups"]))
+    assert all(p.reachable == 0 for p in view.storage_views["node-a"].devices.values())
+    assert set(view.lost_since["node-a"]) == {d for d, _ in _PATHS}

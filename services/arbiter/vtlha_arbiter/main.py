@@ -36,8 +36,8 @@ from prometheus_client import Counter, Gauge
 
 from vtlha import bus
 from vtlha.eventstate import EventStateStore, EventStateSync
-from vtlha.messages import Heartbeat, MgmtReport, StorageReport, decode
-from vtlha.service import Service, service_command
+from vtlha.messages import Heartbeat, MgmtReport, StorageReport, decode, parse, validate
+from vtlha.service import OWN_VALIDATION, Service, service_command
 from vtlha_arbiter.admin import AdminServer
 from vtlha_arbiter.bucket import BUCKET_CHECK, BucketWatch
 from vtlha_arbiter.decider import Decider
@@ -57,6 +57,9 @@ from vtlha_arbiter.view import ClusterView
 class Arbiter(Service):
     name = "arbiter"
     http_port_key = "arbiter"
+    #: its three many-a-second inputs are checked by the view on the validated message
+    #: (the cluster, a node of a pair, sent on its own subject: ``view._check_sender``)
+    own_validation = OWN_VALIDATION | {"heartbeat", "storage", "mgmt"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -229,8 +232,12 @@ class Arbiter(Service):
             self.heartbeats_of[hb.node].inc()
 
     async def _on_storage(self, msg: Msg) -> None:
-        report = decode(StorageReport, msg.data)
-        self.view.storage_report(report, self.subjects.node_of(msg.subject), time.monotonic())
+        obj = parse(StorageReport, msg.data)
+        report = validate(StorageReport, obj)
+        # Its paths and groups as sent: the same as the node's last report's (the usual
+        # case, five times a second) spare the view working them out again.
+        self.view.storage_report(report, self.subjects.node_of(msg.subject),
+                                 time.monotonic(), raw=(obj.get("paths"), obj.get("groups")))
 
     async def _on_mgmt(self, msg: Msg) -> None:
         report = decode(MgmtReport, msg.data)

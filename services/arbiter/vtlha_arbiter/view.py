@@ -56,9 +56,11 @@ class NodeState:
 def _check_sender(kind: str, cluster: str, node: str, subject_node: str | None,
                   config: ClusterConfig, known: dict[str, NodeState]) -> None:
     if cluster != config.cluster:
-        raise InvalidMessage(f"{kind}: cluster {cluster!r} is not ours")
+        raise InvalidMessage(f"{kind}: cluster {cluster[:64]!r} is not ours")
     if node not in known:
-        raise InvalidMessage(f"{kind}: unknown node {node!r}")
+        what = ("no pair's node" if node in config.lookups.host_index
+                else "not a host of the cluster")
+        raise InvalidMessage(f"{kind}: node {node[:64]!r} is {what}")
     if subject_node != node:
         raise InvalidMessage(f"{kind}: node {node!r} sent on {subject_node!r}'s subject")
 
@@ -81,6 +83,8 @@ class ClusterView:
         #: changes only when a report arrives, and a snapshot of 1,000 pairs rebuilt all
         #: 2,000 every tick)
         self.storage_views: dict[str, StorageView] = {}
+        #: node -> its last storage report's paths and groups as parsed (``storage_report``)
+        self.storage_raw: dict[str, Any] = {}
         self.started_at = started_at  # the policy's "never heard" grace counts from here
         self.pairs: PairState | None = None  # the pairs' operator state (KV pair.<pair>)
         #: what the config says of each group, and each node's home data devices, as
@@ -121,10 +125,21 @@ class ClusterView:
         st.mgmt, st.mgmt_at = report, now
 
     def storage_report(self, report: StorageReport, subject_node: str | None,
-                       now: float) -> None:
+                       now: float, raw: Any = None) -> None:
+        """A storage report received at ``now``. ``raw``: its paths and groups as parsed
+        from the message, before validation; equal to the node's last report's, the
+        node's view is the last one's, received now (the same content validates to the
+        same report: what is reached, since when, and what failed cannot have
+        changed)."""
         _check_sender("StorageReport", report.cluster, report.node, subject_node,
                       self.config, self.nodes)
         self.storage[report.node] = (report, now)
+        last = self.storage_views.get(report.node)
+        if raw is not None and last is not None and self.storage_raw.get(report.node) == raw:
+            self.storage_views[report.node] = StorageView(
+                report.node, now, last.devices, last.reachable_since, last.lost_since,
+                last.failed)
+            return
         since = self.reachable_since.setdefault(report.node, {})
         lost = self.lost_since.setdefault(report.node, {})
         devices, failed = self._paths(report.node, report)
@@ -139,6 +154,7 @@ class ClusterView:
                 lost.pop(dev, None)
         self.storage_views[report.node] = StorageView(report.node, now, devices, dict(since),
                                                       dict(lost), failed)
+        self.storage_raw[report.node] = raw
 
     def set_record(self, group: str, rec: GroupRecord, revision: int, now: float) -> bool:
         """A group record read, watched or written at ``revision``. A revision not newer
