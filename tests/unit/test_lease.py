@@ -813,3 +813,57 @@ def test_renewals_abandoned_after_a_reconnect_are_sent_again_at_once() -> None:
     [n] = notices(lh.on_renew_result(G, r3.sent_at, KvResult.OK, revision=8,
                                      now=T0 + INTERVAL + 4 * RTT))
     assert n.valid_until == r3.sent_at + TTL
+
+
+@pytest.mark.parametrize(("wait", "seen_after", "expected"), [
+    (0.0, RTT, T0 + RTT),  # every executor of the old owner acknowledged the release
+    (0.125, RTT, T0 + 0.125),  # the wait runs from the command, not from the claim seen
+    (0.125, 0.25, T0 + 0.25),  # the wait was over when the claim arrived: at once
+    (10.0, RTT, T0 + RTT + TTL + MARGIN),  # the arbiter's wait never makes it later
+])
+def test_an_acquire_command_before_the_claim_is_applied_when_the_claim_arrives(
+        wait: float, seen_after: float, expected: float) -> None:
+    """The arbiter sends Acquire once its claim committed, but B's KV watch (or a direct
+    read a lagging server answered) may show the claim later: the command counts from
+    when it came, as it would have had the claim come first."""
+    lh = holder(B)
+    assert lh.on_acquire_command(G, 2, wait, T0) == []
+    assert G not in lh.groups and first_renewal_at(lh, T0, T0 + seen_after - 0.01) is None
+    lh.on_record(G, rec(B, 2, "acquiring"), 20, T0 + seen_after)
+    assert first_renewal_at(lh, T0 + seen_after, T0 + 2.0) == pytest.approx(expected,
+                                                                              abs=0.008)
+    assert lh.early_acquires == {}
+
+
+@pytest.mark.parametrize(("claim", "why"), [
+    (rec(B, 3, "acquiring"), "a newer claim than the command's"),
+    (rec(A, 2, "acquiring"), "the command's epoch claimed for another node"),
+])
+def test_an_early_acquire_command_serves_only_its_own_claim(claim: GroupRecord,
+                                                            why: str) -> None:
+    lh = holder(B)
+    lh.on_acquire_command(G, 2, 0.0, T0)
+    lh.on_record(G, claim, 20, T0 + RTT)
+    assert lh.early_acquires == {}, why
+    if claim.owner == B:  # its own wait, the whole lease_ttl + margin
+        assert first_renewal_at(lh, T0, T0 + 2.0) == pytest.approx(
+            T0 + RTT + TTL + MARGIN, abs=0.008), why
+    else:
+        assert G not in lh.groups and first_renewal_at(lh, T0, T0 + 2.0) is None, why
+
+
+def test_an_early_acquire_command_is_forgotten_with_the_bucket_and_in_time() -> None:
+    from vtlha.protocol.lease import EARLY_ACQUIRE_KEPT
+    lh = holder(B)
+    lh.on_acquire_command(G, 2, 0.0, T0)
+    lh.on_new_bucket()
+    lh.on_record(G, rec(B, 2, "acquiring"), 3, T0 + RTT)  # the new bucket's epoch 2
+    assert first_renewal_at(lh, T0, T0 + 2.0) == pytest.approx(T0 + RTT + TTL + MARGIN,
+                                                               abs=0.008)
+    lh = holder(B)
+    lh.on_acquire_command(G, 2, 0.0, T0)
+    later = T0 + EARLY_ACQUIRE_KEPT * (TTL + MARGIN) + 0.01
+    lh.tick(later)
+    assert lh.early_acquires == {}
+    lh.on_record(G, rec(B, 2, "acquiring"), 20, later)
+    assert lh.groups[G].gate_at == pytest.approx(later + TTL + MARGIN)

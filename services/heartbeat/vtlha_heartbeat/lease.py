@@ -158,6 +158,9 @@ class LeaseRunner:
                                 "by result", ["direction", "result"], registry=reg)
         self.watch_restarts = Counter("vtlha_lease_watch_restarts_total", "KV watches "
                                       "restarted because they stalled", registry=reg)
+        self.early_acquires = Counter(
+            "vtlha_lease_early_acquires_total", "Acquire commands that came before this "
+            "node saw their claim (kept, and applied when it arrives)", registry=reg)
         self.valid_for = Gauge("vtlha_lease_valid_seconds", "Seconds of lease left, by group",
                                ["group"], registry=reg)
 
@@ -340,15 +343,21 @@ class LeaseRunner:
             try:
                 entry = await self._kv().get(self.svc.subjects.group_key(group))
             except Exception as exc:
+                # the command is still kept below: the watch brings the claim later
                 self.svc.log.info("could not read a claimed group", extra={"group": group,
                                                                          "error": repr(exc)})
-                return
-            if entry.value and entry.revision is not None:
-                rec = decode(GroupRecord, entry.value)
-                await self._run(self.lh.on_record(group, rec, entry.revision,
-                                                  time.monotonic(), gen))
+            else:
+                if entry.value and entry.revision is not None:
+                    rec = decode(GroupRecord, entry.value)
+                    await self._run(self.lh.on_record(group, rec, entry.revision,
+                                                      time.monotonic(), gen))
         if wait is not None:
             await self._run(self.lh.on_acquire_command(group, epoch, wait, time.monotonic()))
+            if self.lh.early_acquires.get(group, (0, 0.0))[0] == epoch:
+                self.early_acquires.inc()
+                self.svc.log.info("an acquire command came before its claim: kept until the "
+                                  "claim is seen", extra={"group": group, "epoch": epoch,
+                                                          "wait": wait})
 
     async def _tick(self) -> None:
         now = time.monotonic()
