@@ -17,11 +17,20 @@ paths from each node):
    nothing — nats-py's own cost, the floor of any handler — and (b) the arbiter's three
    callbacks. CPU time of the subscriber process per message received.
 
-From (2b): the share of one core the arbiter's inputs take at 10 / 100 / 1,000 / 2,000
-pairs (messages a second times CPU per message), before its decision tick and before the KV
-watch of lease renewals. Prints a table; JSON to ``bench/results/input-cost-<time>.json``.
+3. **The KV watch of renewals**: a real nats-server with JetStream (file storage), a
+   writer process putting group records (the record a lease holder's renewal writes) at
+   a fixed rate, and a subscriber process watching ``group.>`` through nats-py's KV
+   watcher (a) doing nothing with the entries, (b) as the arbiter does (``records.
+   GroupRecords.watch``: decode, ``ClusterView.set_record``). CPU per entry.
+
+From (2b) and (3b): the share of one core the arbiter's inputs take at 10 / 100 / 1,000 /
+2,000 pairs (messages a second times CPU per message; renewals: every group renewed every
+heartbeat interval, 40 a second a pair — what one KV carries only up to ~160 pairs,
+``make bench-kv``), before its decision tick. Prints a table; JSON to
+``bench/results/input-cost-<time>.json``.
 
     .venv/bin/python bench/input_cost.py [--messages 60000] [--rate 12000]
+        [--renewals 20000] [--renewal-rate 2000]
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ KINDS = ("heartbeat", "storage", "mgmt")
 #: messages a node sends per heartbeat interval, by kind (at the example's timings:
 #: probe_interval = 2 x heartbeat_interval)
 PER_NODE = {"heartbeat": 1.0, "storage": 0.5, "mgmt": 0.5}
+GROUPS_PER_NODE = 2  # its data and management groups, each renewed every interval
 
 
 def _cluster(work: Path) -> ClusterConfig:
@@ -190,6 +200,101 @@ async def _subscribe(url: str, work: Path, count: int, handlers: str) -> None:
     await nc.close()
 
 
+async def _kv_writer(url: str, work: Path, count: int, rate: float) -> None:
+    import nats
+
+    from vtlha.messages import GroupRecord, encode
+    cfg = _cluster(work)
+    groups = sorted(cfg.groups())
+    nc = await nats.connect(url)
+    kv = await nc.jetstream().key_value("bench")
+    bodies = {g: encode(GroupRecord(owner=home, term=1, epoch=1, state="held",
+                                    renewed_by=home))
+              for g, (home, _) in cfg.groups().items()}
+    loop = asyncio.get_running_loop()
+    t0, sent, batch = loop.time(), 0, 50
+    while sent < count:
+        await asyncio.gather(*(kv.put(f"group.{g}", bodies[g]) for g in
+                               (groups[(sent + i) % len(groups)] for i in range(batch))))
+        sent += batch
+        await asyncio.sleep(max(0.0, t0 + sent / rate - loop.time()))
+    await nc.close()
+
+
+async def _kv_watcher(url: str, work: Path, count: int, handlers: str) -> None:
+    import nats
+    from vtlha_arbiter.view import ClusterView
+
+    from vtlha.messages import GroupRecord, decode
+    cfg = _cluster(work)
+    view = ClusterView(cfg, started_at=time.monotonic())
+    nc = await nats.connect(url)
+    kv = await nc.jetstream().key_value("bench")
+    watcher = await kv.watch("group.>")
+    print("ready", flush=True)
+    got = 0
+    c0, t0 = 0.0, 0.0
+    async for entry in watcher:
+        if entry is None or not entry.value or entry.revision is None:
+            continue
+        if got == 0:
+            c0, t0 = time.process_time(), time.monotonic()
+        if handlers == "arbiter":  # as records.GroupRecords.watch does
+            group = entry.key.removeprefix("group.")
+            if group in cfg.groups():
+                view.set_record(group, decode(GroupRecord, entry.value), entry.revision,
+                                time.monotonic())
+        got += 1
+        if got >= count:
+            break
+    cpu, wall = time.process_time() - c0, time.monotonic() - t0
+    print(f"{got} {cpu} {wall}", flush=True)
+    await nc.close()
+
+
+def _kv_watch(work: Path, count: int, rate: float) -> dict[str, dict[str, float]]:
+    import nats
+    nats_bin = Path(sys.executable).parent / "nats-server"
+    port = _free_port()
+    url = f"nats://127.0.0.1:{port}"
+    store = work / "js"
+    srv = subprocess.Popen([str(nats_bin), "-a", "127.0.0.1", "-p", str(port), "-js",
+                            "-sd", str(store)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows: dict[str, dict[str, float]] = {}
+
+    async def bucket() -> None:
+        for _ in range(50):
+            try:
+                nc = await nats.connect(url)
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        from nats.js.api import KeyValueConfig
+        await nc.jetstream().create_key_value(KeyValueConfig(bucket="bench", history=1))
+        await nc.close()
+    try:
+        asyncio.run(bucket())
+        for handlers in ("none", "arbiter"):
+            sub = subprocess.Popen([sys.executable, __file__, "_kvsub", url, str(work),
+                                    str(count), handlers], stdout=subprocess.PIPE, text=True)
+            assert sub.stdout is not None
+            if sub.stdout.readline().strip() != "ready":
+                raise SystemExit("the KV watcher did not start")
+            subprocess.run([sys.executable, __file__, "_kvpub", url, str(work), str(count),
+                            str(rate)], timeout=900, check=True)
+            out, _ = sub.communicate(timeout=900)
+            got, cpu, wall = out.split()
+            n = int(got)
+            rows[handlers] = {"entries": n, "us_per_entry": round(1e6 * float(cpu) / n, 2),
+                              "received_per_s": round(n / float(wall)),
+                              "core_share": round(float(cpu) / float(wall), 3)}
+    finally:
+        srv.terminate()
+        srv.wait(10)
+    return rows
+
+
 def _on_bus(work: Path, count: int, rate: float) -> dict[str, dict[str, float]]:
     nats_bin = Path(sys.executable).parent / "nats-server"
     port = _free_port()
@@ -225,6 +330,14 @@ def main() -> None:
         asyncio.run(_publish(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]),
                              float(sys.argv[5])))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_kvpub":
+        asyncio.run(_kv_writer(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]),
+                               float(sys.argv[5])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_kvsub":
+        asyncio.run(_kv_watcher(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]),
+                                sys.argv[5]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_sub":
         asyncio.run(_subscribe(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]))
         return
@@ -232,6 +345,10 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=60000,
                     help="messages per measurement (default 60,000)")
+    ap.add_argument("--renewals", type=int, default=20000,
+                    help="renewals written for the KV watch measurement (default 20,000)")
+    ap.add_argument("--renewal-rate", type=float, default=2000.0,
+                    help="renewals a second the writer aims at (default 2,000)")
     ap.add_argument("--rate", type=float, default=12000.0,
                     help="messages a second the publisher sends (default 12,000: 300 "
                     "pairs' worth; the estimate scales per message)")
@@ -243,6 +360,8 @@ def main() -> None:
         inproc = asyncio.run(_in_process(cfg, work / "state", args.messages // 4))
         print("on the bus ...", file=sys.stderr, flush=True)
         bus = _on_bus(work, args.messages, args.rate)
+        print("the KV watch ...", file=sys.stderr, flush=True)
+        kvw = _kv_watch(work, args.renewals, args.renewal_rate)
     hb = cfg.timings.heartbeat_interval
     per_pair = 2 * sum(PER_NODE.values()) / hb  # messages a second per pair
     print(f"\nIn-process, the arbiter's callbacks ({PAIRS} pairs), CPU per message:")
@@ -252,23 +371,34 @@ def main() -> None:
     for h, r in bus.items():
         print(f"  handlers {h:<8} {r['us_per_message']:>7.2f} us/message "
               f"({r['received_per_s']:,}/s received, {100 * r['core_share']:.0f} % of a core)")
+    for h, r in kvw.items():
+        print(f"  KV watch, {h:<8} {r['us_per_entry']:>7.2f} us/renewal "
+              f"({r['received_per_s']:,}/s received, {100 * r['core_share']:.0f} % of a core)")
     us = bus["arbiter"]["us_per_message"]
     floor = bus["none"]["us_per_message"]
+    kv_us = kvw["arbiter"]["us_per_entry"]
+    renewals_per_pair = 2 * GROUPS_PER_NODE / hb
     estate = []
-    print(f"\nThe inputs alone at 10 Hz ({per_pair:.0f} messages a second a pair), "
-          "share of one core:")
-    print(f"  {'pairs':>6} {'messages/s':>11} {'nats-py alone':>14} {'the arbiter':>12}")
+    print(f"\nThe inputs alone at 10 Hz ({per_pair:.0f} messages and {renewals_per_pair:.0f} "
+          "renewals a second a pair), share of one core:")
+    print(f"  {'pairs':>6} {'messages/s':>11} {'nats-py alone':>14} {'messages':>9} "
+          f"{'renewals/s':>11} {'KV watch':>9} {'together':>9}")
     for pairs in (10, 100, 1000, 2000):
-        rate = pairs * per_pair
-        estate.append({"pairs": pairs, "messages_per_s": rate,
-                       "floor_share": round(rate * floor / 1e6, 3),
-                       "arbiter_share": round(rate * us / 1e6, 3)})
-        print(f"  {pairs:>6} {rate:>11,.0f} {100 * rate * floor / 1e6:>13.0f}% "
-              f"{100 * rate * us / 1e6:>11.0f}%")
+        rate, renewals = pairs * per_pair, pairs * renewals_per_pair
+        row = {"pairs": pairs, "messages_per_s": rate, "renewals_per_s": renewals,
+               "floor_share": round(rate * floor / 1e6, 3),
+               "arbiter_share": round(rate * us / 1e6, 3),
+               "kv_watch_share": round(renewals * kv_us / 1e6, 3)}
+        row["inputs_share"] = round(row["arbiter_share"] + row["kv_watch_share"], 3)
+        estate.append(row)
+        print(f"  {pairs:>6} {rate:>11,.0f} {100 * row['floor_share']:>13.0f}% "
+              f"{100 * row['arbiter_share']:>8.0f}% {renewals:>11,.0f} "
+              f"{100 * row['kv_watch_share']:>8.0f}% {100 * row['inputs_share']:>8.0f}%")
     path = save_results("input-cost", {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "load": os.getloadavg()},
-        "pairs": PAIRS, "in_process_us": inproc, "bus": bus, "estate": estate,
+        "pairs": PAIRS, "in_process_us": inproc, "bus": bus, "kv_watch": kvw,
+        "estate": estate,
         "rate": args.rate, "messages": args.messages})
     print(f"results: {path.relative_to(ROOT)}")
 
