@@ -77,6 +77,8 @@ async def run_agent(resource: Resource, action: str, env: dict[str, str],
                 "VTLHA_RESOURCE": resource.name}
     timeout = _timeout(resource, action)
     t0 = time.monotonic()
+    if resource.agent == BUILTIN_TAPE_AGENT and action == "stop":
+        return await _builtin_stop(resource, run_dir, timeout, t0)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, env=full_env, stdin=asyncio.subprocess.DEVNULL,
@@ -108,3 +110,20 @@ async def run_agent(resource: Resource, action: str, env: dict[str, str],
     elif not ok:
         detail = f"exit {code}: {text}" if text else f"exit {code}"
     return AgentResult(action, resource.name, ok, code, time.monotonic() - t0, detail)
+
+
+async def _builtin_stop(resource: Resource, run_dir: Path, timeout: float,
+                        t0: float) -> AgentResult:
+    """The built-in tape agent's ``stop``, in this process (a thread: it polls for the
+    service's end): the same work and result as ``python -m vtlha.tape.agent stop``
+    without starting an interpreter for it — a release waits on this."""
+    from vtlha.tape.agent import stop_service
+    try:
+        said = await asyncio.wait_for(asyncio.to_thread(stop_service, run_dir), timeout)
+    except TimeoutError:
+        return AgentResult("stop", resource.name, False, None, time.monotonic() - t0,
+                           f"stop of {resource.name} did not finish within {timeout} s")
+    except OSError as exc:
+        return AgentResult("stop", resource.name, False, 1, time.monotonic() - t0,
+                           f"exit 1: {exc}")
+    return AgentResult("stop", resource.name, True, 0, time.monotonic() - t0, said)

@@ -793,7 +793,7 @@ def parse_config(data: object, source: str = "<memory>") -> ClusterConfig:
 
 
 #: libyaml's safe loader when PyYAML was built with it (the same tags and resolvers as
-#: ``yaml.safe_load``, ten times faster: a cluster file of 1,000 pairs took 4–12 s)
+#: ``yaml.safe_load``, ten times faster: a cluster file of 1,000 pairs took 4 to 12 s)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 

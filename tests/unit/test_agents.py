@@ -96,3 +96,36 @@ def test_resource_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(raw, "c.yaml")
     assert "resource names must be unique" in str(e.value)
+
+
+@pytest.mark.parametrize(("ignores_term", "said"), [(False, "stopped"), (True, "killed")])
+def test_builtin_tape_agent_stops_a_running_service_in_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignores_term: bool,
+        said: str) -> None:
+    """The storage-monitor runs the built-in agent's ``stop`` in its own process: the
+    service gets SIGTERM (SIGKILL after the grace), is gone when the stop returns, and
+    its pid and ready files are removed — what ``python -m vtlha.tape.agent stop`` does."""
+    import subprocess
+
+    from vtlha.tape import agent
+    monkeypatch.setattr(agent, "STOP_GRACE", 0.3)
+    code = ("import signal, sys, time\n"
+            + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_term else "")
+            + "print('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "pid").write_text(f"{proc.pid} 3")
+        (run / "ready").write_text(str(proc.pid))
+        res = _run(Resource(), "stop", tmp_path)
+        assert res.ok and res.code == 0 and f"tape service {proc.pid} {said}" in res.detail
+        assert proc.wait(5) == (-9 if ignores_term else -15)
+        assert not (run / "pid").exists() and not (run / "ready").exists()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

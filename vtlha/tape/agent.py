@@ -67,26 +67,34 @@ def _tail(path: Path, n: int = 600) -> str:
 
 
 def stop(run: Path) -> int:
+    print(stop_service(run))
+    return 0
+
+
+def stop_service(run: Path) -> str:
+    """``stop``'s work, what it says on success (it never fails: a service that will
+    not go is killed). The storage-monitor calls this in its own process for the
+    built-in agent (``vtlha.agents.run_agent``): a release waits on it, and starting an
+    interpreter for it cost more than the stop itself."""
     cur = _running(run)
     if cur is None:
-        print("tape service not running")
-        return 0
+        return "tape service not running"
     pid = cur[0]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE
     while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     if _alive(pid):
         os.kill(pid, signal.SIGKILL)
         while _alive(pid):
-            time.sleep(0.01)
-        print(f"tape service {pid} killed after {STOP_GRACE} s")
+            time.sleep(0.005)
+        said = f"tape service {pid} killed after {STOP_GRACE} s"
     else:
-        print(f"tape service {pid} stopped")
+        said = f"tape service {pid} stopped"
     for name in ("pid", "ready"):
         with contextlib.suppress(FileNotFoundError):
             (run / name).unlink()
-    return 0
+    return said
 
 
 def start(run: Path) -> int:
