@@ -21,6 +21,7 @@ from bench.failover_measure import (
     fault_time,
     finish_measures,
     probe_argvs,
+    random_phase,
     wait_answered_by,
     wait_takeover,
 )
@@ -128,6 +129,7 @@ def ka_trial(case: Case, interval: float, nice: int, lease_ttl: float, dead_afte
         with observer({n: lab.ns[n] for n in NODES}, f"{VIP}/32", work / "obs.json",
                       nice=nice) as obs:
             wait_answered_by(probes, A)
+            random_phase(r, interval)
             t0 = time.monotonic()
             undo = ka_inject(lab, case.name, interval, nice)
             t0, _ = fault_time(case.name, r, t0, time.time())

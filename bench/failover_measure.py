@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -173,6 +174,15 @@ def finish_measures(case: str, p: Probes, t0: float, end: float) -> dict[str, An
 #: nftables table written: what the client sees changes then); a signal takes effect
 #: when it is sent, the start of the call (the rest is reaping)
 EFFECT_ON_RETURN = ("links", "mgmt", "split")
+
+
+def random_phase(r: dict[str, Any], period: float) -> None:
+    """Sleep a random part of ``period`` before the fault, and record it: the trials'
+    fixed waits would otherwise keep the fault at about the same moment of the system's
+    own loop (the process checks, every 0.2 s; the heartbeats and adverts) trial after
+    trial, and a run's outages would all share one phase of it."""
+    r["phase_s"] = random.uniform(0.0, period)
+    time.sleep(r["phase_s"])
 
 
 def fault_time(case: str, r: dict[str, Any], t_call: float, wall_call: float

@@ -40,6 +40,7 @@ from bench.failover_measure import (
     fault_time,
     finish_measures,
     probe_argvs,
+    random_phase,
     terminate,
     wait_answered_by,
     wait_takeover,
@@ -372,6 +373,7 @@ def ours_trial(o: Ours, case: Case) -> dict[str, Any]:
             wait_answered_by(probes, A)
             if case.name == "data":
                 tape = start_tape(o, work)
+            random_phase(r, max(t.check_interval, t.heartbeat_interval))
             t0, t0_wall = time.monotonic(), time.time()
             undo = ours_inject(o, case.name, r)
             t0, t0_wall = fault_time(case.name, r, t0, t0_wall)
