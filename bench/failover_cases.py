@@ -24,6 +24,9 @@ STATE = RESULTS / "failover-state.jsonl"
 PLOT = ROOT / "docs" / "img" / "failover-outage.png"
 TCP_INTERVAL, TCP_TIMEOUT, ARP_INTERVAL = 0.005, 0.05, 0.01
 TAPE_INTERVAL = 0.02
+#: the ``data-reconnect`` case's tape client gives a connect up after this and sends a
+#: new SYN (the ``data`` case's client waits 2 s, and TCP sends a lost SYN again after 1 s)
+TAPE_RECONNECT = 0.2
 EXIT_PAUSED = 75
 OWNER = os.getpid()  # this process; pyroute2 forks helpers that must own nothing
 
@@ -49,6 +52,8 @@ CASES = {c.name: c for c in (
          mgmt=True),
     Case("switchover", "`vtlha switchover node-a-data`", "last node-a -> first node-b answer"),
     Case("data", "node-a crashes under the tape client", "longest gap between acked blocks"),
+    Case("data-reconnect", "as data; the client gives a connect up after 0.2 s",
+         "longest gap between acked blocks"),
     Case("split", "node-a and node-b cut from each other", "longest gap in the answers",
          keepalived=True),
 )}

@@ -158,7 +158,7 @@ def headline(case: str, m: dict[str, Any]) -> tuple[float | None, float | None]:
         return m.get("tcp_gap_s"), m.get("arp_gap_s")
     if case == "split":
         return m.get("tcp_longest_gap_s"), m.get("arp_nobody_longest_s")
-    if case == "data":
+    if case.startswith("data"):
         return m.get("ack_longest_gap_s"), m.get("arp_from_fault_s")
     return m.get("tcp_from_fault_s"), m.get("arp_from_fault_s")
 

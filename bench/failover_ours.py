@@ -29,6 +29,7 @@ from bench.failover_cases import (
     MGMT_VIP,
     OWNER,
     TAPE_INTERVAL,
+    TAPE_RECONNECT,
     A,
     B,
     Case,
@@ -90,6 +91,11 @@ class Ours:
     def pidfile(self) -> Path:
         assert self.work is not None
         return self.work / "vtl.pid"
+
+    def tape_log(self, node: str, group: str) -> Path:
+        """The log of the built-in tape service of ``group`` on ``node``."""
+        assert self.work is not None
+        return self.work / "state" / node / "resources" / group / "tape" / "tape.log"
 
     def up(self) -> None:
         from vtlha_lab.lab import Lab
@@ -269,7 +275,7 @@ def ours_inject(o: Ours, case: str, detail: dict[str, Any]) -> Callable[[], obje
     if case == "links":
         lab.set_links(A, up=False)
         return lambda: lab.set_links(A, up=True)
-    if case in ("crash", "data"):
+    if case in ("crash", "data", "data-reconnect"):
         detail["killed"] = lab.crash(A, cut_links=False)
         return o.heal
     if case == "frozen":
@@ -308,27 +314,59 @@ def ours_inject(o: Ours, case: str, detail: dict[str, Any]) -> Callable[[], obje
     raise ValueError(case)
 
 
-def start_tape(o: Ours, work: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_tape(o: Ours, work: Path, connect_timeout: float | None = None
+               ) -> tuple[subprocess.Popen[bytes], Path]:
     lab = o.lab
     ip = lab.cfg.group_addresses(f"{A}-data")[0].split("/")[0]
     log = work / "tape.jsonl"
-    proc = lab.spawn_in("client", "tape", [str(BIN / "vtlha-lab"), "tape", "write",
-                                           f"{ip}:{lab.cfg.ports.tape}", "--log", str(log),
-                                           "--interval", str(TAPE_INTERVAL)])
+    argv = [str(BIN / "vtlha-lab"), "tape", "write", f"{ip}:{lab.cfg.ports.tape}",
+            "--log", str(log), "--interval", str(TAPE_INTERVAL)]
+    if connect_timeout is not None:
+        argv += ["--connect-timeout", str(connect_timeout)]
+    proc = lab.spawn_in("client", "tape", argv)
     wait_for(lambda: any(a.get("node") == A for a in read_acks(log).values()), 30,
              "the tape client's first block acknowledged by node-a", 0.05)
     return proc, log
 
 
-def tape_measures(log: Path, t0_wall: float) -> dict[str, Any]:
+def tape_measures(log: Path, t0_wall: float, service_log: Path | None = None
+                  ) -> dict[str, Any]:
+    """The tape client's longest gap between acknowledged blocks around the fault, and
+    what it is made of: when node-b's tape service said it was ready (its log), and how
+    long the connect that the first block node-b acknowledged came on took (a SYN
+    nobody answered waits for TCP's retransmission)."""
     acks = sorted(read_acks(log).values(), key=lambda a: float(a["t"]))
     times = [float(a["t"]) for a in acks]
     seq = [t for t in times if t < t0_wall][-1:] + [t for t in times if t >= t0_wall]
     gaps = [b - a for a, b in itertools.pairwise(seq)]
-    first_b = next((float(a["t"]) for a in acks if a.get("node") == B
-                    and float(a["t"]) >= t0_wall), None)
+    first_b = next((a for a in acks if a.get("node") == B and float(a["t"]) >= t0_wall),
+                   None)
+    wait = None
+    if first_b is not None and first_b.get("connected") and first_b.get("opened"):
+        wait = float(first_b["connected"]) - float(first_b["opened"])
+    ready = service_ready(service_log, t0_wall) if service_log is not None else None
     return {"acks": len(acks), "ack_longest_gap_s": max(gaps, default=None),
-            "ack_from_fault_s": None if first_b is None else first_b - t0_wall}
+            "ack_from_fault_s": None if first_b is None else float(first_b["t"]) - t0_wall,
+            "ack_connect_wait_s": wait,
+            "service_ready_s": None if ready is None else ready - t0_wall}
+
+
+def service_ready(service_log: Path, since: float) -> float | None:
+    """When a tape service said ``tape service ready`` in ``service_log`` (JSON lines,
+    ``vtlha.log``) at or after ``since`` (wall time), the first time."""
+    try:
+        lines = service_log.read_bytes().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if (isinstance(entry, dict) and entry.get("msg") == "tape service ready"
+                and isinstance(entry.get("ts"), int | float) and entry["ts"] >= since):
+            return float(entry["ts"])
+    return None
 
 
 def spawn_probes(o: Ours, case: Case, work: Path, duration: float) -> Probes:
@@ -371,8 +409,9 @@ def ours_trial(o: Ours, case: Case) -> dict[str, Any]:
     try:
         with OverlapObserver(lab) as obs:
             wait_answered_by(probes, A)
-            if case.name == "data":
-                tape = start_tape(o, work)
+            if case.name.startswith("data"):
+                tape = start_tape(o, work, TAPE_RECONNECT if case.name == "data-reconnect"
+                                  else None)
             random_phase(r, max(t.check_interval, t.heartbeat_interval))
             t0, t0_wall = time.monotonic(), time.time()
             undo = ours_inject(o, case.name, r)
@@ -397,7 +436,7 @@ def ours_trial(o: Ours, case: Case) -> dict[str, Any]:
             terminate([tape[0]])
     r |= finish_measures(case.name, probes, t0, t_end)
     if tape is not None:
-        r |= tape_measures(tape[1], t0_wall)
+        r |= tape_measures(tape[1], t0_wall, o.tape_log(B, f"{A}-data"))
     r |= {"observer_samples": obs.samples, "observer_max_gap_s": obs.max_gap,
           "overlaps": obs.overlaps,
           "double_holders": bool(obs.overlaps) or r["arp_double_s"] > 0

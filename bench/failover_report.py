@@ -89,7 +89,25 @@ def targets(rows: list[dict[str, Any]], recs: list[dict[str, Any]]) -> list[str]
         out.append(f"data path at 0.1 s: longest gap between acknowledged blocks, max "
                    f"{data['outage']['max']:.3f} s (p99 {data['outage']['p99']:.3f} s) vs "
                    f"target 1 s: {'met' if data['outage']['max'] <= 1.0 else 'NOT met'}")
+    out += [line for case in ("data", "data-reconnect")
+            if (line := data_parts(case, recs))]
     return out
+
+
+def data_parts(case: str, recs: list[dict[str, Any]]) -> str | None:
+    """What a data case's gap is made of at 0.1 s: node-b's tape service ready after the
+    fault, and the connect the client's first block served by node-b came on."""
+    rs = [r for r in recs if r.get("case") == case and r.get("interval") == 0.1
+          and r.get("system") == "vtl-ha" and not r.get("error")]
+    ready = stats([r["service_ready_s"] for r in rs if r.get("service_ready_s") is not None])
+    wait = stats([r["ack_connect_wait_s"] for r in rs
+                  if r.get("ack_connect_wait_s") is not None])
+    if ready is None or wait is None:
+        return None
+    return (f"{case} at 0.1 s: node-b's tape service ready {ready['p50']:.3f} / "
+            f"{ready['p99']:.3f} s after the fault (p50 / p99); the connect of the first "
+            f"block node-b acknowledged took {wait['p50']:.3f} / {wait['max']:.3f} s "
+            f"(p50 / max)")
 
 
 def fmt(s: dict[str, float] | None, q: str) -> str:

@@ -15,6 +15,7 @@ core over the window, RSS the largest sample. Prints a table and writes JSON to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -54,11 +55,39 @@ def rss_mb(pid: int) -> float | None:
 
 
 def processes(c: LocalCluster) -> dict[str, int]:
-    """``host/service`` -> pid of every running process the cluster started."""
+    """``host/service`` -> pid of every running process the cluster started, and the
+    storage-monitors' tape services (``host/tape <group>``, a standby ``(standby)``)."""
     out = {ch.name: ch.proc.pid for ch in c.procs.children if ch.alive}
     for name, srv in c.servers.items():
         if srv.proc is not None:
             out[f"{name}/nats-server"] = srv.proc.pid
+    for ch in c.procs.children:
+        if ch.alive and ch.service == "storage-monitor":
+            out |= tape_services(c, ch.host, ch.proc.pid)
+    return out
+
+
+def tape_services(c: LocalCluster, host: str, parent: int) -> dict[str, int]:
+    kids = []  # children are listed per thread that started them (starts run in threads)
+    for task in Path(f"/proc/{parent}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            kids += task.read_text().split()
+    out = {}
+    for pid in map(int, kids):
+        try:
+            if b"vtlha.tape.service" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            env = dict(e.split(b"=", 1) for e in
+                       Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        group = env.get(b"VTLHA_GROUP", b"?").decode()
+        pid_file = c.state_root / host / "resources" / group / "tape" / "pid"
+        try:
+            serving = pid_file.read_text().split()[0] == str(pid)
+        except (OSError, IndexError):
+            serving = False
+        out[f"{host}/tape {group}{'' if serving else ' (standby)'}"] = pid
     return out
 
 

@@ -79,6 +79,8 @@ async def run_agent(resource: Resource, action: str, env: dict[str, str],
     t0 = time.monotonic()
     if resource.agent == BUILTIN_TAPE_AGENT and action == "stop":
         return await _builtin_stop(resource, run_dir, timeout, t0)
+    if resource.agent == BUILTIN_TAPE_AGENT and action == "start":
+        return await _builtin_start(resource, run_dir, full_env, timeout, t0)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, env=full_env, stdin=asyncio.subprocess.DEVNULL,
@@ -127,3 +129,42 @@ async def _builtin_stop(resource: Resource, run_dir: Path, timeout: float,
         return AgentResult("stop", resource.name, False, 1, time.monotonic() - t0,
                            f"exit 1: {exc}")
     return AgentResult("stop", resource.name, True, 0, time.monotonic() - t0, said)
+
+
+async def _builtin_start(resource: Resource, run_dir: Path, env: dict[str, str],
+                         timeout: float, t0: float) -> AgentResult:
+    """The built-in tape agent's ``start``, in this process (a thread: it polls for the
+    service's ready file): the work and result of ``python -m vtlha.tape.agent start``,
+    and the service is the standby ``prepare`` left waiting when there is one."""
+    from vtlha.tape.agent import start_service
+    try:
+        code, said = await asyncio.wait_for(
+            asyncio.to_thread(start_service, run_dir, env, timeout), timeout + 1.0)
+    except TimeoutError:
+        code, said = None, ""
+    except OSError as exc:
+        return AgentResult("start", resource.name, False, 1, time.monotonic() - t0,
+                           f"exit 1: {exc}")
+    if code is None or said == "tape service not ready in time":
+        return AgentResult("start", resource.name, False, None, time.monotonic() - t0,
+                           f"start of {resource.name} did not finish within {timeout} s")
+    return AgentResult("start", resource.name, code == 0, code, time.monotonic() - t0,
+                       said if code == 0 else f"exit {code}: {said}")
+
+
+def prepare(resource: Resource, run_dir: Path, env: dict[str, str]) -> int | None:
+    """Get the resource's next start ready ahead, where its agent can: for the built-in
+    tape agent, a standby service waiting in ``run_dir`` (its pid); None for others.
+    An OSError (it could not be started) is the caller's to log: a start without a
+    standby starts the service the slow way."""
+    if resource.agent != BUILTIN_TAPE_AGENT:
+        return None
+    from vtlha.tape.agent import prepare_standby
+    return prepare_standby(run_dir, {**os.environ, **env, "VTLHA_RUN_DIR": str(run_dir),
+                                     "VTLHA_RESOURCE": resource.name})
+
+
+def drop_prepared() -> None:
+    """Let every standby this process prepared go (at its stop)."""
+    from vtlha.tape.agent import drop_standbys
+    drop_standbys()

@@ -278,7 +278,12 @@ _portal_arg = click.argument("portal", metavar="HOST:PORT")
               help="Stop after this many blocks (default: until stopped).")
 @click.option("--interval", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds to wait after each acknowledged block.")
-def tape_write(portal: str, log_path: str, count: int | None, interval: float) -> None:
+@click.option("--connect-timeout", default=None, type=click.FloatRange(min=0.01),
+              help="Seconds a connect may take before it is given up and tried again "
+              "(default: the request timeout, 2 s; TCP itself sends a lost SYN again "
+              "only after 1 s).")
+def tape_write(portal: str, log_path: str, count: int | None, interval: float,
+               connect_timeout: float | None) -> None:
     import signal
 
     from vtlha_lab.tapeclient import write_blocks
@@ -288,7 +293,8 @@ def tape_write(portal: str, log_path: str, count: int | None, interval: float) -
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await write_blocks(portal, Path(log_path), count, interval, stop)
+        return await write_blocks(portal, Path(log_path), count, interval, stop,
+                                  connect_timeout=connect_timeout)
 
     try:
         n = asyncio.run(_run())

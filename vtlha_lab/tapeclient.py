@@ -5,7 +5,11 @@ acknowledged only when the service answered ``ok`` (the SAN target wrote it with
 On any failure — connection refused or lost, timeout, a refusal — it connects again and
 sends the *same* block until it is acknowledged, so a failover shows up as a gap in
 time, never as a hole in the numbers. Every acknowledgement is appended to a JSON-lines
-log (block, node and epoch that served it, time). ``verify`` reads every acknowledged
+log (block, node and epoch that served it, time, and when the connection it came on was
+opened and established). A connect waits ``connect_timeout`` (default: the request
+timeout, 2 s): a SYN that nobody answered is sent again by the kernel only after TCP's
+initial retransmission timeout (1 s on Linux), so a client that gives a connect up
+sooner and sends a new SYN reaches a new owner sooner. ``verify`` reads every acknowledged
 block back and compares it with what was written."""
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ class TapeError(Exception):
 
 
 class TapeConnection:
-    def __init__(self, portal: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, portal: str, timeout: float = REQUEST_TIMEOUT,
+                 connect_timeout: float | None = None) -> None:
         self.host, self.port = parse_portal(portal)
         self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self.opened = self.connected = 0.0  # wall times of the current connection's connect
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.ids = 0
@@ -56,8 +63,10 @@ class TapeConnection:
         """One request; TapeError (and a closed connection) on any failure."""
         try:
             if self.writer is None:
+                self.opened = time.time()
                 self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.timeout)
+                    asyncio.open_connection(self.host, self.port), self.connect_timeout)
+                self.connected = time.time()
             assert self.reader is not None and self.writer is not None
             self.ids += 1
             self.writer.write(encode_frame({**header, "id": self.ids}, data))
@@ -76,12 +85,13 @@ class TapeConnection:
 
 async def write_blocks(portal: str, log_path: Path, count: int | None = None,
                        interval: float = 0.0, stop: asyncio.Event | None = None,
-                       on_ack: Callable[[dict[str, Any]], None] | None = None) -> int:
+                       on_ack: Callable[[dict[str, Any]], None] | None = None,
+                       connect_timeout: float | None = None) -> int:
     """Write blocks until ``count`` are acknowledged or ``stop`` is set; returns how
     many were acknowledged. Resumes after the last block in ``log_path``."""
     acked = read_acks(log_path)
     block = max(acked, default=-1) + 1
-    conn = TapeConnection(portal)
+    conn = TapeConnection(portal, connect_timeout=connect_timeout)
     stop = stop or asyncio.Event()
     with open(log_path, "ab") as log:  # noqa: ASYNC230 - small appends, flushed per line
         while not stop.is_set() and (count is None or block < count):
@@ -94,7 +104,8 @@ async def write_blocks(portal: str, log_path: Path, count: int | None = None,
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             entry = {"block": block, "node": reply.get("node"), "epoch": reply.get("epoch"),
-                     "seq": reply.get("seq"), "t": time.time(), "sent": t0}
+                     "seq": reply.get("seq"), "t": time.time(), "sent": t0,
+                     "opened": conn.opened, "connected": conn.connected}
             log.write(orjson.dumps(entry) + b"\n")
             log.flush()
             if on_ack is not None:

@@ -15,12 +15,15 @@ Short monitor intervals (0.5 s) make it run in seconds."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -33,6 +36,7 @@ from tests.integration.test_storage_lab import (
     _storage,
 )
 from vtlha.messages import Event
+from vtlha_lab.chaos.inject import Ctx, kill_tape_service
 from vtlha_lab.lab import Lab
 
 pytestmark = pytest.mark.root
@@ -66,6 +70,32 @@ def _tape_pid(lab: Lab, host: str) -> int:
     return pid
 
 
+def _standbys(lab: Lab, host: str) -> list[int]:
+    """The standby tape services waiting on ``host`` (none of them in a pid file)."""
+    out = subprocess.run(["ip", "netns", "pids", lab.ns(host)], capture_output=True,
+                         text=True, timeout=5, check=True).stdout
+    found = []
+    for pid in map(int, out.split()):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"vtlha.tape.service" in cmd and b"--standby" in cmd:
+                found.append(pid)
+    serving = {int(p.read_text().split()[0])
+               for p in (lab.state_root / host / "resources").glob("*/*/pid")}
+    return [p for p in found if p not in serving]
+
+
+class _Only(random.Random):
+    """The chaos context's choice of node, fixed."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(0)
+        self.node = node
+
+    def choice(self, seq: Any) -> Any:
+        return self.node
+
+
 def _events(lab: Lab, kind: str, since: float, node: str | None = None) -> list[Event]:
     return [e for e in lab.events() if e.kind == kind and e.group == GROUP
             and e.sent_at >= since and (node is None or e.node == node)]
@@ -84,10 +114,15 @@ def test_a_killed_tape_service_is_restarted_then_its_group_moves(lab: Lab) -> No
     try:
         w.wait_acked_by("node-a", 30, 20)
 
-        # (a) the first failure: restarted on node-a, served again there, nothing moves
+        # (a) the first failure (the chaos fault itself): restarted on node-a, served
+        # again there, nothing moves; node-a's standby for node-b-data is left alone
         first = _tape_pid(lab, "node-a")
+        standbys = _standbys(lab, "node-a")
+        assert standbys  # node-a keeps one for its companion's group
         t_kill = time.time()
-        os.kill(first, signal.SIGKILL)
+        fault = kill_tape_service(Ctx(lab, cast(Any, None), _Only("node-a")))
+        assert fault.detail == {"host": "node-a", "pids": [first]}
+        assert all(Path(f"/proc/{pid}").exists() for pid in standbys)
         (restarted,) = lab.wait_for(
             lambda: _events(lab, "storage.resource_restarted", t_kill, "node-a"), 30,
             interval=0.2, what="storage.resource_restarted on node-a")

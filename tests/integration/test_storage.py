@@ -8,6 +8,8 @@ not served and says so; ``vtlha cleanup`` starts it again once the cause is mend
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -55,6 +57,16 @@ def _portal(c: LocalCluster, home: str) -> str:
     return f"127.0.0.1:{c.cfg.port(home, 'tape')}"
 
 
+def _log(c: LocalCluster, host: str, service: str) -> list[dict[str, Any]]:
+    out = []
+    for line in c.procs.find(host, service).log_path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                out.append(entry)
+    return out
+
+
 def test_crash_moves_storage_and_no_acknowledged_block_is_lost(
         storage_cluster: LocalCluster, tmp_path: Path) -> None:
     c = storage_cluster
@@ -72,6 +84,14 @@ def test_crash_moves_storage_and_no_acknowledged_block_is_lost(
     assert sorted(acks) == list(range(80))
     assert {acks[b]["node"] for b in range(40)} == {"node-a"}
     assert acks[79]["node"] == "node-b" and acks[79]["epoch"] == 2
+    # node-b's tape service was the standby its storage-monitor kept for node-a-data
+    starts = [e for e in _log(c, "node-b", "storage-monitor") if e.get("msg") ==
+              "resource agent" and e.get("action") == "start" and e.get("epoch") == 2]
+    assert [e["group"] for e in starts] == ["node-a-data"] and starts[0]["ok"]
+    assert "(standby) ready at epoch 2" in starts[0]["detail"]
+    # each block says when the connection it came on was opened and established
+    assert all(a["connected"] >= a["opened"] > 0 for a in acks.values())
+    assert acks[79]["opened"] > acks[0]["connected"]  # node-b's is another connection
 
     out = asyncio.run(verify_blocks(portal, sorted(acks)))
     assert out["bad"] == [] and out["checked"] == 80 and out["nodes"] == {"node-b": 80}

@@ -129,3 +129,81 @@ def test_builtin_tape_agent_stops_a_running_service_in_process(
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def _service_env(tmp_path: Path) -> dict[str, str]:
+    """An environment the tape service cannot start with (its cluster file is missing):
+    it exits before it is ready, after the start has shown which process it was."""
+    return {**os.environ, "VTLHA_CONFIG": str(tmp_path / "missing.yaml"),
+            "VTLHA_NODE": "node-b", "VTLHA_GROUP": "node-a-data", "VTLHA_EPOCH": "4",
+            "VTLHA_DEVICES": "vtl-a0", "VTLHA_PORTAL": "127.0.0.1:1",
+            "VTLHA_RUN_DIR": str(tmp_path / "run")}
+
+
+def test_a_start_hands_the_prepared_standby_its_environment(tmp_path: Path) -> None:
+    """The storage-monitor prepares a standby tape service (imports done, waiting on its
+    stdin); the next start is that process, given the start's environment — and a start
+    with no standby starts a new interpreter, as ``python -m vtlha.tape.agent start``."""
+    from vtlha.tape import agent
+    run = tmp_path / "run"
+    env = _service_env(tmp_path)
+    try:
+        pid = agent.prepare_standby(run, env)
+        assert agent.prepare_standby(run, env) == pid  # one standby per run directory
+        code, said = agent.start_service(run, env, wait=30)
+        assert code == 1 and said.startswith("tape service (standby) exited 1")
+        assert "missing.yaml" in said  # it ran with the environment it was handed
+        assert (run / "pid").read_text() == f"{pid} 4"
+        code, said = agent.start_service(run, env, wait=30)  # no standby now
+        assert code == 1 and said.startswith("tape service exited 1")
+        assert (run / "pid").read_text().split()[0] != str(pid)
+    finally:
+        agent.drop_standbys()
+
+
+def test_a_standby_leaves_when_its_stdin_closes_and_a_dead_one_is_not_used(
+        tmp_path: Path) -> None:
+    from vtlha.tape import agent
+    run = tmp_path / "run"
+    env = _service_env(tmp_path)
+    try:
+        agent.prepare_standby(run, env)
+        sb = agent._standby[run]
+        agent.drop_standbys()
+        assert sb.wait(30) == 0 and run not in agent._standby
+        # a standby that died (killed) is replaced by a new interpreter at the start
+        agent.prepare_standby(run, env)
+        sb = agent._standby[run]
+        sb.kill()
+        sb.wait(10)
+        code, said = agent.start_service(run, env, wait=30)
+        assert code == 1 and said.startswith("tape service exited 1"), said
+        assert (run / "pid").read_text().split()[0] != str(sb.pid)
+    finally:
+        agent.drop_standbys()
+
+
+def test_the_builtin_start_runs_in_process_and_uses_the_standby(tmp_path: Path) -> None:
+    from vtlha.agents import drop_prepared, prepare
+    run = tmp_path / "run"
+    env = _service_env(tmp_path)
+    try:
+        pid = prepare(Resource(), run, env)
+        assert pid is not None
+        assert prepare(Resource(name="lib", agent="/bin/true"), run, env) is None
+        res = asyncio.run(run_agent(Resource(start_timeout=30), "start", env, run))
+        assert not res.ok and res.code == 1
+        assert res.detail.startswith("exit 1: tape service (standby) exited 1")
+        assert (run / "pid").read_text() == f"{pid} 4"
+    finally:
+        drop_prepared()
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    (b"{not json\n", "not JSON"), (b"[1]\n", "an object of strings"),
+    (b'{"VTLHA_EPOCH": 4}\n', "an object of strings")])
+def test_a_standby_refuses_a_bad_environment_line(line: bytes, why: str) -> None:
+    from vtlha.tape.service import standby_environment
+    with pytest.raises(ValueError, match=why):
+        standby_environment(line)
+    assert standby_environment(b'{"VTLHA_EPOCH": "4"}\n') == {"VTLHA_EPOCH": "4"}

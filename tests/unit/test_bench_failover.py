@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from bench.failover_measure import arp_measures, headline, tcp_measures
@@ -90,3 +93,51 @@ def test_summary_ratio_and_targets() -> None:
     assert "fatal at 0.1 s: p99 0.500 s vs target 0.65 s (0.25 + fall x check_interval): met" \
         in said
     assert "data path" in said and said.rstrip().endswith("NOT met")
+
+
+def test_data_gap_is_split_into_the_service_start_and_the_clients_connect(
+        tmp_path: Path) -> None:
+    from bench.failover_ours import tape_measures
+
+    acks = tmp_path / "tape.jsonl"
+    lines = [{"block": 7, "node": "node-a", "epoch": 1, "t": 99.9, "sent": 99.8,
+              "opened": 90.0, "connected": 90.001},
+             {"retry": 8, "error": "write: ConnectionRefusedError", "t": 100.1},
+             {"block": 8, "node": "node-b", "epoch": 2, "t": 101.25, "sent": 100.2,
+              "opened": 100.2, "connected": 101.2},
+             {"block": 9, "node": "node-b", "epoch": 2, "t": 101.3, "sent": 101.27,
+              "opened": 100.2, "connected": 101.2}]
+    acks.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+    service = tmp_path / "tape.log"
+    service.write_text("\n".join([
+        json.dumps({"ts": 50.0, "msg": "tape service ready", "epoch": 1}),  # before: not it
+        "not json",
+        json.dumps({"ts": 100.5, "msg": "reservation held"}),
+        json.dumps({"ts": 100.58, "msg": "tape service ready", "epoch": 2}),
+        json.dumps({"ts": 130.0, "msg": "tape service ready", "epoch": 3})]) + "\n")
+    m = tape_measures(acks, 100.0, service)
+    assert m["acks"] == 3
+    assert m["ack_longest_gap_s"] == pytest.approx(1.35)  # 99.9 -> 101.25
+    assert m["ack_from_fault_s"] == pytest.approx(1.25)
+    assert m["ack_connect_wait_s"] == pytest.approx(1.0)
+    assert m["service_ready_s"] == pytest.approx(0.58)
+    # no service log (or none after the fault), and an old log without connect times
+    m = tape_measures(acks, 100.0, tmp_path / "missing.log")
+    assert m["service_ready_s"] is None
+    acks.write_bytes(orjson.dumps({"block": 1, "node": "node-b", "t": 101.0}) + b"\n")
+    assert tape_measures(acks, 100.0)["ack_connect_wait_s"] is None
+
+
+def test_both_data_cases_say_what_their_gap_is_made_of() -> None:
+    parts = {"service_ready_s": 0.58, "ack_connect_wait_s": 1.0}
+    recs = [rec("vtl-ha", "data", 1.2, **parts),
+            rec("vtl-ha", "data-reconnect", 0.7, service_ready_s=0.6,
+                ack_connect_wait_s=0.01)]
+    assert headline("data-reconnect", {"ack_longest_gap_s": 0.7,
+                                       "arp_from_fault_s": 0.3}) == (0.7, 0.3)
+    said = targets(summarize(recs), recs)
+    assert ("data at 0.1 s: node-b's tape service ready 0.580 / 0.580 s after the fault "
+            "(p50 / p99); the connect of the first block node-b acknowledged took 1.000 / "
+            "1.000 s (p50 / max)") in said
+    assert any(s.startswith("data-reconnect at 0.1 s: node-b's tape service ready 0.600")
+               for s in said)

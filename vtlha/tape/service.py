@@ -26,7 +26,11 @@ ip-manager adds it when the lease allows): the socket is bound with IP_FREEBIND.
 Ready: once listening and holding the target (iSCSI: every device's reservation moved
 to this process's sessions), it writes ``ready`` (its pid) in its run directory.
 SIGTERM: stop accepting, finish the request in flight (bounded), on iSCSI release the
-reservations (the storage-monitor's release then finds nothing of ours), exit 0."""
+reservations (the storage-monitor's release then finds nothing of ours), exit 0.
+
+``--standby``: import everything, then wait for one line on stdin, a JSON object of the
+environment to start with (the agent's, ``vtlha.tape.agent.prepare_standby``), and go
+on as above; leave quietly (status 0) when stdin closes first."""
 
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ import socket
 import sys
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from vtlha.config import ClusterConfig, load_config
 from vtlha.log import setup_logging
@@ -255,7 +261,28 @@ async def _main() -> int:
     return LOST_RESERVATION if svc.lost else 0
 
 
+def standby_environment(line: bytes) -> dict[str, str]:
+    """The environment a standby was given (one JSON object of strings); ValueError."""
+    try:
+        env = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"standby: the environment line is not JSON: {exc}") from None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise ValueError("standby: the environment line must be an object of strings")
+    return env
+
+
 def main() -> None:
+    if "--standby" in sys.argv[1:]:
+        line = sys.stdin.buffer.readline()
+        if not line.strip():
+            os._exit(0)  # let go before its start: nothing to close
+        try:
+            os.environ.update(standby_environment(line))
+        except ValueError as exc:
+            print(f"vtlha tape service: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
     setup_logging("tape", os.environ.get("VTLHA_NODE", "?"), "INFO")
     code = asyncio.run(_main())
     # Everything is closed (the store, the listener, ``ready``): leave without the

@@ -80,11 +80,17 @@ def _netns_pids(ns: str) -> set[int]:
 
 
 def kill_tape_service(ctx: Ctx) -> Active:
+    """SIGKILL of the node's serving tape services: the pids in its resources' pid files
+    (the storage-monitor's standby, which serves nothing and runs the same command line,
+    is left alone)."""
     host = ctx.node()
     killed = []
-    for pid in _netns_pids(ctx.lab.ns(host)):
-        with contextlib.suppress(OSError):
-            if b"vtlha.tape.service" in Path(f"/proc/{pid}/cmdline").read_bytes():
+    ns_pids = _netns_pids(ctx.lab.ns(host))
+    for pid_file in sorted((ctx.lab.state_root / host / "resources").glob("*/*/pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().split()[0])
+            if (pid in ns_pids and b"vtlha.tape.service"
+                    in Path(f"/proc/{pid}/cmdline").read_bytes()):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     return Active("kill-tape-service", {"host": host, "pids": killed})
