@@ -14,6 +14,7 @@ with the monotonic time they arrived; synchronisation is polling with deadlines.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -204,6 +205,42 @@ def test_a_check_failing_one_run_changes_nothing_fall_runs_in_a_row_do(
         assert beats.first("node-a", "vtl-daemon",
                            lambda ch: ch.detail.startswith("passing 1 of 2 before it counts"),
                            t2)
+
+
+def test_a_check_changing_state_is_sent_at_once_not_at_the_next_heartbeat(
+        local_cluster: LocalCluster, nats_server: NatsServer, tmp_path: Path) -> None:
+    """Heartbeats every 10 s here: the heartbeat that says a fatal check fails comes
+    as soon as the check's state changed (fall runs), long before the next periodic
+    one — the failover it starts does not wait a heartbeat interval."""
+    url = nats_server.spec.url
+    pid = tmp_path / "vtl.pid"
+    pid.write_text(f"{os.getpid()}\n")
+
+    def edit(data: dict[str, Any]) -> None:
+        data["timings"].update(heartbeat_interval=10, dead_after=20, lease_ttl=20,
+                               check_interval=0.2, rise=2, fall=2)
+        node = data["pairs"][0]["nodes"][0]
+        node["checks"] = [{"name": "vtl-daemon", "kind": "pidfile", "path": str(pid),
+                           "fatal": True}]
+        node["executor_checks"] = False
+
+    with cluster_with(local_cluster, url, edit) as c, \
+            Beats(url, Subjects(c.cfg.cluster).hb("node-a")) as beats:
+        c.start_service("node-a", "heartbeat")
+        wait_check(c, beats, "node-a", "vtl-daemon", answered, 0.0, "the check to pass",
+                   START_TIMEOUT)
+        t1 = time.monotonic()
+        periodic = [at for at, _ in beats.since(0.0, "node-a")]
+        pid.unlink()
+        # 8 s: the next periodic heartbeat is due 10 s after the first one
+        at, down = wait_check(c, beats, "node-a", "vtl-daemon", failing, t1,
+                              "the failing check's heartbeat", timeout=8.0)
+        assert down.fatal and "pid file" in down.detail
+        assert at - periodic[0] < 10.0, "not sent at once: it came with a periodic beat"
+        seqs = [hb.seq for _, hb in beats.since(0.0, "node-a")]
+        assert seqs == sorted(set(seqs)), "every heartbeat has a sequence number of its own"
+        print(f"\nthe failing check was sent {at - t1:.2f} s after the fault "
+              f"({len(seqs)} heartbeats in all, heartbeat_interval 10 s)")
 
 
 # ---- rule 8: executor liveness --------------------------------------------------------

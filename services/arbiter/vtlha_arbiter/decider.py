@@ -36,6 +36,10 @@ class Reconciling(Protocol):
 
 
 MOVES = policy.MOVES  # actions that move a group: carried out by the mover
+#: a node whose last heartbeat is this many heartbeat intervals old is late: a decision
+#: is made right when it would be dead (``death_due``), not at the tick after it
+LATE_INTERVALS = 1.5
+DEATH_SLACK = 0.001  # s after the due time: dead is "no heartbeat for *more* than"
 
 
 class Decider:
@@ -57,6 +61,9 @@ class Decider:
                                 ["node"], registry=host.registry)
         #: each node's series, looked up once (every tick sets every node's)
         self.alive_gauges = {n: self.node_alive.labels(n) for n in view.nodes}
+        #: late nodes: when a decision is due for each (a timer runs for it)
+        self.death_watch: dict[str, float] = {}
+        self.late_after = LATE_INTERVALS * view.t.heartbeat_interval
 
     def snapshot(self, now: float) -> Snapshot:
         """The policy's inputs at ``now`` (advances the "since" trackers: once per
@@ -74,9 +81,9 @@ class Decider:
 
     async def _decide(self) -> None:
         now = time.monotonic()
-        for n, alive in self.alive_gauges.items():
-            alive.set(1 if self.view.is_alive(n, now) else 0)
-        if not self.act.is_acting():
+        acting = self.act.is_acting()
+        self.watch_nodes(now, acting)
+        if not acting:
             self.snapshot(now)  # a standby keeps its "since" trackers warm
             return  # a standby (or not yet announced): watch, never decide
         if self.reconciler is not None:
@@ -100,6 +107,33 @@ class Decider:
                 inputs = per_pair[action.pair] = {
                     "snapshot": snap.for_pairs([action.pair]).to_inputs(), "now": now}
             await self._carry_out(action, inputs)
+
+    def watch_nodes(self, now: float, acting: bool) -> None:
+        """Each node's alive gauge; for an acting arbiter, a death watch on late ones."""
+        for n, gauge in self.alive_gauges.items():
+            alive = self.view.is_alive(n, now)
+            gauge.set(1 if alive else 0)
+            if alive and acting:
+                last = self.view.nodes[n].last_heartbeat
+                if last is not None and now - last > self.late_after:
+                    self._watch_death(n)
+
+    def _watch_death(self, node: str) -> None:
+        """A late node: decide right when it would be dead (the tick comes up to half a
+        heartbeat interval after that). Its heartbeat coming back makes that decision a
+        no-op; only late nodes get a timer, so its cost does not grow with the estate."""
+        due = self.view.death_due(node)
+        if due is None or self.death_watch.get(node) == due:
+            return
+        self.death_watch[node] = due
+        asyncio.get_running_loop().call_later(max(0.0, due + DEATH_SLACK - time.monotonic()),
+                                              self._death_due, node, due)
+
+    def _death_due(self, node: str, due: float) -> None:
+        if self.death_watch.get(node) == due:
+            del self.death_watch[node]
+        if not self.host.stopping:
+            self.host.spawn(self.decide_now(), "decide-on-death", critical=False)
 
     async def _carry_out(self, action: policy.Action, inputs: dict[str, Any]) -> None:
         term = self.act.term

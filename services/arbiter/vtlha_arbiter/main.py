@@ -228,8 +228,14 @@ class Arbiter(Service):
     # ---- input -------------------------------------------------------------
     async def _on_heartbeat(self, msg: Msg) -> None:
         hb = decode(Heartbeat, msg.data)
+        st = self.view.nodes.get(hb.node)
+        was = st.failing()[0] if st is not None else ()
         if self.view.heartbeat(hb, self.subjects.node_of(msg.subject), time.monotonic()):
             self.heartbeats_of[hb.node].inc()
+            if st is not None and st.failing()[0] != was and self.ready:
+                # a fatal check began (or ceased) failing: decide now, not at the next
+                # tick (the node sends such a heartbeat at once: heartbeat service)
+                self.spawn(self.decider.decide_now(), "decide-on-check", critical=False)
 
     async def _on_storage(self, msg: Msg) -> None:
         obj = parse(StorageReport, msg.data)
@@ -241,7 +247,13 @@ class Arbiter(Service):
 
     async def _on_mgmt(self, msg: Msg) -> None:
         report = decode(MgmtReport, msg.data)
+        st = self.view.nodes.get(report.node)
+        was = _mgmt_word(st.mgmt if st is not None else None)
         self.view.mgmt_report(report, self.subjects.node_of(msg.subject), time.monotonic())
+        if _mgmt_word(report) != was and self.ready:
+            # the management path failed (or came back): decide now, not at the next
+            # tick (the node sends such a report at once on a link event)
+            self.spawn(self.decider.decide_now(), "decide-on-mgmt", critical=False)
 
     async def stop(self) -> None:
         await self.admin.close()
@@ -275,3 +287,8 @@ class Arbiter(Service):
 
 
 main = service_command(Arbiter)
+
+
+def _mgmt_word(report: MgmtReport | None) -> bool | None:
+    """What a management report says of the path (None: not monitored, or none yet)."""
+    return report.healthy if report is not None and report.monitored else None

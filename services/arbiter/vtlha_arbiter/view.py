@@ -101,6 +101,17 @@ class ClusterView:
         ``dead_after``."""
         return policy.heard_within(self.nodes[node].last_heartbeat, now, self.t.dead_after)
 
+    def death_due(self, node: str) -> float | None:
+        """When ``node`` is dead (``policy.is_dead`` and no renewal of a group it owns
+        seen within ``dead_after``) if nothing more is heard of it: monotonic; None for
+        a node never heard."""
+        last = self.nodes[node].last_heartbeat
+        if last is None:
+            return None
+        renewed = [self.last_renewal.get(g, last) for g, (rec, _) in self.records.items()
+                   if rec.owner == node]
+        return max([last, *renewed]) + self.t.dead_after
+
     def is_gone(self, node: str) -> bool:
         """Declared down by the policy (its heartbeats stopped): waiting for it to answer
         would only keep its groups "in flight", out of the policy's reach."""

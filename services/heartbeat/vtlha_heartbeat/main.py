@@ -94,11 +94,18 @@ class HeartbeatService(Executor):
                                            self.node, x.service, timeout)
                              for x in self.liveness)))
         now = time.monotonic()
+        changed = False
         for run in runs:
             d = self.debounce[run.name]
             self._report(d.update(run), d.changed)
+            changed |= d.changed
         for x, (ok, detail) in zip(self.liveness, pings, strict=True):
             self._report(x.update(ok, detail, now), x.changed)
+            changed |= x.changed
+        if changed:
+            # A check's state changed: the arbiter hears it now, not at the next beat
+            # (up to a heartbeat interval later: a fatal check's failover waits on it).
+            await self._beat()
 
     def _report(self, r: CheckResult, changed: bool) -> None:
         if changed:
@@ -119,12 +126,14 @@ class HeartbeatService(Executor):
                               age=round(time.monotonic() - self.storage_received, 3))
 
     async def _beat(self) -> None:
+        # the sequence number taken before the publish: a beat sent on a check's change
+        # and the periodic one never share one (the arbiter drops a repeated seq)
+        seq, self.seq = self.seq, self.seq + 1
         hb = Heartbeat(cluster=self.config.cluster, node=self.node, incarnation=self.incarnation,
-                       seq=self.seq, interval=self.config.timings.heartbeat_interval,
+                       seq=seq, interval=self.config.timings.heartbeat_interval,
                        checks=list(self.check_results.values()), storage=self.storage_verdict(),
                        leases=self.lease.states(time.monotonic()))
         await self.nc.publish(self.subjects.hb(self.node), encode(hb))
-        self.seq += 1
         self.published.inc()
 
     async def acquire(self, group: str, epoch: int) -> list[str]:
