@@ -149,7 +149,7 @@ def ka_trial(case: Case, interval: float, nice: int, lease_ttl: float, dead_afte
         probes.stop()
         r |= finish_measures(case.name, probes, t0, t_end)
         r |= {"observer_samples": obs["samples"], "observer_max_gap_s": obs["max_gap"],
-              "overlaps": obs["overlaps"],
+              "overlaps": obs["overlaps"], "overlaps_observed": obs.get("observed", []),
               "double_holders": bool(obs["overlaps"]) or r["arp_double_s"] > 0
               or two_answering(r["end"]),
               "ended_two_holders": two_answering(r["end"])}

@@ -438,7 +438,7 @@ def ours_trial(o: Ours, case: Case) -> dict[str, Any]:
     if tape is not None:
         r |= tape_measures(tape[1], t0_wall, o.tape_log(B, f"{A}-data"))
     r |= {"observer_samples": obs.samples, "observer_max_gap_s": obs.max_gap,
-          "overlaps": obs.overlaps,
+          "overlaps": obs.overlaps, "overlaps_observed": obs.observed,
           "double_holders": bool(obs.overlaps) or r["arp_double_s"] > 0
           or two_answering(r["end"]),
           "ended_two_holders": two_answering(r["end"])}

@@ -48,6 +48,12 @@ def summarize(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "no_outage_measured": len(ok) - len(tcp),
                      "outage": stats(tcp), "outage_arp": stats(arp),
                      "double_holders": sum(bool(r.get("double_holders")) for r in ok),
+                     # of those, the ones the observer's polls saw (not merely could not
+                     # exclude within a gap between two polls), or the client saw
+                     "double_seen": sum(bool(r.get("double_holders")) and (
+                         bool(r.get("overlaps_observed")) or r.get("arp_double_s", 0) > 0
+                         or bool(r.get("ended_two_holders"))
+                         or "overlaps_observed" not in r) for r in ok),
                      "ended_two_holders": sum(bool(r.get("ended_two_holders")) for r in ok),
                      "load1_mean": sum(r.get("load1", 0) for r in rs) / len(rs)})
     return rows
@@ -132,6 +138,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{fmt(o, 'p90'):>6} {fmt(o, 'p99'):>6} {fmt(o, 'max'):>6}  "
               f"{fmt(a, 'p50'):>7} {fmt(a, 'p99'):>7} {rt:>13} {r['double_holders']:>6} "
               f"{r['ended_two_holders']:>7}")
+    for r in rows:
+        unseen = r["double_holders"] - r.get("double_seen", r["double_holders"])
+        if unseen:
+            print(f"{r['interval']:g} s {r['case']} {r['system']}: {unseen} of the "
+                  f"{r['double_holders']} double-holder trial(s) only within a gap between "
+                  "two polls of the observer (no poll saw both nodes answering)")
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

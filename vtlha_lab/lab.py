@@ -513,7 +513,8 @@ class OverlapObserver:
     """Runs ``vtlha_lab.observer`` (a process of its own) over the lab's nodes for the
     duration of a ``with`` block; afterwards ``samples``, ``max_gap``, ``overlaps``
     (spans in which two nodes answered for one address: configured on an up link and in
-    the fence set) and ``holders`` (per address, who answered when) hold what it saw."""
+    the fence set; ``observed``: those the polls saw) and ``holders`` (per address, who
+    answered when) hold what it saw."""
 
     def __init__(self, lab: Lab, interval: float = 0.01) -> None:
         self.lab = lab
@@ -522,6 +523,9 @@ class OverlapObserver:
         self.samples = 0
         self.max_gap = 0.0
         self.overlaps: list[tuple[float, str, list[str]]] = []
+        #: the overlaps the polls saw (each node seen answering within it), not merely
+        #: within a gap between two polls of one node (``vtlha_lab.observer``)
+        self.observed: list[tuple[float, str, list[str]]] = []
         self.holders: dict[str, list[tuple[float, str]]] = {}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -564,6 +568,7 @@ class OverlapObserver:
         if data.get("errors"):
             raise RuntimeError(f"the overlap observer failed: {data['errors']}")
         self.overlaps = [tuple(o) for o in data["overlaps"]]
+        self.observed = [tuple(o) for o in data.get("observed", [])]
         self.holders = {a: [tuple(h) for h in hs]
                         for a, hs in data["history"].items()}
 

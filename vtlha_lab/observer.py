@@ -11,7 +11,14 @@ is in the fence's held set. One thread per node joins that node's namespace (a t
 network namespace is its own) and polls there with netlink and libnftables. On SIGTERM
 it merges the per-node histories and writes a JSON summary to FILE: samples, the longest
 gap between two polls of one node, every overlap (a time span in which two nodes both
-answered for an address, from their polls) and, per address, who answered when."""
+answered for an address, from their polls) and, per address, who answered when.
+
+An overlap spans from one node's first poll that saw it answering to the other's first
+poll that saw it no longer answering: it may lie within the second node's gap between
+two polls (the observer's threads descheduled), when it stopped answering before the
+first began. ``observed`` lists the overlaps that the polls themselves saw: each node was
+seen answering at a poll no earlier than the other's first answering poll — two nodes
+seen answering at once, not merely not excluded."""
 
 from __future__ import annotations
 
@@ -41,8 +48,19 @@ class NodeLog:
     max_gap: float = 0.0
     # (time, answering addresses) at each change; the first entry is the first poll
     changes: list[tuple[float, frozenset[str]]] = field(default_factory=list)
+    # per change, the time of the last poll that still saw its answering set
+    seen_until: list[float] = field(default_factory=list)
     last_poll: float = 0.0
     error: str = ""
+
+    def record(self, now: float, answering: frozenset[str]) -> None:
+        """One poll's result: a change, or one more poll that saw the same."""
+        if not self.changes or self.changes[-1][1] != answering:
+            self.changes.append((now, answering))
+            self.seen_until.append(now)
+        else:
+            self.seen_until[-1] = now
+        self.samples += 1
 
 
 def poll_node(log: NodeLog, floating: set[str], interval: float, stop: threading.Event) -> None:
@@ -73,9 +91,7 @@ def poll_node(log: NodeLog, floating: set[str], interval: float, stop: threading
             held = fence_held(nft)
             answering = frozenset(configured if held is None else
                                   {a for a in configured if a.split("/")[0] in held})
-            if not log.changes or log.changes[-1][1] != answering:
-                log.changes.append((now, answering))
-            log.samples += 1
+            log.record(now, answering)
             stop.wait(max(0.0, interval - (time.monotonic() - now)))
     finally:
         ipr.close()
@@ -94,32 +110,45 @@ def fence_held(nft: Nft) -> set[str] | None:
 def spans(changes: list[tuple[float, frozenset[str]]], end: float,
           addr: str) -> list[tuple[float, float]]:
     """Time spans (from poll times) in which ``addr`` was answered for."""
-    out: list[tuple[float, float]] = []
+    return [(s, e) for s, e, _ in seen_spans(changes, [t for t, _ in changes], end, addr)]
+
+
+def seen_spans(changes: list[tuple[float, frozenset[str]]], seen_until: list[float],
+               end: float, addr: str) -> list[tuple[float, float, float]]:
+    """(start, end, last poll that saw it answering) of each span of ``addr``."""
+    out: list[tuple[float, float, float]] = []
     start: float | None = None
-    for t, answering in changes:
-        if addr in answering and start is None:
-            start = t
-        elif addr not in answering and start is not None:
-            out.append((start, t))
+    last = 0.0
+    for (t, answering), seen in zip(changes, seen_until, strict=True):
+        if addr in answering:
+            if start is None:
+                start = t
+            last = seen
+        elif start is not None:
+            out.append((start, t, last))
             start = None
     if start is not None:
-        out.append((start, end))
+        out.append((start, end, last))
     return out
 
 
 def merge(logs: list[NodeLog], floating: set[str], end: float) -> dict[str, Any]:
     overlaps: list[tuple[float, float, str, list[str]]] = []
+    observed: list[tuple[float, float, str, list[str]]] = []
     history: dict[str, list[tuple[float, str]]] = {}
     for addr in sorted(floating):
-        per = {lg.name: spans(lg.changes, end, addr) for lg in logs}
+        seen = {lg.name: seen_spans(lg.changes, lg.seen_until, end, addr) for lg in logs}
+        per = {n: [(s, e) for s, e, _ in sp] for n, sp in seen.items()}
         names = sorted(per)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                for s1, e1 in per[a]:
-                    for s2, e2 in per[b]:
+                for s1, e1, l1 in seen[a]:
+                    for s2, e2, l2 in seen[b]:
                         lo, hi = max(s1, s2), min(e1, e2)
                         if lo < hi:
                             overlaps.append((lo, hi, addr, [a, b]))
+                            if lo <= min(l1, l2):
+                                observed.append((lo, min(l1, l2), addr, [a, b]))
         points = sorted({t for lg in logs for t, _ in lg.changes})
         h: list[tuple[float, str]] = []
         for t in points:
@@ -129,7 +158,7 @@ def merge(logs: list[NodeLog], floating: set[str], end: float) -> dict[str, Any]
         history[addr] = h
     return {"samples": min((lg.samples for lg in logs), default=0),
             "max_gap": max((lg.max_gap for lg in logs), default=0.0),
-            "overlaps": overlaps, "history": history,
+            "overlaps": overlaps, "observed": observed, "history": history,
             "errors": {lg.name: lg.error for lg in logs if lg.error}}
 
 

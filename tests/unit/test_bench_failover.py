@@ -141,3 +141,15 @@ def test_both_data_cases_say_what_their_gap_is_made_of() -> None:
             "1.000 s (p50 / max)") in said
     assert any(s.startswith("data-reconnect at 0.1 s: node-b's tape service ready 0.600")
                for s in said)
+
+
+def test_a_double_holder_within_a_poll_gap_only_is_counted_apart() -> None:
+    gap_only = {"double_holders": True, "overlaps": [[1.0, 1.05, "a", ["x", "y"]]],
+                "overlaps_observed": [], "arp_double_s": 0}
+    seen = {"double_holders": True, "overlaps": [[1.0, 1.05, "a", ["x", "y"]]],
+            "overlaps_observed": [[1.0, 1.02, "a", ["x", "y"]]], "arp_double_s": 0}
+    older = {"double_holders": True, "arp_double_s": 0}  # before the observer said
+    recs = [rec("vtl-ha", "fatal", 0.5, **gap_only), rec("vtl-ha", "fatal", 0.5, **seen),
+            rec("vtl-ha", "fatal", 0.5, **older), rec("vtl-ha", "fatal", 0.5)]
+    (row,) = summarize(recs)
+    assert row["double_holders"] == 3 and row["double_seen"] == 2
