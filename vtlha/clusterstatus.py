@@ -83,7 +83,9 @@ class NodeStatus(_Frozen):
     heartbeat_age_s: float | None  # None: none heard while listening
     incarnation: str | None
     checks: list[CheckState]
-    storage_ok: bool | None  # every device reachable (None: no storage report)
+    #: every device reachable (None: no storage report, or none fresher than
+    #: ``storage_stale_after`` — the policy confirms nothing with an older one)
+    storage_ok: bool | None
     storage_age_s: float | None
     devices: list[DeviceState]
     mgmt: MgmtState | None
@@ -190,13 +192,15 @@ def _node(cfg: ClusterConfig, name: str, heard: Heard, held: bool,
     age = heard.heartbeat_age
     mgmt = heard.mgmt
     devices = _devices(cfg, name, heard.storage)
+    fresh = heard.storage_age is not None \
+        and heard.storage_age <= cfg.timings.storage_stale_after
     return NodeStatus(
         name=name, pair=cfg.pair_of(name).name,
         up=age is not None and age <= cfg.timings.dead_after,
         heartbeat_age_s=_r(age), incarnation=hb.incarnation if hb else None,
         checks=[CheckState(name=c.name, ok=c.ok, fatal=c.fatal, detail=c.detail)
                 for c in (hb.checks if hb else [])],
-        storage_ok=all(d.reachable for d in devices) if heard.storage else None,
+        storage_ok=all(d.reachable for d in devices) if heard.storage and fresh else None,
         storage_age_s=_r(heard.storage_age), devices=devices,
         mgmt=None if mgmt is None or heard.mgmt_age is None else MgmtState(
             healthy=mgmt.healthy, link_up=mgmt.link_up, gateway_ok=mgmt.gateway_ok,
@@ -299,7 +303,8 @@ def _node_problems(n: NodeStatus, listened: float) -> list[Problem]:
         add("error", "management path unhealthy" + (f": {n.mgmt.detail}" if n.mgmt.detail
                                                      else ""))
     if n.storage_ok is None:
-        add("warning", "no storage report heard")
+        add("warning", "no storage report heard" if n.storage_age_s is None else
+            f"no fresh storage report (the last is {n.storage_age_s:g} s old)")
     for d in n.devices:
         down = [p for p in d.paths if not p.reachable]
         if not d.paths or not d.reachable:

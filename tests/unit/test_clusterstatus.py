@@ -216,3 +216,20 @@ def test_a_node_in_standby_is_a_warning_that_says_how_to_take_it_out() -> None:
     assert any(p.severity == "warning" and p.text == (
         "node-b: in standby: given no group, not even if its companion fails "
         "(vtlha standby off pair-1 node-b)") for p in st.problems)
+
+
+def test_a_storage_report_older_than_storage_stale_after_confirms_nothing() -> None:
+    """As the policy: a report older than ``storage_stale_after`` says nothing of the
+    devices (a restarted node's last report from before its crash is not "ok")."""
+    heard = _healthy_heard()
+    stale = CFG.timings.storage_stale_after + 0.5
+    a = heard["node-a"]
+    heard["node-a"] = Heard(a.heartbeat, a.heartbeat_age, a.storage, stale, a.mgmt,
+                            a.mgmt_age)
+    st = _build(_read(), heard)
+    node_a = next(n for n in st.nodes if n.name == "node-a")
+    assert node_a.storage_ok is None and node_a.storage_age_s == stale
+    assert any(p.about == "node-a" and f"no fresh storage report (the last is {stale:g} "
+               "s old)" in p.text for p in st.problems), _texts(st)
+    node_b = next(n for n in st.nodes if n.name == "node-b")
+    assert node_b.storage_ok  # 0.1 s old: fresh

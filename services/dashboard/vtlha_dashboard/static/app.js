@@ -185,7 +185,8 @@ function renderStatus(doc) {
                                                           : `${n.checks.length} ok`) : "–",
             `checks ${failing.length ? "bad" : ""}`);
     const lost = n.devices.filter((d) => !d.reachable).map((d) => d.device);
-    setText(c("storage"), n.storage_ok === null ? "not heard"
+    setText(c("storage"), n.storage_ok === null
+            ? (n.storage_age_s === null ? "not heard" : `stale (${secs(n.storage_age_s)})`)
             : lost.length ? `lost: ${lost.join(", ")}` : `${n.devices.length} devices ok`,
             `storage ${n.storage_ok === false ? "bad" : ""}`);
     setText(c("mgmt"), n.mgmt ? (n.mgmt.healthy ? "healthy" : n.mgmt.detail || "failed") : "not heard",
