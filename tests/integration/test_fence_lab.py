@@ -177,7 +177,11 @@ def test_fence_write_recheck_corrects_a_write_delayed_past_the_lease(lab: Lab) -
     print(f"\nfence write delayed {ev.data['took_s'] * 1000:.0f} ms: the stale element was "
           f"{'shortened' if ev.data['left_s'] > 0 else 'removed'} "
           f"{window * 1e6:.0f} us after the write returned (the residual window)")
-    assert ev.data["left_s"] <= 0 and window < 0.01
+    # The lease ran out during the write, so the element was removed, not shortened; the
+    # removal is made by the same synchronous step as the write (no await between them),
+    # so its window is one nft write: a figure to print, not to bound on a shared machine.
+    assert ev.data["left_s"] <= 0 and ev.data["took_s"] >= 2 * ttl
+    assert "removed at once" in ev.reason
     # Later notices refresh it properly again — on node-a, or on node-b: a pause of the
     # ip-manager this long also fails its liveness check (rule 8), and node-b may take over.
     lab.wait_for(lambda: A_DATA in lab.fenced("node-a") or A_DATA in lab.fenced("node-b"),
