@@ -11,7 +11,8 @@ all: test
 
 help:
 	@echo "make demo   - two-node cluster (network lab as root, loopback otherwise): crash node-a, watch node-b take over"
-	@echo "make test   - lint (ruff, mypy) then the whole test suite"
+	@echo "make test   - lint (ruff, mypy) then the test suite (but test-long, test-witness, test-ops, test-containers)"
+	@echo "make test-long - the lab's long runs (15 s or more each; root), kept out of make test; .ci/run runs them"
 	@echo "make lint   - ruff and mypy only"
 	@echo "make bench  - failover outage in the network lab, vtl-ha beside keepalived, resumable (root; BENCH_ARGS=...)"
 	@echo "make bench-fence - fence refresh cost and the SIGKILL comparison with keepalived (root)"
@@ -180,6 +181,14 @@ chaos-short-iscsi: venv sysdeps
 .PHONY: test-witness
 test-witness: venv sysdeps
 	$(BIN)/pytest -m witness_cut tests/integration/test_witness_lab.py $(PYTEST_ARGS)
+
+# The lab's long runs (15 s or more each: every NATS server restarted in turn, a node
+# rejoining after a long cut, an isolated node's events, a crash with the KV leader on the
+# crashed node, the failback hold-down, node-a's storage cut and freeze): their own target,
+# run by .ci/run, to keep make test inside its 15-minute budget (~2.5 min here).
+.PHONY: test-long
+test-long: venv sysdeps
+	$(BIN)/pytest -m long tests/integration $(PYTEST_ARGS)
 
 # ---- container images (root, Debian; docs/deploy.md, "Images") ------------------------
 # Built offline: a Debian base from mmdebstrap (cached as a tarball under build/images),

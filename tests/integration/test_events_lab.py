@@ -50,6 +50,7 @@ def _a_holds_its_groups(lab: Lab) -> bool:
     return lab.home_held() and all(held.get(g) for g in A_GROUPS)
 
 
+@pytest.mark.long
 def test_an_isolated_nodes_lease_events_reach_the_stream_once_after_it_reconnects(
         lab: Lab) -> None:
     _started(lab)

@@ -139,6 +139,7 @@ def test_node_crash_with_kv_leader_on_the_witness(lab: Lab) -> None:
     assert fig["a_stops_s"] < fig["b_serves_s"]
 
 
+@pytest.mark.long
 def test_node_crash_with_kv_leader_forced_onto_it(request: pytest.FixtureRequest,
                                                   tmp_path: Path) -> None:
     """The same crash with the KV leader on node-a: the survivor has nobody to promise

@@ -242,6 +242,7 @@ def test_manual_failback_by_the_operator(
     print(f"\nvtlha failback pair-1 (two groups, until both completed): {took * 1000:.0f} ms")
 
 
+@pytest.mark.long
 def test_automatic_failback_hold_down_and_clear_hold(
         make_cluster: Callable[[Edit | None], LocalCluster]) -> None:
     def edit(raw: dict[str, Any]) -> None:

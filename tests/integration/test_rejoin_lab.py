@@ -169,6 +169,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
             if v - before.get(k, 0.0)}
 
 
+@pytest.mark.long
 def test_a_node_rejoining_after_a_long_cut_costs_the_other_node_nothing(lab: Lab) -> None:
     tries = int(os.environ.get("VTLHA_REJOIN_TRIES", "1"))
     lab.start()

@@ -206,6 +206,7 @@ def test_witness_death_both_nodes_keep_serving_on_mutual_promises(secured_lab: L
         "nothing may fail over"
 
 
+@pytest.mark.long
 def test_restarting_each_nats_server_in_turn_fails_nothing_over(lab: Lab) -> None:
     _start(lab)
     probes = _probes(lab, 90)

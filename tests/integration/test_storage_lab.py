@@ -125,6 +125,7 @@ def test_node_a_killed_no_acknowledged_block_lost(lab: Lab) -> None:
     _no_write_from_a_after_b_took(lab)
 
 
+@pytest.mark.long
 def test_node_a_frozen_then_resumed_writes_nothing(lab: Lab) -> None:
     w = _start(lab)
     frozen = lab.procs.kill_host("node-a", signal.SIGSTOP)  # its data service with them
@@ -145,6 +146,7 @@ def test_node_a_frozen_then_resumed_writes_nothing(lab: Lab) -> None:
           f"target after node-b's preempt: {refused}")
 
 
+@pytest.mark.long
 def test_node_a_storage_cut_is_a_local_failure(lab: Lab) -> None:
     w = _start(lab)
     san = lab.cfg.san
