@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.failover_cases import ARP_INTERVAL, TCP_INTERVAL, TCP_TIMEOUT, A, B
+from bench.failover_cases import ARP_INTERVAL, TCP_INTERVAL, TCP_PROBE, TCP_TIMEOUT, A, B
 from bench.labkit import PORT, wait_for
 from vtlha_lab.chaos.live import Tail
 from vtlha_lab.probes import read_arp, read_timeline
@@ -58,7 +58,8 @@ def probe_argvs(work: Path, addr: str, ifname: str, macs: dict[str, str],
     tcp, arp = work / "tcp.jsonl", work / "arp.jsonl"
     py = [sys.executable, "-m", "vtlha_lab.probes"]
     tcp_argv = [*py, "probe", "--target", f"{addr}:{PORT}", "--out", str(tcp), "--interval",
-                str(TCP_INTERVAL), "--timeout", str(TCP_TIMEOUT), "--duration", str(duration)]
+                str(TCP_INTERVAL), "--timeout", str(TCP_TIMEOUT), "--duration", str(duration),
+                *(["--overlapping"] if TCP_PROBE == "overlapping" else [])]
     arp_argv = [*py, "arp", "--target", addr, "--ifname", ifname, "--out", str(arp),
                 "--interval", str(ARP_INTERVAL), "--duration", str(duration)]
     for n, m in macs.items():
@@ -120,7 +121,8 @@ def tcp_measures(tl: list[dict[str, Any]], t0: float, old: str, new: str) -> dic
     seq = before[-1:] + after
     gaps = [b - a for a, b in itertools.pairwise(seq)]
     r: dict[str, Any] = {
-        "tcp_attempts": len(tl), "tcp_from_fault_s": None if first_new is None
+        "tcp_probe": TCP_PROBE, "tcp_attempts": len(tl),
+        "tcp_from_fault_s": None if first_new is None
         else first_new - t0,
         "tcp_gap_s": None if first_new is None
         else first_new - (last_old if last_old is not None else t0),

@@ -3,7 +3,9 @@
     serve --port P --name NAME          a TCP service: answers every connection with NAME
     probe --target IP:PORT --out FILE   a client: connects every --interval seconds for
                                         --duration seconds and writes one JSON line per
-                                        attempt {t (CLOCK_MONOTONIC), ok, who, error}
+                                        attempt {t (CLOCK_MONOTONIC), ok, who, error};
+                                        --overlapping: an attempt starts every interval,
+                                        not after the last one ended (lines as they end)
     arp --target IP --ifname IF --out FILE [--mac NODE=MAC ...]
                                         a client: a round of ARP requests for IP every
                                         --interval seconds for --duration seconds (the chaos
@@ -18,8 +20,10 @@ is one clock for every process on the host, so the test process can compare time
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import selectors
 import signal
 import socket
 import struct
@@ -67,6 +71,61 @@ def probe(target: str, out: str, interval: float, duration: float, timeout: floa
             delay = interval - (time.monotonic() - t)
             if delay > 0:
                 time.sleep(delay)
+
+
+def probe_overlapping(target: str, out: str, interval: float, duration: float,
+                      timeout: float) -> None:
+    """Like ``probe``, but an attempt starts every ``interval`` whatever the earlier ones
+    are doing (non-blocking connects, each with its own ``timeout``): an address whose
+    packets are dropped (a fenced node) does not hold the next attempt back for the whole
+    timeout, so the first answer from a new holder is seen within ``interval`` of it
+    answering, as it is when the old holder keeps answering. Lines are written as
+    attempts end (so not in ``t`` order); ``t`` is when the attempt started."""
+    ip, port = target.rsplit(":", 1)
+    addr = (ip, int(port))
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, float] = {}  # socket -> when its attempt started
+    end = time.monotonic() + duration
+    next_start = time.monotonic()
+    with open(out, "a", buffering=1) as f:
+
+        def finish(s: socket.socket, ok: bool, who: str | None, err: str | None) -> None:
+            t = pending.pop(s)
+            sel.unregister(s)
+            s.close()
+            f.write(json.dumps({"t": t, "ok": ok, "who": who, "error": err}) + "\n")
+
+        while time.monotonic() < end or pending:
+            now = time.monotonic()
+            if now >= next_start and now < end:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                pending[s] = now
+                sel.register(s, selectors.EVENT_WRITE, s)
+                code = s.connect_ex(addr)
+                if code not in (0, errno.EINPROGRESS):
+                    finish(s, False, None, errno.errorcode.get(code, str(code)))
+                next_start = max(next_start + interval, now)
+            due = [t + timeout for t in pending.values()]
+            wake = min([*due, next_start] if now < end else due, default=now)
+            for key, ev in sel.select(max(0.0, wake - time.monotonic())):
+                s = key.data
+                if ev & selectors.EVENT_WRITE:
+                    code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        finish(s, False, None, errno.errorcode.get(code, str(code)))
+                    else:
+                        sel.modify(s, selectors.EVENT_READ, s)
+                    continue
+                try:
+                    data = s.recv(64)
+                except OSError as exc:
+                    finish(s, False, None, type(exc).__name__)
+                else:
+                    finish(s, True, data.decode().strip() or None, None)
+            now = time.monotonic()
+            for s in [s for s, t in pending.items() if now >= t + timeout]:
+                finish(s, False, None, "TimeoutError")
 
 
 def arp_watch(target: str, ifname: str, out: str, interval: float, duration: float,
@@ -128,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=0.005)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--timeout", type=float, default=0.05)
+    p.add_argument("--overlapping", action="store_true",
+                   help="start an attempt every --interval, not after the last one ended")
     r = sub.add_parser("arp")
     r.add_argument("--target", required=True)
     r.add_argument("--ifname", default="eth0")
@@ -141,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "arp":
         arp_watch(a.target, a.ifname, a.out, a.interval, a.duration,
                   dict(m.split("=", 1) for m in a.mac))
+    elif a.overlapping:
+        probe_overlapping(a.target, a.out, a.interval, a.duration, a.timeout)
     else:
         probe(a.target, a.out, a.interval, a.duration, a.timeout)
 
@@ -186,9 +249,11 @@ def arp_responders(ns: str, src_ip: str, target: str, ifname: str = "eth0",
 def read_timeline(path: str) -> list[dict[str, object]]:
     try:
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+    # (an overlapping probe writes its attempts as they end: put them in start order)
+    return sorted(lines, key=lambda e: float(e.get("t", 0.0)))
 
 
 def answered_by(path: str | os.PathLike[str], who: str, since: float) -> bool:
