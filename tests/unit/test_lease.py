@@ -89,6 +89,25 @@ def acquiring(seen_at: float, started_at: float = 0.0, epoch: int = 2) -> LeaseH
     return lh
 
 
+def first_served_at(lh: LeaseHolder, start: float, end: float, step: float = 0.0078125,
+                    write_s: float = 0.0) -> float | None:
+    """Tick from ``start`` to ``end``, each renewal committing ``write_s`` after it was
+    sent: when the group is first served — its first notice (None: never)."""
+    now, rev = start, 100
+    pending: list[tuple[float, Renew]] = []
+    while now <= end:
+        out = lh.tick(now)
+        pending += [(now + write_s, r) for r in renews(out)]
+        for due, r in sorted(p for p in pending if p[0] <= now):
+            pending.remove((due, r))
+            rev += 1
+            out += lh.on_renew_result(r.group, r.sent_at, KvResult.OK, revision=rev, now=now)
+        if notices(out):
+            return now
+        now += step
+    return None
+
+
 def first_renewal_at(lh: LeaseHolder, start: float, end: float,
                      step: float = 0.0078125) -> float | None:
     """Tick from ``start`` to ``end``: when the first renewal goes out (None: never)."""
@@ -472,7 +491,7 @@ def test_promise_given_then_claim_seen_waits_until_the_promise_ran_out(
     if wait is not None:
         lh.on_acquire_command(G, 2, wait, T0 + RTT)
     expected = T0 + TTL if wait is not None else T0 + RTT + TTL + MARGIN
-    assert first_renewal_at(lh, T0, T0 + 1.0) == expected
+    assert first_served_at(lh, T0, T0 + 1.0) == expected
 
 
 def test_expired_promises_are_forgotten() -> None:
@@ -487,10 +506,63 @@ def test_expired_promises_are_forgotten() -> None:
 # ---- the acquire gate -----------------------------------------------------------------------
 
 
-def test_first_renewal_no_sooner_than_ttl_plus_margin_after_the_claim_was_seen() -> None:
+def test_served_no_sooner_than_ttl_plus_margin_after_the_claim_was_seen() -> None:
     lh = acquiring(T0)
-    assert first_renewal_at(lh, T0, T0 + 1.0) == T0 + TTL + MARGIN
-    assert not lh.is_valid(G, T0 + TTL + MARGIN)  # not served before the renewal succeeds
+    assert first_served_at(lh, T0, T0 + 1.0) == T0 + TTL + MARGIN
+
+
+def test_first_renewal_goes_out_ahead_of_the_gate_and_serves_nothing_before_it() -> None:
+    """The first renewal is sent ``lead`` (the margin) before the gate, so that its write
+    is not on the way to serving; its success before the gate serves nothing: the notice
+    comes at the gate, valid from the renewal's send time (shorter, never longer)."""
+    lh = acquiring(T0)
+    gate = T0 + TTL + MARGIN
+    sent = first_renewal_at(lh, T0, T0 + 1.0)
+    assert sent == gate - MARGIN
+    out = lh.on_renew_result(G, sent, KvResult.OK, revision=21, now=sent + RTT)
+    assert notices(out) == [] and not lh.is_valid(G, sent + RTT)
+    assert lh.groups[G].phase is Phase.ACQUIRING and lh.groups[G].revision == 21
+    assert notices(lh.tick(gate - 0.0078125)) == []
+    out = lh.tick(gate)
+    assert notices(out) == [Notice(G, 2, sent + TTL, since=sent)]
+    assert [n.kind for n in out if isinstance(n, Note)] == ["lease.acquired"]
+    assert lh.is_valid(G, gate) and not lh.is_valid(G, sent + TTL)
+
+
+@pytest.mark.parametrize(("write_s", "served"), [
+    (RTT, T0 + TTL + MARGIN),  # the write is done before the gate: served at the gate
+    (2 * MARGIN, T0 + TTL + 2 * MARGIN),  # longer than the lead: when it is done
+])
+def test_a_slow_first_renewal_serves_when_it_is_done(write_s: float, served: float) -> None:
+    lh = acquiring(T0)
+    assert first_served_at(lh, T0, T0 + 1.0, write_s=write_s) == served
+
+
+def test_a_first_renewal_too_old_at_the_gate_is_sent_again() -> None:
+    """With a lead longer than a renewal interval, a renewal that committed early is
+    older than the cadence at the gate: another is sent, and serves when it succeeds."""
+    lh = acquiring(T0)
+    lh.first_renewal_lead = 2 * INTERVAL
+    gate = T0 + TTL + MARGIN
+    sent = first_renewal_at(lh, T0, T0 + 1.0)
+    assert sent == gate - 2 * INTERVAL
+    assert lh.on_renew_result(G, sent, KvResult.OK, revision=21, now=sent + RTT) == []
+    again = renews(lh.tick(gate))
+    assert [r.sent_at for r in again] == [gate] and not lh.is_valid(G, gate)
+    out = lh.on_renew_result(G, gate, KvResult.OK, revision=22, now=gate + RTT)
+    assert notices(out) == [Notice(G, 2, gate + TTL, since=gate)]
+
+
+def test_next_due_is_the_first_renewal_then_the_gate() -> None:
+    lh = acquiring(T0)
+    gate = T0 + TTL + MARGIN
+    assert lh.next_due(T0) == gate - MARGIN
+    r = renews(lh.tick(gate - MARGIN))[0]
+    assert lh.next_due(gate - MARGIN) is None  # in flight: its answer comes first
+    lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=21, now=gate - MARGIN + RTT)
+    assert lh.next_due(gate - MARGIN + RTT) == gate
+    lh.tick(gate)
+    assert lh.next_due(gate) is None  # held: the regular ticks renew it
 
 
 @pytest.mark.parametrize(("wait", "expected"), [
@@ -503,14 +575,14 @@ def test_arbiters_wait_can_make_the_first_renewal_earlier(wait: float,
                                                           expected: float) -> None:
     lh = acquiring(T0)
     assert lh.on_acquire_command(G, 2, wait, T0 + RTT) == []
-    assert first_renewal_at(lh, T0, T0 + 1.0) == expected
+    assert first_served_at(lh, T0, T0 + 1.0) == expected
 
 
 def test_later_acquire_command_with_a_shorter_wait_opens_the_gate_sooner() -> None:
     lh = acquiring(T0)
     lh.on_acquire_command(G, 2, 0.125, T0)
     lh.on_acquire_command(G, 2, 0.0, T0 + 0.0625)  # the release acks came in
-    assert first_renewal_at(lh, T0, T0 + 1.0) == T0 + 0.0625
+    assert first_served_at(lh, T0, T0 + 1.0) == T0 + 0.0625
 
 
 @pytest.mark.parametrize(("group", "epoch"), [(G, 1), (G, 3), (H, 2)],
@@ -518,7 +590,7 @@ def test_later_acquire_command_with_a_shorter_wait_opens_the_gate_sooner() -> No
 def test_acquire_command_for_another_epoch_or_group_is_ignored(group: str, epoch: int) -> None:
     lh = acquiring(T0)
     lh.on_acquire_command(group, epoch, 0.0, T0)
-    assert first_renewal_at(lh, T0, T0 + 1.0) == T0 + TTL + MARGIN
+    assert first_served_at(lh, T0, T0 + 1.0) == T0 + TTL + MARGIN
 
 
 def test_acquire_command_for_a_group_held_changes_nothing() -> None:
@@ -534,7 +606,7 @@ def test_nothing_acquired_within_lease_ttl_of_the_lease_holders_start(wait: floa
     lh = acquiring(started + RTT, started_at=started)
     lh.on_acquire_command(G, 2, wait, started + RTT)
     expected = started + TTL if wait == 0.0 else started + RTT + TTL + MARGIN
-    assert first_renewal_at(lh, started, started + 2.0) == expected
+    assert first_served_at(lh, started, started + 2.0) == expected
 
 
 def test_first_successful_renewal_serves_the_group() -> None:
@@ -748,7 +820,7 @@ def test_late_answer_for_an_older_epoch_does_not_open_a_newer_epochs_gate() -> N
                              now=T0 + INTERVAL + 3 * RTT)
     assert notices(out) == []
     assert lh.groups[G].phase is Phase.ACQUIRING
-    assert first_renewal_at(lh, T0 + INTERVAL + 3 * RTT, T0 + 1.0) == (
+    assert first_served_at(lh, T0 + INTERVAL + 3 * RTT, T0 + 1.0) == (
         T0 + INTERVAL + 2 * RTT + TTL + MARGIN)
 
 
@@ -757,7 +829,7 @@ def test_group_resumed_from_its_record_waits_for_a_promise_given_for_it() -> Non
     lh = unreachable_companion(started_at=started)  # restarted during a KV outage
     assert lh.on_promise_request(A, [G], TTL, started + 0.5).granted
     lh.on_record(G, rec(B, 2, "held"), 9, started + 0.5 + RTT)  # the KV is back
-    assert first_renewal_at(lh, started + 0.5 + RTT, started + 2.0) == started + 0.5 + TTL
+    assert first_served_at(lh, started + 0.5 + RTT, started + 2.0) == started + 0.5 + TTL
 
 
 # ---- a quiet moment to move the NATS connection (chaos iteration 131) -----------------
@@ -828,9 +900,9 @@ def test_an_acquire_command_before_the_claim_is_applied_when_the_claim_arrives(
     when it came, as it would have had the claim come first."""
     lh = holder(B)
     assert lh.on_acquire_command(G, 2, wait, T0) == []
-    assert G not in lh.groups and first_renewal_at(lh, T0, T0 + seen_after - 0.01) is None
+    assert G not in lh.groups and first_served_at(lh, T0, T0 + seen_after - 0.01) is None
     lh.on_record(G, rec(B, 2, "acquiring"), 20, T0 + seen_after)
-    assert first_renewal_at(lh, T0 + seen_after, T0 + 2.0) == pytest.approx(expected,
+    assert first_served_at(lh, T0 + seen_after, T0 + 2.0) == pytest.approx(expected,
                                                                               abs=0.008)
     assert lh.early_acquires == {}
 
@@ -846,10 +918,10 @@ def test_an_early_acquire_command_serves_only_its_own_claim(claim: GroupRecord,
     lh.on_record(G, claim, 20, T0 + RTT)
     assert lh.early_acquires == {}, why
     if claim.owner == B:  # its own wait, the whole lease_ttl + margin
-        assert first_renewal_at(lh, T0, T0 + 2.0) == pytest.approx(
+        assert first_served_at(lh, T0, T0 + 2.0) == pytest.approx(
             T0 + RTT + TTL + MARGIN, abs=0.008), why
     else:
-        assert G not in lh.groups and first_renewal_at(lh, T0, T0 + 2.0) is None, why
+        assert G not in lh.groups and first_served_at(lh, T0, T0 + 2.0) is None, why
 
 
 def test_an_early_acquire_command_is_forgotten_with_the_bucket_and_in_time() -> None:
@@ -858,7 +930,7 @@ def test_an_early_acquire_command_is_forgotten_with_the_bucket_and_in_time() -> 
     lh.on_acquire_command(G, 2, 0.0, T0)
     lh.on_new_bucket()
     lh.on_record(G, rec(B, 2, "acquiring"), 3, T0 + RTT)  # the new bucket's epoch 2
-    assert first_renewal_at(lh, T0, T0 + 2.0) == pytest.approx(T0 + RTT + TTL + MARGIN,
+    assert first_served_at(lh, T0, T0 + 2.0) == pytest.approx(T0 + RTT + TTL + MARGIN,
                                                                abs=0.008)
     lh = holder(B)
     lh.on_acquire_command(G, 2, 0.0, T0)

@@ -26,11 +26,16 @@ Rules, each load-bearing:
   notices; found by the simulator); the promised groups cannot be acquired here before
   the promise has run out.
 - **Acquire gate**: a group the arbiter gave this node (its key shows this node, state
-  ``acquiring``) is served only after its first renewal, which is sent no sooner than:
-  ``lease_ttl + margin`` after the claim was seen here, or earlier by the arbiter's
-  ``wait`` (0 once every executor of the old owner acknowledged the release); and never
-  while a promise given for it runs, nor within ``lease_ttl`` of this lease holder's
-  start (a restarted lease holder may have forgotten a promise).
+  ``acquiring``) is served (its first notice) only after a successful renewal, and no
+  sooner than the gate: ``lease_ttl + margin`` after the claim was seen here, or earlier
+  by the arbiter's ``wait`` (0 once every executor of the old owner acknowledged the
+  release); and never while a promise given for it runs, nor within ``lease_ttl`` of this
+  lease holder's start (a restarted lease holder may have forgotten a promise). The first
+  renewal is sent up to ``first_renewal_lead`` before the gate, so that its write is not
+  on the way to serving: a renewal is a write, not a notice — it serves nothing, and the
+  notice it makes at the gate counts its validity from the renewal's send time (shorter,
+  never longer). A renewal that is more than one renewal interval old at the gate is not
+  used: another is sent.
 - Promise and acquire go through this one state machine, one event at a time.
 - **Monotonic reads**: a group's record at a revision older than one already applied
   (a watch replaying, a lagging follower answering a read, a direct read racing the
@@ -141,9 +146,12 @@ class GroupLease:
     record: GroupRecord
     phase: Phase
     valid_until: float = 0.0
-    gate_at: float = 0.0  # acquiring: earliest first renewal
+    gate_at: float = 0.0  # acquiring: earliest first notice (before the other bounds)
     in_flight: bool = False
     last_sent: float | None = None
+    #: acquiring: the send time of a renewal that committed before the gate opened (the
+    #: first notice is made from it at the gate)
+    renewed_at: float | None = None
 
 
 @dataclass
@@ -171,6 +179,9 @@ class LeaseHolder:
     #: group -> (epoch, earliest first renewal) of an arbiter's acquire command that
     #: came before this node saw the claim it is for (``on_acquire_command``)
     early_acquires: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: how long before an acquiring group's gate its first renewal is sent (None: the
+    #: margin — a renewal's write takes milliseconds; the margin is tens of them)
+    first_renewal_lead: float | None = None
 
     # ---- predicates ------------------------------------------------------------
     def is_valid(self, group: str, now: float) -> bool:
@@ -178,8 +189,28 @@ class LeaseHolder:
         return g is not None and g.phase is Phase.HOLDING and now < g.valid_until
 
     def gate(self, g: GroupLease) -> float:
-        """When the first renewal of an acquiring group may be sent."""
+        """When an acquiring group may be served (its first notice) at the earliest."""
         return max(g.gate_at, self.started_at + self.lease_ttl, self.promised_until(g.group))
+
+    def lead(self) -> float:
+        """How long before the gate an acquiring group's first renewal is sent."""
+        return self.margin if self.first_renewal_lead is None else self.first_renewal_lead
+
+    def first_renewal_at(self, g: GroupLease, now: float) -> float:
+        """When an acquiring group's first renewal is sent: ``lead()`` before its gate —
+        but not while a promise given for it runs (a lapsed lease promised: as before,
+        the gate first, so that no renewal sent during the promise serves it)."""
+        gate = self.gate(g)
+        return gate if self.promised_until(g.group) > now else gate - self.lead()
+
+    def next_due(self, now: float) -> float | None:
+        """The earliest time an acquiring group has something to do (its first renewal,
+        or its first notice once that renewal committed): when to tick next so that a
+        gate opens on time, not at the next regular tick."""
+        due = [self.gate(g) if g.renewed_at is not None else self.first_renewal_at(g, now)
+               for g in self.groups.values()
+               if g.phase is Phase.ACQUIRING and not g.in_flight]
+        return min(due, default=None)
 
     def promised_until(self, group: str) -> float:
         """Until when this node promised its companion not to serve ``group`` (0: no
@@ -289,8 +320,7 @@ class LeaseHolder:
             if g.in_flight:
                 continue
             if g.phase is Phase.ACQUIRING:
-                if now >= self.gate(g):
-                    out.append(self._renew(g, now))
+                out += self._acquiring(g, now)
             elif g.last_sent is None or now - g.last_sent >= self.interval:
                 out.append(self._renew(g, now))
         if self.reask_at is not None and now >= self.reask_at:
@@ -307,6 +337,34 @@ class LeaseHolder:
                 self.last_probe is None or now - self.last_probe >= self.interval):
             self.probe_in_flight, self.last_probe = True, now
             out.append(Probe(now))
+        return out
+
+    def _acquiring(self, g: GroupLease, now: float) -> list[Effect]:
+        """An acquiring group's tick: its first renewal once due; its first notice at the
+        gate once that renewal committed."""
+        if g.renewed_at is not None:
+            return self._open(g, now) if now >= self.gate(g) else []
+        return [self._renew(g, now)] if now >= self.first_renewal_at(g, now) else []
+
+    def _open(self, g: GroupLease, now: float) -> list[Effect]:
+        """The gate of an acquiring group whose first renewal committed ahead of it: serve
+        from that renewal, or renew again when it is older than one renewal interval."""
+        sent_at, g.renewed_at = g.renewed_at, None
+        assert sent_at is not None
+        if now - sent_at > self.interval:
+            return [self._renew(g, now)]
+        return self._hold(g, sent_at)
+
+    def _hold(self, g: GroupLease, sent_at: float) -> list[Effect]:
+        """A renewal sent at ``sent_at`` succeeded and the group may be served."""
+        first = g.phase is Phase.ACQUIRING
+        g.phase = Phase.HOLDING
+        g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
+        g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
+        out: list[Effect] = [Notice(g.group, g.epoch, g.valid_until, since=sent_at)]
+        if first:
+            out.append(Note("lease.acquired", g.group, f"{self.node} serves {g.group} "
+                            f"(epoch {g.epoch})"))
         return out
 
     def _renew(self, g: GroupLease, now: float) -> Renew:
@@ -335,16 +393,12 @@ class LeaseHolder:
                 self.applied[group] = max(self.applied.get(group, 0), revision)
                 g.phase, g.gate_at = Phase.ACQUIRING, promised
                 return []
-            first = g.phase is Phase.ACQUIRING
-            g.phase, g.revision = Phase.HOLDING, revision
+            g.revision = max(g.revision, revision)
             self.applied[group] = max(self.applied.get(group, 0), revision)
-            g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
-            g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
-            out: list[Effect] = [Notice(group, g.epoch, g.valid_until, since=sent_at)]
-            if first:
-                out.append(Note("lease.acquired", group, f"{self.node} serves {group} "
-                                f"(epoch {g.epoch})"))
-            return out
+            if g.phase is Phase.ACQUIRING and now < self.gate(g):
+                g.renewed_at = sent_at  # committed ahead of the gate: served at the gate
+                return []
+            return self._hold(g, sent_at)
         if result is KvResult.CONFLICT:
             self.kv_reachable = True
             if current_revision is not None and current_revision < self.applied.get(group, 0):

@@ -144,6 +144,9 @@ class LeaseRunner:
         stall_after, read_every = watch_bounds(t.heartbeat_interval)
         self.wm = WatchMonitor(stall_after=stall_after, read_every=read_every)
         self._reading = False
+        #: a timer for the next acquiring group's first renewal or gate (``_arm_gate``)
+        self._gate_timer: asyncio.TimerHandle | None = None
+        self._gate_due: float | None = None
         self.direct_url = companion_url(list(svc.config.nats.servers), list(svc.nats_urls),
                                         svc.node, companion)
         self.direct: NATS | None = None
@@ -226,6 +229,8 @@ class LeaseRunner:
         await bounded_try(connect, self.direct_kick, DIRECT_RETRY, DIRECT_RETRY * 4)
 
     async def stop(self) -> None:
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
         if self.watcher is not None:
             with contextlib.suppress(Exception):
                 await self.watcher.stop()  # type: ignore[no-untyped-call]
@@ -387,6 +392,7 @@ class LeaseRunner:
         when it said so (read here, before any await: the effects were computed just
         before this call)."""
         bucket = self.svc.fencing.bucket
+        self._arm_gate()
         for e in effects:
             if isinstance(e, Notice):
                 await self._notice(e, bucket)
@@ -399,6 +405,26 @@ class LeaseRunner:
             elif isinstance(e, Note):
                 self.svc.log.info(e.message, extra={"group": e.group, "note": e.kind})
                 self.svc.emit_soon(e.kind, e.message, group=e.group)
+
+    def _arm_gate(self) -> None:
+        """Tick when an acquiring group's first renewal or gate is due, not at the next
+        regular tick (up to TICK later): a takeover's last step waits for nothing else.
+        Called whenever the lease holder was given an input (the due time moves then)."""
+        due = self.lh.next_due(time.monotonic())
+        if due is None or (self._gate_due is not None and self._gate_due <= due):
+            return
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        self._gate_due = due
+        self._gate_timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - time.monotonic()), self._gate_fire)
+
+    def _gate_fire(self) -> None:
+        self._gate_timer = self._gate_due = None
+        self.svc.spawn(self._gate_tick(), "lease-gate", critical=False)
+
+    async def _gate_tick(self) -> None:
+        await self._run(self.lh.tick(time.monotonic()))
 
     async def _notice(self, n: Notice, bucket: str) -> None:
         msg = LeaseNotice(cluster=self.svc.config.cluster, node=self.svc.node, group=n.group,
