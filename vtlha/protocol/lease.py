@@ -384,17 +384,15 @@ class LeaseHolder:
         if result is KvResult.OK:
             assert revision is not None
             self.kv_reachable = True
+            g.revision = max(g.revision, revision)
+            self.applied[group] = max(self.applied.get(group, 0), revision)
             promised = self.promised_until(group)
             if now < promised:
                 # A lapsed lease promised to the companion meanwhile: the write proves
                 # the record, but this node serves nothing of the group before the
                 # promise has run out; it starts again as if acquiring.
-                g.revision = max(g.revision, revision)
-                self.applied[group] = max(self.applied.get(group, 0), revision)
                 g.phase, g.gate_at = Phase.ACQUIRING, promised
                 return []
-            g.revision = max(g.revision, revision)
-            self.applied[group] = max(self.applied.get(group, 0), revision)
             if g.phase is Phase.ACQUIRING and now < self.gate(g):
                 g.renewed_at = sent_at  # committed ahead of the gate: served at the gate
                 return []
