@@ -16,6 +16,7 @@ import random
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -355,8 +356,10 @@ class LocalCluster:
             return None
 
     def wait_for(self, predicate: Any, timeout: float, interval: float = 0.02,
-                 what: str = "condition") -> Any:
-        """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+                 what: str = "condition", diagnose: Callable[[], str] | None = None) -> Any:
+        """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes;
+        on a timeout the error carries what ``diagnose`` says (the state a CI log
+        needs to explain it: the lab's own logs are gone by then)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -367,7 +370,13 @@ class LocalCluster:
             if value:
                 return value
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+                why = ""
+                if diagnose is not None:
+                    try:
+                        why = "\n" + diagnose()
+                    except Exception as exc:  # the timeout is the error to raise
+                        why = f"\n(diagnosis failed: {exc!r})"
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what}{why}")
             time.sleep(interval)
 
     def kv_groups(self) -> dict[str, tuple[GroupRecord, int]]:

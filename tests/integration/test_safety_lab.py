@@ -220,7 +220,8 @@ def test_restarting_each_nats_server_in_turn_fails_nothing_over(lab: Lab) -> Non
             time.sleep(1.0)  # the server stays down for a second: the fault under test
             lab.restart_nats(host)
             lab.wait_for(lambda: _renewing(lab, "node-a") and _renewing(lab, "node-b"), 30,
-                         what=f"renewals after restarting {host}'s server")
+                         what=f"renewals after restarting {host}'s server",
+                         diagnose=lambda: _lease_diagnosis(lab))
             t1 = time.monotonic()
             gaps[host] = {ip: round(_longest_gap(p, t0, t1) * 1000) for ip, p in
                           probes.items()}
@@ -250,6 +251,24 @@ def _renewing(lab: Lab, node: str) -> bool:
     ttl = lab.cfg.timings.lease_ttl
     return bool(groups) and all(g["phase"] == "holding" and g["valid_for_s"] > ttl / 2
                                 for g in groups.values())
+
+
+def _lease_diagnosis(lab: Lab) -> str:
+    """What each node's lease holder says, its renewals by result and its last warnings,
+    and where the KV's leader is: enough for a CI log to explain a lease that would not
+    come back."""
+    out = [f"KV leader: {lab.kv_leader()}"]
+    for node in ("node-a", "node-b"):
+        lease = _status(lab, node, "heartbeat").get("lease", {})
+        results = {r: _metric(lab, node, "heartbeat", "vtlha_lease_renewals_total", result=r)
+                   for r in ("ok", "conflict", "unavailable", "error")}
+        log = lab.work_dir / "logs" / f"{node}-heartbeat.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        warned = [ln for ln in lines if '"level":"warning"' in ln or '"level":"error"' in ln
+                  or "renewal failed" in ln or "promise" in ln][-12:]
+        out += [f"{node} lease: {lease}", f"{node} renewals: {results}",
+                *(f"{node} log: {ln[:300]}" for ln in warned)]
+    return "\n".join(out)
 
 
 def _renewals_ok(lab: Lab, node: str) -> float:

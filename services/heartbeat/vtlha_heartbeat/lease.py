@@ -297,12 +297,20 @@ class LeaseRunner:
             self.svc.log.warning("kv watch stalled: restarting it", extra={"reason": why})
             self.svc.emit_soon("lease.watch_restarted", f"{self.svc.node}'s lease holder "
                                f"restarted its KV watch: {why}")
-            with contextlib.suppress(Exception):
-                await self.watcher.stop()  # type: ignore[no-untyped-call]
+            # not awaited here: this is the renewals' tick, and an unsubscribe can wait on
+            # the connection's flusher (a server that stopped reading)
+            self.svc.spawn(self._stop_watch(self.watcher), "lease-watch-stop", critical=False)
         if self.wm.read_due(now) and not self._reading:
             self.wm.on_read(now)
             self._reading = True
             self.svc.spawn(self._read_all(), "lease-read", critical=False)
+
+    async def _stop_watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Stop a watch (its ``_watch_forever`` then starts a new one), within one
+        operation's timeout; a stop that does not finish in time is left to finish."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(watcher.stop()),  # type: ignore[no-untyped-call]
+                                   self.op_timeout)
 
     async def _read_all(self) -> None:
         """The backstop: every group's record read directly (a follower may answer
