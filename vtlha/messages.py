@@ -352,6 +352,12 @@ class GroupRecord(_Open):
     renewed_by: str | None = None
     since: float = Field(default_factory=time.time)
     move: MoveNote | None = None
+    #: a claim's (state ``acquiring``) bound on what may remain of the old owner's lease,
+    #: in seconds from when the arbiter wrote the claim; the new owner's lease holder
+    #: counts it from when it sees the claim — later, so it never waits less than the
+    #: arbiter computed — and may serve no sooner (``vtlha.protocol.lease``, the acquire
+    #: gate). None: the whole ``lease_ttl + margin``. A renewal drops it.
+    wait: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class LeaderRecord(_Open):

@@ -135,6 +135,10 @@ async def test_a_claim_on_a_stale_revision_reads_again_and_the_next_decision_win
             break
         await asyncio.sleep(0.01)
     assert (got.owner, got.epoch, got.term, got.state) == ("node-b", 4, 7, "acquiring")
+    # the claim carries what may remain of node-a's lease, for node-b's lease holder to
+    # count from when it sees the claim
+    t = host.config.timings
+    assert got.wait is not None and 0.0 <= got.wait <= t.lease_ttl + t.margin
     # the run takes the claim's answer on its next turn, then announces the move
     await asyncio.wait_for(host.emitted.wait(), 10.0)
     assert host.events[0] == "failover.started"

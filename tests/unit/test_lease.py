@@ -585,6 +585,66 @@ def test_later_acquire_command_with_a_shorter_wait_opens_the_gate_sooner() -> No
     assert first_served_at(lh, T0, T0 + 1.0) == T0 + 0.0625
 
 
+def claim_with_wait(wait: float | None, epoch: int = 2) -> GroupRecord:
+    return rec(B, epoch, "acquiring").model_copy(update={"wait": wait})
+
+
+@pytest.mark.parametrize(("wait", "expected"), [
+    (None, T0 + TTL + MARGIN),  # a claim written without one: the whole lease
+    (0.0, T0),  # an assignment: nobody held it
+    (0.125, T0 + 0.125),
+    (10.0, T0 + TTL + MARGIN),  # never later than the lease holder's own gate
+])
+def test_the_claims_wait_counts_from_when_the_claim_is_seen(wait: float | None,
+                                                           expected: float) -> None:
+    """The arbiter's bound on what may remain of the old owner's lease, written in its
+    claim: counted from when this node sees the claim (later than when the arbiter
+    computed it), it opens the gate without waiting for the acquire command."""
+    lh = holder(B)
+    lh.on_record(G, claim_with_wait(wait), 20, T0)
+    assert first_served_at(lh, T0, T0 + 1.0) == expected
+
+
+@pytest.mark.parametrize(("claim_wait", "command_wait", "expected"), [
+    (0.125, 0.0, T0 + RTT),  # the release acks came in: the command opens it sooner
+    (0.0625, 0.125, T0 + 0.0625),  # the command came late: the claim's opens it
+    (None, 0.0625, T0 + RTT + 0.0625),
+])
+def test_the_claims_wait_and_the_commands_whichever_opens_the_gate_first(
+        claim_wait: float | None, command_wait: float, expected: float) -> None:
+    lh = holder(B)
+    lh.on_record(G, claim_with_wait(claim_wait), 20, T0)
+    lh.on_acquire_command(G, 2, command_wait, T0 + RTT)
+    assert first_served_at(lh, T0, T0 + 1.0) == expected
+
+
+def test_an_early_command_and_the_claims_wait_whichever_opens_the_gate_first() -> None:
+    """The command came before the claim was seen (kept); the claim's own wait, counted
+    from when it is seen, opens the gate if that is sooner."""
+    lh = holder(B)
+    lh.on_acquire_command(G, 2, 0.25, T0)
+    lh.on_record(G, claim_with_wait(0.0625), 20, T0 + RTT)
+    assert first_served_at(lh, T0, T0 + 1.0) == T0 + RTT + 0.0625
+
+
+def test_a_claims_wait_never_opens_the_gate_within_lease_ttl_of_the_start() -> None:
+    """A lease holder that starts and sees a claim still waits ``lease_ttl`` from its own
+    start (it may have forgotten a promise), whatever the claim's wait says."""
+    lh = holder(B, started_at=T0)
+    lh.on_record(G, claim_with_wait(0.0), 20, T0 + RTT)
+    assert first_served_at(lh, T0, T0 + 1.0) == T0 + TTL
+
+
+def test_a_renewal_drops_the_claims_wait() -> None:
+    lh = holder(B)
+    lh.on_record(G, claim_with_wait(0.0), 20, T0)
+    r = renewing(lh, T0)
+    assert r.record.state == "held" and r.record.wait is None
+    lh.on_renew_result(G, r.sent_at, KvResult.OK, revision=21, now=T0 + RTT)
+    assert lh.groups[G].record.wait is None
+    assert renewing(lh, T0 + INTERVAL).record.wait is None
+
+
 @pytest.mark.parametrize(("group", "epoch"), [(G, 1), (G, 3), (H, 2)],
                          ids=["older-epoch", "newer-epoch", "other-group"])
 def test_acquire_command_for_another_epoch_or_group_is_ignored(group: str, epoch: int) -> None:

@@ -66,6 +66,8 @@ MUTANTS = {
     "lease counted from the reply": (Variant(lease_holder=mutants.LeaseFromReply), 7),
     "acquire right after the claim (arbiter's wait)": (
         Variant(mover=mutants.AcquireAtOnceMover), 225),
+    "acquire right after the claim (the claim record's wait)": (
+        Variant(mover=mutants.ClaimWaitDropped), 69),
     "acquire right after the claim (lease holder's gate)": (
         Variant(lease_holder=mutants.AcquireAtOnce), 148),
     "promise not honoured by the acquire gate": (
@@ -342,8 +344,10 @@ def test_witness_down_both_nodes_serve_on_mutual_promises() -> None:
 #: histories in which a ``crash-after-claim`` trap armed before the heal sprang after it
 #: on the witness's arbiter (a fault of its own, after the heal): the next active arbiter
 #: is a node's, ``standby_delay`` later. Checked from the heal, or without the standby
-#: delay in the bound, each was reported unserved past the bound (406441, 412443).
-LATE_TRAP_SEEDS = (406441, 412443)
+#: delay in the bound, each was reported unserved past the bound. (406441 was one until
+#: the claim carried its wait: its new owner no longer waits the whole lease after the
+#: arbiter died at the claim; of 400000-440000 only 412443 still needs the delay.)
+LATE_TRAP_SEEDS = (412443,)
 
 
 @pytest.mark.parametrize("seed", LATE_TRAP_SEEDS)

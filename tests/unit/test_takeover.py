@@ -66,14 +66,19 @@ def _machine(move: tk.Move = TAKE, seen: float | None = 9.9, alive: bool = True)
     return tk.Mover(move, T, term=TERM, last_renewal_seen=seen, old_alive=alive)
 
 
+def _left(seen: float | None, now: float) -> Any:
+    """What may remain of the old owner's lease at ``now`` (the claim's wait)."""
+    return pytest.approx(TTL + MARGIN if seen is None else max(0.0, seen + TTL + MARGIN - now))
+
+
 def _claimed(m: tk.Mover, now: float = 10.0) -> list[tk.Output]:
-    assert m.start(now) == [tk.Claim("a-data", "b", 5, 40)]
+    assert m.start(now) == [tk.Claim("a-data", "b", 5, 40, _left(m.last_renewal_seen, now))]
     return m.on_claim(tk.Won(41), now)
 
 
 def test_takeover_claims_the_next_epoch_against_the_revision_seen() -> None:
     m = _machine()
-    assert m.start(10.0) == [tk.Claim("a-data", "b", 5, 40)]
+    assert m.start(10.0) == [tk.Claim("a-data", "b", 5, 40, _left(9.9, 10.0))]
     assert m.phase is tk.Phase.CLAIMING and m.blocks_policy
 
 
@@ -103,7 +108,8 @@ def test_a_lost_or_unanswered_claim_reads_the_key_again(result: tk.ClaimResult,
 
 @pytest.mark.parametrize(("rec", "rev", "expected"), [
     # renewals only (a stalled or lagging watch): claim again against the fresh revision
-    (_rec("a", 4), 45, [tk.Claim("a-data", "b", 5, 45)]),
+    # (renewed by its owner, alive: that renewal was seen now, the whole lease to wait)
+    (_rec("a", 4), 45, [tk.Claim("a-data", "b", 5, 45, _left(10.5, 10.5))]),
     # our own claim committed although the answer said otherwise
     (_rec("b", 5, "acquiring", term=TERM, renewed_by="arb"), 41, "claimed"),
     # really changed: another epoch, another owner, released, or a stale read
@@ -147,12 +153,30 @@ def test_an_owner_decided_dead_that_renewed_since_is_not_claimed_again() -> None
     m.start(10.0)
     m.on_claim(tk.Lost(), 10.45)
     assert m.on_record(_rec("a", 4, renewed_by="arb"), 45, 10.5) == [
-        tk.Claim("a-data", "b", 5, 45)]
+        tk.Claim("a-data", "b", 5, 45, _left(9.9, 10.5))]
     # the owner alive: claim against the renewal
     m = _machine(alive=True)
     m.start(10.0)
     m.on_claim(tk.Lost(), 10.45)
-    assert m.on_record(_rec("a", 4), 45, 10.5) == [tk.Claim("a-data", "b", 5, 45)]
+    assert m.on_record(_rec("a", 4), 45, 10.5) == [
+        tk.Claim("a-data", "b", 5, 45, _left(10.5, 10.5))]
+
+
+@pytest.mark.parametrize(("seen", "claimed_at", "won_at"), [
+    (9.9, 10.0, 10.006), (9.0, 10.0, 10.02), (None, 10.0, 10.01), (9.99, 10.0, 10.5)])
+def test_the_claims_wait_is_what_may_remain_of_the_old_lease_when_it_is_written(
+        seen: float | None, claimed_at: float, won_at: float) -> None:
+    """The claim's wait is computed when it is written, the command's when the claim
+    won: as a duration the claim's is never the shorter, and counted from when it was
+    computed it never ends before the old owner's lease (and the margin) could have."""
+    m = _machine(seen=seen)
+    [claim] = m.start(claimed_at)
+    assert isinstance(claim, tk.Claim) and claim.wait == _left(seen, claimed_at)
+    [acq] = [o for o in m.on_claim(tk.Won(41), won_at) if isinstance(o, tk.Acquire)]
+    assert acq.wait is not None and claim.wait is not None
+    assert claim.wait >= acq.wait
+    if seen is not None:
+        assert claimed_at + claim.wait >= seen + TTL + MARGIN - 1e-9
 
 
 def test_a_renewal_seen_on_the_reread_restarts_the_wait() -> None:
@@ -170,7 +194,8 @@ def test_claims_are_retried_a_bounded_number_of_times() -> None:
     m.start(10.0)
     for rev in (45, 46):
         m.on_claim(tk.Lost(), 10.0)
-        assert m.on_record(_rec("a", 4), rev, 10.0) == [tk.Claim("a-data", "b", 5, rev)]
+        assert m.on_record(_rec("a", 4), rev, 10.0) == [
+            tk.Claim("a-data", "b", 5, rev, _left(10.0, 10.0))]
     m.on_claim(tk.Lost(), 10.0)
     assert isinstance(m.on_record(_rec("a", 4), 47, 10.0)[0], tk.GivenUp)
 
@@ -179,7 +204,8 @@ def test_an_unanswered_claim_that_did_not_commit_is_sent_again() -> None:
     m = _machine()
     m.start(10.0)
     m.on_claim(tk.Unknown(), 10.0)
-    assert m.on_record(_rec("a", 4), 40, 10.0) == [tk.Claim("a-data", "b", 5, 40)]
+    assert m.on_record(_rec("a", 4), 40, 10.0) == [
+        tk.Claim("a-data", "b", 5, 40, _left(9.9, 10.0))]
 
 
 def test_release_acked_after_the_acquire_opens_the_gate_at_once() -> None:
@@ -292,7 +318,7 @@ def test_the_new_owner_down_before_it_holds_fails_the_move() -> None:
 
 def test_assign_creates_the_key_at_epoch_1_and_opens_the_gate_at_once() -> None:
     m = _machine(tk.Move(tk.Kind.ASSIGN, "a-data", new="a"))
-    assert m.start(1.0) == [tk.Claim("a-data", "a", 1, None)]
+    assert m.start(1.0) == [tk.Claim("a-data", "a", 1, None, 0.0)]  # nobody held it
     out = m.on_claim(tk.Won(3), 1.0)
     assert out == [tk.Emit("started", "", {}), tk.Acquire("a", "a-data", 1, 0.0)]
 

@@ -28,14 +28,16 @@ Rules, each load-bearing:
 - **Acquire gate**: a group the arbiter gave this node (its key shows this node, state
   ``acquiring``) is served (its first notice) only after a successful renewal, and no
   sooner than the gate: ``lease_ttl + margin`` after the claim was seen here, or earlier
-  by the arbiter's ``wait`` (0 once every executor of the old owner acknowledged the
-  release); and never while a promise given for it runs, nor within ``lease_ttl`` of this
-  lease holder's start (a restarted lease holder may have forgotten a promise). The first
-  renewal is sent up to ``first_renewal_lead`` before the gate, so that its write is not
-  on the way to serving: a renewal is a write, not a notice — it serves nothing, and the
-  notice it makes at the gate counts its validity from the renewal's send time (shorter,
-  never longer). A renewal that is more than one renewal interval old at the gate is not
-  used: another is sent.
+  by the arbiter's ``wait`` — the one its claim record carries, counted from when the
+  claim is seen here, and the one its acquire command carries, counted from its receipt (0
+  once every executor of the old owner acknowledged the release): each is counted from a
+  moment later than the arbiter computed it; and never while a promise given for it runs,
+  nor within ``lease_ttl`` of this lease holder's start (a restarted lease holder may have
+  forgotten a promise). The first renewal is sent up to ``first_renewal_lead`` before the
+  gate, so that its write is not on the way to serving: a renewal is a write, not a notice
+  — it serves nothing, and the notice it makes at the gate counts its validity from the
+  renewal's send time (shorter, never longer). A renewal that is more than one renewal
+  interval old at the gate is not used: another is sent.
 - Promise and acquire go through this one state machine, one event at a time.
 - **Monotonic reads**: a group's record at a revision older than one already applied
   (a watch replaying, a lagging follower answering a read, a direct read racing the
@@ -275,6 +277,8 @@ class LeaseHolder:
             return []  # a stale delivery
         if rec.state == "acquiring":
             gate_at = now + self.lease_ttl + self.margin
+            if rec.wait is not None:  # the arbiter's bound, counted from now: later than
+                gate_at = min(gate_at, now + rec.wait)  # it was computed, never shorter
             if early is not None and early[0] == rec.epoch and rec.owner == self.node:
                 gate_at = min(gate_at, early[1])  # the command came first: as if after
             self.groups[group] = GroupLease(group, rec.epoch, revision, rec, Phase.ACQUIRING,
@@ -359,7 +363,8 @@ class LeaseHolder:
         """A renewal sent at ``sent_at`` succeeded and the group may be served."""
         first = g.phase is Phase.ACQUIRING
         g.phase = Phase.HOLDING
-        g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
+        g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node,
+                                               "wait": None})
         g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
         out: list[Effect] = [Notice(g.group, g.epoch, g.valid_until, since=sent_at)]
         if first:
@@ -369,7 +374,8 @@ class LeaseHolder:
 
     def _renew(self, g: GroupLease, now: float) -> Renew:
         g.in_flight, g.last_sent = True, now
-        rec = g.record.model_copy(update={"state": "held", "renewed_by": self.node})
+        rec = g.record.model_copy(update={"state": "held", "renewed_by": self.node,
+                                          "wait": None})
         return Renew(g.group, rec, g.revision, now)
 
     def on_renew_result(self, group: str, sent_at: float, result: KvResult,

@@ -15,10 +15,11 @@ answer to its ``Read``: the watch's view may be the stale one the claim lost on)
 ``on_node_down``, ``on_not_acting`` (the arbiter lost the leader key or the activation
 changed), ``tick`` (time).
 
-Outputs: ``Claim`` (compare-and-set, or create when ``last`` is None), ``Read`` (the
-key, afresh), ``Release``, ``Acquire`` (with its wait: None leaves the lease holder's own
-gate, the full lease), ``Emit`` (an event, by suffix: started, notify, completed,
-failed), and one terminal output: ``Done``, ``Failed`` or ``GivenUp``.
+Outputs: ``Claim`` (compare-and-set, or create when ``last`` is None; with the wait the
+claim's record carries), ``Read`` (the key, afresh), ``Release``, ``Acquire`` (with its
+wait: None leaves the lease holder's own gate, the full lease), ``Emit`` (an event, by
+suffix: started, notify, completed, failed), and one terminal output: ``Done``,
+``Failed`` or ``GivenUp``.
 
 Rules, each load-bearing:
 
@@ -30,9 +31,13 @@ Rules, each load-bearing:
   now, so the acquire's wait counts from now. Anything else: given up (the policy
   decides again on what it sees).
 - The acquire's wait is what may remain of the old owner's lease: ``lease_ttl +
-  margin`` after the last renewal seen (``acquire_wait``). Once every executor of the
-  old owner acknowledged the release, a second acquire to the lease holder opens the
-  gate at once.
+  margin`` after the last renewal seen (``acquire_wait``). The claim's record carries
+  it too, computed when the claim is written: the new owner's lease holder counts it
+  from when it sees the claim (later than it was computed, so never shorter), which
+  spares it the command's way to it; the acquire command's wait, counted from its
+  receipt, bounds the gate as well (whichever opens it first). Once every executor of
+  the old owner acknowledged the release, a second acquire to the lease holder opens
+  the gate at once.
 - The move keeps the group out of the policy's reach (``blocks_policy``) until the new
   owner's lease holder holds it at our epoch; the storage is awaited on the side.
 - An arbiter that is no longer acting gives the move up at once, whatever its phase:
@@ -146,6 +151,9 @@ class Claim:
     owner: str
     epoch: int
     last: int | None  # None: create the key
+    #: written into the record (``GroupRecord.wait``): what may remain of the old
+    #: owner's lease when the claim is written (None: the whole lease)
+    wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,13 +252,21 @@ class Mover:
         if self.m.kind is Kind.RESUME:
             # Whether the old owner released is unknown: the lease holder's own gate.
             return self._moving(now, wait=None)
-        return self._claim(self.last if self.m.kind is Kind.TAKEOVER else None)
+        return self._claim(self.last if self.m.kind is Kind.TAKEOVER else None, now)
 
-    def _claim(self, last: int | None) -> list[Output]:
+    def _claim(self, last: int | None, now: float) -> list[Output]:
         self.phase = Phase.CLAIMING
         self.tries += 1
         self.last = last
-        return [Claim(self.m.group, self.m.new, self.epoch, last)]
+        return [Claim(self.m.group, self.m.new, self.epoch, last, self.claim_wait(now))]
+
+    def claim_wait(self, now: float) -> float:
+        """The wait a claim written at ``now`` carries: what may remain of the old
+        owner's lease then (an assignment's: none, nobody held it)."""
+        if self.m.kind is Kind.ASSIGN:
+            return 0.0
+        return acquire_wait(released_all=False, last_renewal_seen=self.last_renewal_seen,
+                            now=now, lease_ttl=self.t.lease_ttl, margin=self.t.margin)
 
     def on_claim(self, result: ClaimResult, now: float) -> list[Output]:
         if self.phase is not Phase.CLAIMING:
@@ -304,7 +320,7 @@ class Mover:
             return self._give_up("claim_lost")
         if m.kind is Kind.ASSIGN:
             if rec is None:
-                return self._claim(None)
+                return self._claim(None, now)
             return self._give_up("claim_lost")
         unchanged = rec is not None and (rec.owner, rec.epoch) == (m.old, m.epoch) \
             and rec.state == "held"
@@ -316,9 +332,9 @@ class Mover:
                     # what the view shows now, this renewal included
                     return self._give_up("owner_renewed")
                 self.last_renewal_seen = now  # that renewal was seen now
-            return self._claim(revision)
+            return self._claim(revision, now)
         if unchanged and self.unknown and revision == self.last:
-            return self._claim(revision)  # our write did not commit: once more
+            return self._claim(revision, now)  # our write did not commit: once more
         return self._give_up("claim_lost")
 
     def _give_up(self, result: str) -> list[Output]:

@@ -119,7 +119,8 @@ class Run:
             note = MoveNote(kind=job.family, old=job.move.old, started=self.started_id,
                             term=self.machine.term, reason=job.status)
         rec = GroupRecord(owner=c.owner, term=self.machine.term, epoch=c.epoch,
-                          state="acquiring", renewed_by=self.host.node, move=note)
+                          state="acquiring", renewed_by=self.host.node, move=note,
+                          wait=c.wait)
         result: tk.ClaimResult
         try:
             rev = await bounded(self.mover.records.cas(c.group, rec, c.last), CLAIM_TIMEOUT)

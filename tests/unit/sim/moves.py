@@ -96,7 +96,7 @@ class Run:
             self.feed(self.machine.on_not_acting)
             return
         rec = GroupRecord(owner=c.owner, term=self.machine.term, epoch=c.epoch,
-                          state="acquiring", renewed_by=arb.host, since=0.0)
+                          state="acquiring", renewed_by=arb.host, since=0.0, wait=c.wait)
 
         def at_kv() -> skv.Answer:
             last = c.last

@@ -21,6 +21,14 @@ class AcquireAtOnceMover(tk.Mover):
         return super()._moving(now, None if wait is None else 0.0)
 
 
+class ClaimWaitDropped(tk.Mover):
+    """The wait the claim's record carries dropped: the new owner may serve as soon as it
+    sees the claim (the acquire command still carries the right one)."""
+
+    def claim_wait(self, now: float) -> float:
+        return 0.0
+
+
 class ClaimNotReread(tk.Mover):
     """Before issue 14: a lost (or unanswered) automatic claim is not re-read: the
     policy decides again on what its view shows."""
