@@ -104,6 +104,7 @@ def _logged_ids(lab: Lab, host: str) -> list[str]:
     return out
 
 
+@pytest.mark.long
 def test_the_event_stream_leader_killed_during_a_failover_loses_no_event(
         lab_no_leader_moves: Lab) -> None:
     lab = lab_no_leader_moves

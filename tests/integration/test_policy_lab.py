@@ -208,6 +208,7 @@ def checked_lab(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lab]
         the_lab.stop()
 
 
+@pytest.mark.long
 def test_switchover_failback_maintenance_and_a_fatal_check_move_real_addresses(
         checked_lab: Lab) -> None:
     """Rules 5, 4 (by an operator), 6 and 1 in the lab: each move really moves the

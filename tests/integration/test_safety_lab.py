@@ -154,6 +154,7 @@ def test_node_cut_from_the_witness_only_is_refused_a_promise_and_releases(lab: L
     assert obs.overlaps == [], obs.overlaps[:5]
 
 
+@pytest.mark.long
 def test_witness_death_both_nodes_keep_serving_on_mutual_promises(secured_lab: Lab) -> None:
     """The witness (KV leader and active arbiter) dies: both nodes keep serving through
     the raft election on promises from each other; nothing fails over; renewals resume;

@@ -283,6 +283,7 @@ def _recover(lab: Lab, fs: HangMount) -> None:
 
 # ---- the test ---------------------------------------------------------------------
 
+@pytest.mark.long
 def test_hung_device_detected_healthz_answers_sigterm_bounded_and_recovery(
         hung_lab: tuple[Lab, HangMount]) -> None:
     """Reads of ``vtl-b1`` (node-b's data group) hang for every reader.
