@@ -363,8 +363,7 @@ class LeaseHolder:
         """A renewal sent at ``sent_at`` succeeded and the group may be served."""
         first = g.phase is Phase.ACQUIRING
         g.phase = Phase.HOLDING
-        g.record = g.record.model_copy(update={"state": "held", "renewed_by": self.node,
-                                               "wait": None})
+        g.record = self._held_record(g)
         g.valid_until = max(g.valid_until, sent_at + self.lease_ttl)
         out: list[Effect] = [Notice(g.group, g.epoch, g.valid_until, since=sent_at)]
         if first:
@@ -374,9 +373,13 @@ class LeaseHolder:
 
     def _renew(self, g: GroupLease, now: float) -> Renew:
         g.in_flight, g.last_sent = True, now
-        rec = g.record.model_copy(update={"state": "held", "renewed_by": self.node,
-                                          "wait": None})
-        return Renew(g.group, rec, g.revision, now)
+        return Renew(g.group, self._held_record(g), g.revision, now)
+
+    def _held_record(self, g: GroupLease) -> GroupRecord:
+        """The group's record as this node's renewal writes it: held, renewed by this
+        node, the claim's wait dropped (the rest — term, epoch, since, move — kept)."""
+        return g.record.model_copy(update={"state": "held", "renewed_by": self.node,
+                                           "wait": None})
 
     def on_renew_result(self, group: str, sent_at: float, result: KvResult,
                         revision: int | None = None, current: GroupRecord | None = None,
